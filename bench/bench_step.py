@@ -1,0 +1,433 @@
+"""Benchmark: wall time of one training step per fine-tuning method, on the CPU.
+
+One step = forward (with the LM loss), backward, AdamW step, zero_grad. `frozen` has nothing to
+train, so its step is forward + backward only (the embeddings' output requires grad, as
+paca_prof.methods.prepare sets it up): the floor every other method adds to.
+
+Methods: frozen, full, lora, dora (PEFT), paca (this project's paca/), and `authors`: the PaCA
+authors' published scheme, re-implemented below as a small reference module (see AuthorsPacaLinear).
+
+Measurement: every prepared model is built once (deep copies of one randomly initialised base
+model, so all methods start from the same weights), warmed up, then timed in ONE interleaved run:
+each round visits every method once, in a freshly shuffled order; a visit runs `rewarm` untimed
+steps (to bring that model back into cache) and then times `reps` steps one by one with
+time.perf_counter. The Python garbage collector is disabled inside the timed region and run
+between visits. The statistic is the median per method; ratios are ratios of medians. As a
+robustness check, the same ratios are also computed per round (from that round's per-method
+medians) and their median is shown in brackets.
+
+Run from the repository root:
+
+    python bench/bench_step.py               # configs A and B (about 4-5 minutes)
+    python bench/bench_step.py --config A    # only the small config, with its pass/fail targets
+    python bench/bench_step.py --quick       # few rounds, a smoke run
+    python bench/bench_step.py --threads 1   # torch.set_num_threads (default: 2)
+
+Exit status is 1 when a config-A target fails, 0 otherwise (config B reports, never fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from paca import LLAMA_TARGETS  # noqa: E402
+from paca_prof.methods import MethodSettings, prepare  # noqa: E402
+
+METHODS = ("frozen", "full", "lora", "dora", "paca", "authors")
+
+
+# --------------------------------------------------------------------------------------------
+# The PaCA authors' scheme, as a reference module.
+# --------------------------------------------------------------------------------------------
+
+
+class AuthorsPacaFn(torch.autograd.Function):
+    """The authors' `pacalinear`: y = x @ W.T (+ b), saves only x[:, :, idx] (and W).
+
+    Gradients: grad_x = grad_y @ W; grad_paca_w = grad_y^T @ x_idx (2-D reshapes). The scaling
+    reaches P through the autograd `P * scaling` node the module builds on every forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, paca_w, bias, indices):
+        out = x.matmul(weight.t())
+        if bias is not None:
+            out += bias
+        if x.dim() == 3:
+            partial_x = x[:, :, indices]
+        else:
+            partial_x = x[..., indices]
+        ctx.save_for_backward(partial_x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        partial_x, weight = ctx.saved_tensors
+        grad_x = grad_paca_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight)
+        if ctx.needs_input_grad[2]:
+            grad_paca_w = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(
+                partial_x.reshape(-1, partial_x.shape[-1])
+            )
+        return grad_x, None, grad_paca_w, None, None
+
+
+class AuthorsPacaLinear(nn.Module):
+    """The authors' PaCA linear (peft-style `paca` tuner), without the PEFT plumbing.
+
+    - a separate trainable P (out x r), initialised to W[:, idx] / scaling, idx = randperm[:r];
+    - every forward computes `P * scaling` (one extra kernel, an autograd node);
+    - the columns are written into W (W[:, idx] = scaling * P, under no_grad, in place) on the
+      odd-numbered training forwards of this layer (iterations % 2 after incrementing, with
+      gradient_accumulation_steps = 1), i.e. every other forward;
+    - the forward/backward are AuthorsPacaFn.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r = r
+        self.scaling = alpha / r
+        idx = torch.randperm(self.in_features, generator=generator)[:r]
+        self.register_buffer("paca_indices", idx.to(self.weight.device))
+        self.paca_w = nn.Parameter(self.weight.detach()[:, idx].clone() / self.scaling)
+        self.iterations = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.iterations += 1
+        if self.training and self.iterations % 2:
+            with torch.no_grad():
+                self.weight[:, self.paca_indices] = self.scaling * self.paca_w.to(self.weight.dtype)
+        paca_w = self.paca_w * self.scaling
+        return AuthorsPacaFn.apply(x, self.weight, paca_w, self.bias, self.paca_indices)
+
+
+def prepare_authors(model: nn.Module, settings: MethodSettings) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(settings.seed)
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name.rsplit(".", 1)[-1] in settings.targets and isinstance(m, nn.Linear)
+    ]
+    for name, linear in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, AuthorsPacaLinear(linear, settings.rank, settings.alpha, generator))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and models.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    model: dict
+    batch: int
+    seq: int
+    rank: int
+    alpha: float
+    rounds: int
+    quick_rounds: int
+    reps: int  # timed steps per visit
+    rewarm: int  # untimed steps at the start of each visit
+    warmup: int  # untimed steps per method before the timed rounds
+    targets: dict = field(default_factory=dict)  # ratio name -> max allowed value
+    note: str = ""
+
+
+CONFIGS = {
+    "A": BenchConfig(
+        name="A",
+        model=dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+        ),
+        batch=2,
+        seq=128,
+        rank=8,
+        alpha=16.0,
+        rounds=40,
+        quick_rounds=6,
+        reps=3,
+        rewarm=1,
+        warmup=5,
+        targets={
+            "paca/lora": 0.85,
+            "(paca-frozen)/(lora-frozen)": 0.33,
+            "paca/authors": 1.0,
+        },
+        note="small llama, fp32",
+    ),
+    "B": BenchConfig(
+        name="B",
+        model=dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=1,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=1024,
+        ),
+        batch=1,
+        seq=512,
+        rank=8,
+        alpha=16.0,
+        rounds=4,
+        quick_rounds=2,
+        reps=1,
+        rewarm=0,
+        warmup=1,
+        note=(
+            "one llama3-8b decoder layer; vocab 1024 (not 128256) so that the embedding and LM "
+            "head stay negligible next to the layer"
+        ),
+    ),
+}
+
+
+def build_base(cfg: BenchConfig) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**cfg.model, use_cache=False, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.train()
+    return model
+
+
+def prepare_method(base: nn.Module, method: str, settings: MethodSettings) -> nn.Module:
+    model = copy.deepcopy(base)
+    if method == "authors":
+        model = prepare_authors(model, settings)
+    else:
+        model = prepare(model, method, settings)
+    model.train()
+    return model
+
+
+@dataclass
+class Runner:
+    method: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    input_ids: torch.Tensor
+
+    def step(self) -> float:
+        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def make_runners(cfg: BenchConfig, methods: list[str], foreach: bool | None) -> dict[str, Runner]:
+    base = build_base(cfg)
+    settings = MethodSettings(rank=cfg.rank, alpha=cfg.alpha, targets=list(LLAMA_TARGETS))
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, cfg.model["vocab_size"], (cfg.batch, cfg.seq), generator=gen)
+    runners = {}
+    for method in methods:
+        model = prepare_method(base, method, settings)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=foreach) if params else None
+        runners[method] = Runner(method, model, optimizer, input_ids)
+    del base
+    gc.collect()
+    return runners
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement and report.
+# --------------------------------------------------------------------------------------------
+
+
+def run_config(cfg: BenchConfig, methods: list[str], rounds: int, foreach, seed: int) -> dict:
+    t0 = time.perf_counter()
+    runners = make_runners(cfg, methods, foreach)
+    build_s = time.perf_counter() - t0
+
+    info = {}
+    for method, runner in runners.items():
+        n_train = sum(p.numel() for p in runner.model.parameters() if p.requires_grad)
+        n_tensors = sum(1 for p in runner.model.parameters() if p.requires_grad)
+        first_loss = runner.step()  # the first step: loss of the untouched model
+        info[method] = (n_train, n_tensors, first_loss)
+        for _ in range(cfg.warmup - 1):
+            runner.step()
+
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    per_round: list[dict[str, float]] = []
+    rng = random.Random(seed)
+    order = list(methods)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        rng.shuffle(order)
+        this_round = {}
+        for method in order:
+            runner = runners[method]
+            for _ in range(cfg.rewarm):
+                runner.step()
+            gc.collect()
+            gc.disable()
+            times = []
+            try:
+                for _ in range(cfg.reps):
+                    start = time.perf_counter()
+                    runner.step()
+                    times.append(time.perf_counter() - start)
+            finally:
+                gc.enable()
+            samples[method].extend(times)
+            this_round[method] = statistics.median(times)
+        per_round.append(this_round)
+    timed_s = time.perf_counter() - t0
+    del runners
+    gc.collect()
+    return dict(samples=samples, per_round=per_round, info=info, build_s=build_s, timed_s=timed_s)
+
+
+def derived(t: dict[str, float]) -> dict[str, float]:
+    out = {}
+    if "paca" in t and "lora" in t:
+        out["paca/lora"] = t["paca"] / t["lora"]
+        if "frozen" in t:
+            out["(paca-frozen)/(lora-frozen)"] = (t["paca"] - t["frozen"]) / (t["lora"] - t["frozen"])
+    if "paca" in t and "authors" in t:
+        out["paca/authors"] = t["paca"] / t["authors"]
+    return out
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, check: bool) -> bool:
+    samples, info = result["samples"], result["info"]
+    med = {m: statistics.median(v) for m, v in samples.items()}
+    m = cfg.model
+    print()
+    print(f"=== config {cfg.name}: {cfg.note}")
+    print(
+        f"    hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, "
+        f"{m['num_hidden_layers']} layer(s), heads {m['num_attention_heads']}/"
+        f"{m['num_key_value_heads']} kv, vocab {m['vocab_size']}; batch {cfg.batch} x "
+        f"{cfg.seq} tokens; rank {cfg.rank}, alpha {cfg.alpha:g}; targets q,k,v,o,gate,up,down; fp32"
+    )
+    print(
+        f"    torch {torch.__version__}, {threads} thread(s); {rounds} rounds x {cfg.reps} "
+        f"timed step(s) per method (+{cfg.rewarm} untimed per visit, {cfg.warmup} warmup); "
+        f"build {result['build_s']:.1f}s, timed loop {result['timed_s']:.1f}s"
+    )
+    print()
+    header = (
+        f"    {'method':<8} {'median ms':>10} {'p25':>9} {'p75':>9} {'min':>9} "
+        f"{'x lora':>7} {'trainable':>11} {'tensors':>7} {'loss@0':>8}"
+    )
+    print(header)
+    print("    " + "-" * (len(header) - 4))
+    for method in samples:
+        xs = [1e3 * x for x in samples[method]]
+        ratio = med[method] / med["lora"] if "lora" in med else float("nan")
+        n_train, n_tensors, loss0 = info[method]
+        print(
+            f"    {method:<8} {1e3 * med[method]:>10.2f} {quantile(xs, .25):>9.2f} "
+            f"{quantile(xs, .75):>9.2f} {min(xs):>9.2f} {ratio:>7.3f} {n_train:>11,} "
+            f"{n_tensors:>7} {loss0:>8.4f}"
+        )
+    print()
+    ratios = derived(med)
+    paired = [derived(r) for r in result["per_round"]]
+    ok = True
+    for name, value in ratios.items():
+        per_round_med = statistics.median(p[name] for p in paired)
+        line = f"    {name:<28} = {value:6.3f}   [per-round median {per_round_med:6.3f}]"
+        if check and name in cfg.targets:
+            limit = cfg.targets[name]
+            passed = value <= limit
+            ok &= passed
+            line += f"   target <= {limit:g}: {'PASS' if passed else 'FAIL'}"
+        print(line)
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=["A", "B", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="override the rounds of each config")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--foreach",
+        choices=["default", "on", "off"],
+        default="default",
+        help="AdamW foreach: torch's default (per-tensor loop on the CPU), or forced on/off",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
+    args = parser.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+    foreach = {"default": None, "on": True, "off": False}[args.foreach]
+    torch.set_num_threads(args.threads)
+    print(
+        f"bench_step: python {platform.python_version()}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, AdamW foreach={args.foreach}"
+    )
+
+    names = ["A", "B"] if args.config == "both" else [args.config]
+    all_ok = True
+    for name in names:
+        cfg = CONFIGS[name]
+        rounds = args.rounds or (cfg.quick_rounds if args.quick else cfg.rounds)
+        result = run_config(cfg, methods, rounds, foreach, args.seed)
+        ok = report(cfg, result, rounds, torch.get_num_threads(), check=(name == "A"))
+        if name == "A":
+            all_ok &= ok
+        sys.stdout.flush()
+    if "A" in names:
+        print()
+        print(f"config A targets: {'all PASS' if all_ok else 'FAIL'}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""PacaLinear: a linear layer whose r selected input columns are trainable.
+
+Forward is one GEMM with the full weight W, which holds the trained columns. Backward computes
+the input gradient as a frozen linear does, plus one small GEMM for the trained columns, from
+the partial activation x[..., indices] (B*L*r values) that forward saved. The full input is
+never saved.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# Every live PacaLinear, for the optimizer hook below.
+_LIVE_LAYERS: "weakref.WeakSet[PacaLinear]" = weakref.WeakSet()
+
+
+def _mark_stepped_layers(optimizer, args, kwargs) -> None:
+    """Global optimizer step post hook: mark the layers whose paca_weight this optimizer holds.
+
+    Fused optimizers (torch.optim.AdamW(fused=True), HF Trainer's default "adamw_torch_fused")
+    update the parameters without bumping their version counter, so the version check alone
+    would keep forwarding with the old columns.
+    """
+    if not _LIVE_LAYERS:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in list(_LIVE_LAYERS):
+        if id(layer.paca_weight) in stepped:
+            layer.mark_columns_changed()
+
+
+register_optimizer_step_post_hook(_mark_stepped_layers)
+
+
+class PartialConnectionFn(torch.autograd.Function):
+    """y = x @ W.T + b, with the gradient routed to P = W[:, indices] / scaling.
+
+    paca_weight is an input only so that autograd sends its gradient there; the forward
+    reads the columns from W, which PacaLinear keeps equal to scaling * paca_weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, paca_weight, weight, bias, indices, scaling):
+        partial_x = x.index_select(-1, indices)  # the one extra forward kernel
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # Under autocast F.linear below (and so grad_y) runs in the autocast dtype, while
+            # backward runs outside autocast: keep the partial input in that dtype (it is also
+            # what a frozen linear saves under autocast: the cast input, here only r columns).
+            partial_x = partial_x.to(torch.get_autocast_dtype(device_type))
+        ctx.save_for_backward(partial_x, weight)
+        ctx.scaling = scaling
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        partial_x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # Autocast: grad_y has the autocast dtype and weight its own; cast the weight here
+            # rather than saving a cast copy of it in forward (the parameter is saved for free).
+            grad_x = grad_y.matmul(weight.to(grad_y.dtype))
+        grad_p = None
+        if ctx.needs_input_grad[1]:
+            grad_y_2d = grad_y.reshape(-1, grad_y.shape[-1])
+            partial_x_2d = partial_x.reshape(-1, partial_x.shape[-1])
+            # One GEMM (out x r, K = B*L): beta=0 ignores the uninitialised input, and
+            # alpha=scaling applies dL/dP = scaling * dL/dW[:, indices] without another kernel.
+            grad_p = torch.addmm(
+                grad_y_2d.new_empty(()), grad_y_2d.t(), partial_x_2d, beta=0, alpha=ctx.scaling
+            )
+        return grad_x, grad_p, None, None, None, None
+
+
+class PacaLinear(nn.Module):
+    """Replaces an nn.Linear; trains the input columns `indices` of its weight.
+
+    Attributes:
+        weight: the full frozen weight (out x in), shared with the wrapped linear; forward uses it.
+        bias: the frozen bias, or None.
+        indices: LongTensor (r,) of the trained input features, sorted.
+        paca_weight: trainable Parameter (out x r), initialised to W[:, indices] / scaling.
+        scaling: alpha / r.
+
+    Invariant: every forward uses W[:, indices] == scaling * paca_weight as of the latest change
+    to paca_weight. The columns are written into W lazily, on the first forward after
+    paca_weight's version counter moved (an optimizer step, a load), so gradient accumulation,
+    gradient checkpointing's recompute and eval forwards never see stale columns and cost no copy.
+    At initialisation W is left untouched, so the model's output is exactly the base model's.
+
+    Steps of torch.optim optimizers, fused ones included (they do not bump the version
+    counter), also mark the columns changed, through a global optimizer step post hook.
+
+    Limits: paca_weight has the weight's dtype; code that replaces the Parameter's storage, or
+    writes it without a version bump (through `.data`, or an optimizer that is not a
+    torch.optim.Optimizer), must call `mark_columns_changed()`.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, indices: torch.Tensor):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"PacaLinear wraps nn.Linear, got {type(base).__name__}")
+        if not 0 < r <= base.in_features:
+            raise ValueError(f"PaCA rank r={r} must be in 1..in_features={base.in_features}")
+        if indices.shape != (r,):
+            raise ValueError(f"indices must have shape ({r},), got {tuple(indices.shape)}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r = r
+        self.scaling = alpha / r
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        indices = indices.to(device=self.weight.device, dtype=torch.long)
+        self.register_buffer("indices", indices)
+        original = self.weight.detach().index_select(1, indices)
+        # Kept to unmerge exactly; out x r, the size of paca_weight itself.
+        self.register_buffer("original_columns", original.clone(), persistent=False)
+        self.paca_weight = nn.Parameter(original / self.scaling)
+        self._synced_version = self.paca_weight._version
+        _LIVE_LAYERS.add(self)
+
+    def __setstate__(self, state):  # copy.deepcopy and unpickling bypass __init__
+        super().__setstate__(state)
+        _LIVE_LAYERS.add(self)
+
+    def mark_columns_changed(self) -> None:
+        """Force the next forward to write scaling * paca_weight into W."""
+        self._synced_version = -1
+
+    @torch.no_grad()
+    def sync_columns(self) -> None:
+        """Write scaling * paca_weight into W[:, indices] if paca_weight changed since last time."""
+        version = self.paca_weight._version
+        if version == self._synced_version:
+            return
+        columns = self.paca_weight if self.scaling == 1.0 else self.paca_weight * self.scaling
+        self.weight.index_copy_(1, self.indices, columns.to(self.weight.dtype))
+        self._synced_version = self.paca_weight._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sync_columns()
+        if torch.is_grad_enabled() and self.paca_weight.requires_grad:
+            return PartialConnectionFn.apply(
+                x, self.paca_weight, self.weight, self.bias, self.indices, self.scaling
+            )
+        return F.linear(x, self.weight, self.bias)
+
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear holding the trained columns (shares the weight storage)."""
+        self.sync_columns()
+        return self._as_linear(self.weight)
+
+    def unmerge(self) -> nn.Linear:
+        """A plain nn.Linear with the original, pre-training weight restored bit for bit."""
+        with torch.no_grad():
+            self.weight.index_copy_(1, self.indices, self.original_columns)
+        self.mark_columns_changed()
+        return self._as_linear(self.weight)
+
+    def _as_linear(self, weight: nn.Parameter) -> nn.Linear:
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
+        )
+        linear.weight = weight
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"r={self.r}, scaling={self.scaling:g}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,175 @@
+"""The paca-prof command: argument parsing and printing only; the work happens in engines/,
+analyze/ and plan. A user error is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from paca_prof import methods as method_registry
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("no method named")
+    for name in names:
+        try:
+            method_registry.check_method(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="paca-prof", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="measure training steps of each method into a trace folder")
+    run.add_argument("--model", required=True,
+                     help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
+    run.add_argument("--seq", type=_positive_int, required=True, help="tokens per sequence")
+    run.add_argument("--batch", type=_positive_int, default=1)
+    run.add_argument("--methods", type=_method_list, default=method_registry.DEFAULT_METHODS,
+                     help=f"comma-separated, from {','.join(method_registry.METHODS)} "
+                          f"(default {','.join(method_registry.DEFAULT_METHODS)})")
+    run.add_argument("--rank", type=_positive_int, default=8)
+    run.add_argument("--alpha", type=float, default=16.0)
+    run.add_argument("--dropout", type=float, default=0.0, help="LoRA/DoRA dropout (PEFT default 0)")
+    run.add_argument("--adapter-dtype", choices=method_registry.ADAPTER_DTYPES, default="fp32",
+                     help="LoRA/DoRA weights: fp32 (PEFT's autocast default) or the model's dtype")
+    run.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                     help="default: bf16 on cuda, fp32 on cpu")
+    run.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    run.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    run.add_argument("--steps", type=_positive_int, default=5, help="measured steps")
+    run.add_argument("--warmup", type=int, default=2, help="warm-up steps (not measured)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", type=Path, default=None,
+                     help="trace folder to write (default traces/<model>-seq<N>-<device>-<time>)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from tqdm import tqdm
+
+    from paca_prof import engines
+    from paca_prof.analyze import TraceAnalysis
+    from paca_prof.engines.common import RunSpec
+
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    try:
+        settings = method_registry.MethodSettings(
+            rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+            adapter_dtype=args.adapter_dtype, seed=args.seed)
+        spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
+                       device=args.device, methods=args.methods, settings=settings,
+                       steps=args.steps, warmup=args.warmup, attention=args.attention,
+                       seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    out = args.out or engines.default_out(spec)
+    command = "paca-prof " + shlex.join(sys.argv[1:])
+    bar = tqdm(total=len(spec.methods), desc="paca-prof run", unit="method", file=sys.stderr,
+               disable=None)
+
+    def progress(method, state):
+        bar.set_postfix_str(f"{method}: {state}")
+        if state == "done":
+            bar.update()
+
+    try:
+        path = engines.run(spec, out, command, progress)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    finally:
+        bar.close()
+    analysis = TraceAnalysis(path)
+    if args.json:
+        rows = analysis.trace.summary.set_index("method")
+        methods = {m: _jsonable(row) for m, row in rows.iterrows()}
+        print(json.dumps({"trace": str(path), "methods": methods}, indent=2))
+    else:
+        _print_summary(analysis)
+        print(f"trace: {path}")
+    failed = analysis.trace.summary["status"].eq("error").any()
+    return 1 if failed else 0
+
+
+def _print_summary(analysis) -> None:
+    table = analysis.summary(baseline="lora")
+    source = analysis.source
+    print(f"per method, {source} ({analysis.trace.run['device']['name']}, "
+          f"{analysis.trace.run['dtype']}, batch {analysis.trace.run['batch']} x seq "
+          f"{analysis.trace.run['seq']}); ratios are to lora")
+    columns = [("step_ms", "step ms", "{:.1f}"), ("forward_ms", "fwd ms", "{:.1f}"),
+               ("backward_ms", "bwd ms", "{:.1f}"), ("ops_per_step", "ops/step", "{:.0f}"),
+               ("activation_mib", "act MiB", "{:.1f}"), ("peak_mib", "peak MiB", "{:.1f}"),
+               ("trainable_params", "trainable", "{:,.0f}")]
+    header = f"{'method':<8} {'status':<6} " + " ".join(f"{label:>16}" for _, label, _ in columns)
+    print(header)
+    for _, row in table.iterrows():
+        cells = []
+        for name, _, fmt in columns:
+            value, ratio = row[name], row[f"{name}_vs_lora"]
+            text = "-" if value != value else fmt.format(value)
+            text += "" if ratio != ratio else f" ({ratio:.2f}x)"
+            cells.append(f"{text:>16}")
+        print(f"{row['method']:<8} {row['status']:<6} " + " ".join(cells))
+
+
+def _jsonable(row) -> dict:
+    out = {}
+    for key, value in row.items():
+        if value is None or (isinstance(value, float) and value != value):
+            out[key] = None
+        elif hasattr(value, "item"):
+            out[key] = value.item()
+        elif str(value) == "<NA>":
+            out[key] = None
+        else:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.handler(args)
+    except UsageError as error:
+        print(f"paca-prof: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("paca-prof: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

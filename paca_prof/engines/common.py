@@ -1,0 +1,134 @@
+"""What every engine shares: the run specification, building a prepared model, and the
+training step itself (forward, loss, backward, AdamW step), with its phases announced to the
+instruments."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from paca_prof import methods as method_registry
+from paca_prof import presets
+from paca_prof.instrument import LOSS, OPTIMIZER, ModuleScopes
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run; recorded in run.yaml."""
+
+    model: str
+    seq: int
+    batch: int = 1
+    dtype: str = "bf16"
+    device: str = "cpu"
+    methods: tuple[str, ...] = method_registry.DEFAULT_METHODS
+    settings: method_registry.MethodSettings = field(default_factory=method_registry.MethodSettings)
+    steps: int = 5
+    warmup: int = 2
+    attention: str = "sdpa"
+    grad_ckpt: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.seq <= 0:
+            raise ValueError(f"--seq must be positive, got {self.seq}")
+        if self.batch <= 0:
+            raise ValueError(f"--batch must be positive, got {self.batch}")
+        if self.steps <= 0:
+            raise ValueError(f"--steps must be positive, got {self.steps}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.dtype not in presets.DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(presets.DTYPES)}")
+        for method in self.methods:
+            method_registry.check_method(method)
+        self.model_name, self.config = presets.load_config(self.model)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return presets.DTYPES[self.dtype]
+
+
+def build_prepared(spec: RunSpec, method: str, device: str) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """A freshly built model prepared for `method`, and its AdamW (None for frozen)."""
+    torch.manual_seed(spec.seed)
+    model = presets.build_model(spec.config, spec.torch_dtype, device, spec.attention)
+    model = method_registry.prepare(model, method, spec.settings)
+    if spec.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = method_registry.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    return model, optimizer
+
+
+def make_batch(spec: RunSpec, device: str) -> torch.Tensor:
+    """Random token ids (batch x seq), which serve as labels too."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    ids = torch.randint(0, spec.config.vocab_size, (spec.batch, spec.seq), generator=generator)
+    return ids.to(device)
+
+
+def validate_against_model(spec: RunSpec) -> None:
+    """Raise ValueError for settings the model cannot take (rank too large, unknown targets),
+    before any engine builds a full-size model. Builds the model on the meta device only."""
+    model = presets.build_model(spec.config, spec.torch_dtype, "meta", spec.attention)
+    from paca.model import find_targets
+
+    for name, linear in find_targets(model, spec.settings.targets).items():
+        if spec.settings.rank > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"--rank {spec.settings.rank} is larger than {name} "
+                f"({linear.out_features} x {linear.in_features})"
+            )
+
+
+class Phase:
+    """Announce a step phase to the scopes, and to any extra context (timer, profiler range)."""
+
+    def __init__(self, scopes: ModuleScopes | None, name: str, *contexts):
+        self.scopes, self.name, self.contexts = scopes, name, contexts
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        if self.scopes is not None:
+            self.scopes.phase = self.name
+        for context in self.contexts:
+            self._stack.enter_context(context)
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        if self.scopes is not None:
+            self.scopes.phase = "idle"
+
+
+def training_step(model: nn.Module, optimizer, ids: torch.Tensor, scopes: ModuleScopes | None,
+                  phase_context=lambda name: contextlib.nullcontext()) -> torch.Tensor:
+    """One step: forward with the loss, backward, AdamW step and zero_grad(set_to_none).
+
+    The loss is computed outside the model (as transformers does when given labels) so it has
+    its own scope. `phase_context(name)` gives a context entered around each phase.
+    """
+    with Phase(scopes, "forward", phase_context("forward")):
+        logits = model(input_ids=ids).logits
+        if scopes is not None:
+            scopes.enter(LOSS, "forward")
+        loss = model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
+        if scopes is not None:
+            scopes.exit(LOSS, "forward")
+    del logits
+    with Phase(scopes, "backward", phase_context("backward")):
+        loss.backward()
+    with Phase(scopes, "optimizer", phase_context("optimizer")):
+        if scopes is not None:
+            scopes.enter(OPTIMIZER, "optimizer")
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if scopes is not None:
+            scopes.exit(OPTIMIZER, "optimizer")
+    return loss.detach()

@@ -1,0 +1,431 @@
+"""Measure real training steps of one method on a real device (cpu or cuda).
+
+Three passes over one prepared model, so that no instrument's overhead reaches another's result:
+  1. timing:   warm-up steps, then `steps` timed steps; module and phase latencies from a
+               synchronous clock (CPU) or CUDA events (GPU); the medians are reported.
+  2. profiler: one step under torch.profiler with ranges named by module path and phase, the
+               saved-tensor ledger and memory events: the op (or kernel) sequence, activation
+               bytes per module, and the categorised memory timeline with its peak.
+The profiler pass's op durations carry the profiler's own overhead; they are never used as
+latencies.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+from paca_prof import methods as method_registry
+from paca_prof.engines.common import RunSpec, build_prepared, make_batch, training_step
+from paca_prof.instrument import (
+    LOSS,
+    OPTIMIZER,
+    ROOT,
+    ModuleScopes,
+    SavedTensorLedger,
+    counts_as_op,
+    matmul_flops,
+    module_depth,
+    module_kind,
+)
+from paca_prof.trace import MEMORY_CATEGORIES
+
+
+@dataclass
+class MethodResult:
+    """What one method's run contributes to each table of the trace."""
+
+    summary: dict
+    layers: pd.DataFrame
+    ops: pd.DataFrame
+    memory: pd.DataFrame
+    chrome_trace: Path | None = None
+
+
+def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
+    """Run `method` for real on spec.device and return its tables.
+
+    Raises torch.OutOfMemoryError (or RuntimeError from the CPU allocator) when it does not fit;
+    the caller records that as status oom.
+    """
+    device = spec.device
+    model, optimizer = build_prepared(spec, method, device)
+    ids = make_batch(spec, device)
+    latencies, phase_ms = _timing_pass(spec, model, optimizer, ids)
+    chrome_path = workdir / f"trace-{method}.json"
+    profiled = _profiler_pass(model, optimizer, ids, method, device, chrome_path)
+
+    kinds = {path: module_kind(module, path) for module, path in
+             ModuleScopes(model).paths.items()}
+    kinds[LOSS], kinds[OPTIMIZER] = "loss", "optimizer"
+    layers = _layer_table(method, kinds, latencies, profiled)
+    trainable = sum(p.numel() for p in method_registry.trainable_parameters(model))
+    summary = {
+        "method": method, "status": "ok",
+        "step_ms": phase_ms["step"], "forward_ms": phase_ms["forward"],
+        "backward_ms": phase_ms["backward"], "optimizer_ms": phase_ms["optimizer"],
+        "n_kernels": len(profiled["ops"]), "activation_bytes": profiled["ledger"].total_bytes,
+        "peak_bytes": profiled["peak_bytes"], "reserved_bytes": profiled["reserved_bytes"],
+        "trainable_params": trainable,
+        **{f"peak_{c}_bytes": b for c, b in profiled["peak_breakdown"].items()},
+    }
+    del model, optimizer
+    return MethodResult(summary, layers, profiled["ops"], profiled["memory"], chrome_path)
+
+
+class _Clock:
+    """Host clock on the CPU; CUDA events on the GPU (read after one synchronize per step)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def stamp(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter_ns()
+
+    def ms(self, start, end) -> float:
+        if self.cuda:
+            return start.elapsed_time(end)
+        return (end - start) / 1e6
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _timing_pass(spec: RunSpec, model, optimizer, ids):
+    """Median latency per (module, phase) and per phase over the measured steps."""
+    clock = _Clock(spec.device)
+    per_step: list[dict] = []
+    open_scopes: dict[tuple[str, str], list] = defaultdict(list)
+    intervals: list[tuple[str, str, object, object]] = []
+
+    def enter(path, phase):
+        open_scopes[(path, phase)].append(clock.stamp())
+
+    def leave(path, phase):
+        starts = open_scopes.get((path, phase))
+        if starts:
+            intervals.append((path, phase, starts.pop(), clock.stamp()))
+
+    class PhaseTimer:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            enter(f"phase:{self.name}", self.name)
+
+        def __exit__(self, *exc):
+            leave(f"phase:{self.name}", self.name)
+
+    with ModuleScopes(model) as scopes:
+        scopes.on_enter(enter)
+        scopes.on_exit(leave)
+        for step in range(spec.warmup + spec.steps):
+            intervals.clear()
+            open_scopes.clear()
+            training_step(model, optimizer, ids, scopes, PhaseTimer)
+            clock.sync()
+            if step < spec.warmup:
+                continue
+            totals: dict[tuple[str, str], float] = defaultdict(float)
+            for path, phase, start, end in intervals:
+                totals[(path, phase)] += clock.ms(start, end)
+            per_step.append(totals)
+    keys = set().union(*per_step)
+    medians = {key: statistics.median(s[key] for s in per_step if key in s) for key in keys}
+    phase_ms = {p: medians.get((f"phase:{p}", p), 0.0) for p in ("forward", "backward", "optimizer")}
+    phase_ms["step"] = sum(phase_ms.values())
+    latencies = {k: v for k, v in medians.items() if not k[0].startswith("phase:")}
+    return latencies, phase_ms
+
+
+def _profiler_pass(model, optimizer, ids, method, device, chrome_path: Path) -> dict:
+    """One profiled step: ops, activation bytes, and the categorised memory timeline."""
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    ranges: dict[tuple[str, str], list] = defaultdict(list)
+    grad_ptrs: dict[int, int] = {}
+
+    def enter(path, phase):
+        scope = record_function(path)
+        scope.__enter__()
+        ranges[(path, phase)].append(scope)
+
+    def leave(path, phase):
+        if ranges.get((path, phase)):
+            ranges[(path, phase)].pop().__exit__(None, None, None)
+
+    class PhaseRange:
+        def __init__(self, name):
+            self.scope = record_function(f"phase:{name}")
+            self.name = name
+
+        def __enter__(self):
+            if self.name == "optimizer":  # backward is over: the gradients are all there
+                grad_ptrs.update({p.grad.data_ptr(): p.grad.untyped_storage().nbytes()
+                                  for p in model.parameters() if p.grad is not None})
+            self.scope.__enter__()
+
+        def __exit__(self, *exc):
+            self.scope.__exit__(*exc)
+
+    static = _static_bytes(model, optimizer)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        static["rest"] = torch.cuda.memory_allocated() - sum(static.values())
+    with ModuleScopes(model) as scopes, SavedTensorLedger(scopes) as ledger:
+        scopes.on_enter(enter)
+        scopes.on_exit(leave)
+        with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+            training_step(model, optimizer, ids, scopes, PhaseRange)
+            if cuda:
+                torch.cuda.synchronize()
+    prof.export_chrome_trace(str(chrome_path))
+    events = json.loads(chrome_path.read_text())["traceEvents"]
+    module_paths = set(scopes.paths.values()) | {LOSS, OPTIMIZER}
+    wrappers = method_registry.wrapper_paths(model, method)
+    ops = _op_table(events, method, module_paths, wrappers, cuda)
+    memory, peak, breakdown = _memory_timeline(events, method, static, ledger, grad_ptrs, cuda)
+    reserved = pd.NA
+    if cuda:
+        peak = max(peak, torch.cuda.max_memory_allocated())
+        reserved = torch.cuda.max_memory_reserved()
+    return {"ops": ops, "ledger": ledger, "memory": memory, "peak_bytes": peak,
+            "reserved_bytes": reserved, "peak_breakdown": breakdown}
+
+
+def _static_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes alive before the step starts: frozen weights and buffers, trainable parameters,
+    and optimizer state (gradients are None after zero_grad(set_to_none=True))."""
+    seen: set[int] = set()
+
+    def size(tensor) -> int:
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            return 0
+        seen.add(ptr)
+        return tensor.untyped_storage().nbytes()
+
+    static = {c: 0 for c in MEMORY_CATEGORIES}
+    for p in model.parameters():
+        static["trainable" if p.requires_grad else "weights"] += size(p)
+    for b in model.buffers():
+        static["weights"] += size(b)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    static["optimizer"] += size(value)
+    return static
+
+
+def _phase_windows(events) -> dict[str, tuple[float, float]]:
+    return {e["name"].removeprefix("phase:"): (e["ts"], e["ts"] + e["dur"]) for e in events
+            if e.get("cat") == "user_annotation" and e["name"].startswith("phase:")}
+
+
+def _phase_at(windows: dict[str, tuple[float, float]], ts: float) -> str | None:
+    for phase, (start, end) in windows.items():
+        if start <= ts <= end:
+            return phase
+    return None
+
+
+def _op_table(events, method, module_paths, wrappers, cuda) -> pd.DataFrame:
+    """One row per op (see instrument.counts_as_op) on the CPU, or per device kernel on CUDA."""
+    windows = _phase_windows(events)
+    t0 = min(start for start, _ in windows.values())
+    by_tid: dict[object, list] = defaultdict(list)
+    modules_by_tid: dict[object, list] = defaultdict(list)
+    runtime = {}
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat = e.get("cat")
+        if cat == "cpu_op" and "::" in e["name"] and not e["name"].startswith(
+                ("autograd::", "torch::autograd")):
+            by_tid[e["tid"]].append(e)
+        elif cat == "user_annotation" and e["name"] in module_paths:
+            modules_by_tid[e["tid"]].append(e)
+        elif cat == "cuda_runtime" and "correlation" in e.get("args", {}):
+            runtime[e["args"]["correlation"]] = e
+
+    leaves = []
+    for tid, ops in by_tid.items():
+        ops.sort(key=lambda e: (e["ts"], -e["dur"]))
+        scopes = sorted(modules_by_tid.get(tid, []), key=lambda e: e["ts"])
+        stack: list[dict] = []  # enclosing aten ops
+        for op in ops:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= op["ts"]:
+                stack.pop()
+            counted = counts_as_op(op["name"]) and not any(p["_counted"] for p in stack)
+            op["_counted"] = counted
+            stack.append(op)
+            phase = _phase_at(windows, op["ts"])
+            if not counted or phase is None:
+                continue
+            op["_module"] = _innermost(scopes, op["ts"], op["ts"] + op["dur"])
+            op["_phase"] = phase
+            leaves.append(op)
+
+    rows = []
+    if cuda:
+        leaf_by_tid = defaultdict(list)
+        for op in leaves:
+            leaf_by_tid[op["tid"]].append(op)
+        kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in
+                   ("kernel", "gpu_memcpy", "gpu_memset")]
+        for kernel in sorted(kernels, key=lambda e: e["ts"]):
+            launch = runtime.get(kernel.get("args", {}).get("correlation"))
+            op = None
+            if launch is not None:
+                candidates = [o for o in leaf_by_tid.get(launch["tid"], [])
+                              if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
+                op = candidates[-1] if candidates else None
+            rows.append(_op_row(method, kernel["name"], op, kernel["ts"] - t0, kernel["dur"],
+                                wrappers, "cuda"))
+    else:
+        for op in sorted(leaves, key=lambda e: e["ts"]):
+            rows.append(_op_row(method, op["name"], op, op["ts"] - t0, op["dur"], wrappers, "cpu"))
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["seq_no"] = range(len(table))
+        table["step"] = 0
+    return table
+
+
+def _innermost(scopes: list[dict], start: float, end: float) -> str:
+    best = None
+    for scope in scopes:
+        if scope["ts"] > start:
+            break
+        if scope["ts"] + scope["dur"] >= end:
+            best = scope
+    return best["name"] if best else ROOT
+
+
+def _op_row(method, name, op, start_us, dur_us, wrappers, device) -> dict:
+    args = op.get("args", {}) if op else {}
+    shapes = args.get("Input Dims", [])
+    module = op["_module"] if op else ROOT
+    phase = op["_phase"] if op else None
+    op_name = op["name"] if op else name
+    dtypes = [t for t in args.get("Input type", []) if t and t != "Scalar"]
+    return {
+        "method": method, "module": module, "phase": phase, "name": name,
+        "shapes": json.dumps(shapes), "dtype": dtypes[0] if dtypes else "",
+        "start_us": start_us, "dur_us": dur_us,
+        "flops": matmul_flops(op_name, shapes), "bytes": float("nan"),
+        "adapter_branch": method_registry.is_adapter_op(method, module, op_name, phase or "",
+                                                        wrappers),
+        "device": device,
+    }
+
+
+def _memory_timeline(events, method, static, ledger, grad_ptrs, cuda):
+    """Replay allocation events into per-category running totals.
+
+    An allocation is an activation if a saved tensor lives at its address (the last allocation
+    there during forward: saved tensors stay alive until backward), a gradient likewise for the
+    gradients alive after backward; what lm_head and the loss allocate (the logits, their fp32
+    copy, the loss) counts as logits_loss.
+    Everything else allocated during the step is rest (temporaries, optimizer scratch).
+    """
+    device_type = 1 if cuda else 0
+    windows = _phase_windows(events)
+    t0 = min(start for start, _ in windows.values())
+    memory_events = sorted(
+        (e for e in events if e.get("name") == "[memory]"
+         and e.get("args", {}).get("Device Type") == device_type),
+        key=lambda e: e["ts"])
+    saved_owner = {ptr: path for ptr, path in ledger.ptr_owner.items()}
+    last_alloc: dict[tuple[int, str], int] = {}  # (addr, phase) -> index of its last alloc
+    for i, e in enumerate(memory_events):
+        if e["args"]["Bytes"] > 0:
+            last_alloc[(e["args"]["Addr"], _phase_at(windows, e["ts"]))] = i
+    category_of_event: dict[int, str] = {}
+    for ptr, owner in saved_owner.items():
+        index = last_alloc.get((ptr, "forward"))
+        if index is not None:
+            category_of_event[index] = ("logits_loss" if owner in (LOSS,) or
+                                        owner.endswith("lm_head") else "activations")
+    for ptr in grad_ptrs:
+        index = last_alloc.get((ptr, "backward"))
+        if index is not None:
+            category_of_event[index] = "gradients"
+    logits_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events
+                      if e.get("cat") == "user_annotation" and e.get("ph") == "X"
+                      and (e["name"] == LOSS or e["name"].endswith("lm_head"))]
+    for i, e in enumerate(memory_events):
+        if i not in category_of_event and e["args"]["Bytes"] > 0 and any(
+                start <= e["ts"] <= end for start, end in logits_windows):
+            category_of_event[i] = "logits_loss"
+
+    totals = dict(static)
+    rows = [{"method": method, "t": 0.0, "allocated_bytes": b, "category": c}
+            for c, b in totals.items()]
+    live: dict[int, str] = {}
+    peak, peak_breakdown = sum(totals.values()), dict(totals)
+    for i, e in enumerate(memory_events):
+        addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
+        if nbytes > 0:
+            category = category_of_event.get(i, "rest")
+            live[addr] = category
+        else:
+            category = live.pop(addr, "rest")
+        totals[category] += nbytes
+        rows.append({"method": method, "t": e["ts"] - t0, "allocated_bytes": totals[category],
+                     "category": category})
+        total = sum(totals.values())
+        if total > peak:
+            peak, peak_breakdown = total, dict(totals)
+    return pd.DataFrame(rows), peak, peak_breakdown
+
+
+def _layer_table(method, kinds, latencies, profiled) -> pd.DataFrame:
+    """One row per (module, phase): median latency, activation bytes (forward rows; the
+    innermost module owns them), and op count and FLOPs including submodules."""
+    ops = profiled["ops"]
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    flops: dict[tuple[str, str], float] = defaultdict(float)
+    for module, phase, op_flops in zip(ops.get("module", []), ops.get("phase", []),
+                                       ops.get("flops", [])):
+        for ancestor in _ancestors(module):
+            counts[(ancestor, phase)] += 1
+            flops[(ancestor, phase)] += op_flops
+    activation = profiled["ledger"].by_module
+    rows = []
+    for path, kind in kinds.items():
+        for phase in ("forward", "backward", "optimizer"):
+            key = (path, phase)
+            if key not in latencies and key not in counts and not (
+                    phase == "forward" and path in activation):
+                continue
+            rows.append({
+                "method": method, "module": path, "phase": phase, "kind": kind,
+                "depth": module_depth(path), "latency_ms": latencies.get(key, float("nan")),
+                "activation_bytes": activation.get(path, 0) if phase == "forward" else pd.NA,
+                "n_kernels": counts.get(key, 0), "flops": flops.get(key, 0.0),
+            })
+    return pd.DataFrame(rows)
+
+
+def _ancestors(path: str) -> list[str]:
+    if path.startswith("["):
+        return [path]
+    parts = path.split(".")
+    return [ROOT] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
