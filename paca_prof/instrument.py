@@ -12,6 +12,8 @@ Both work on real devices and on the meta device.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 from torch.utils._pytree import tree_flatten
+
+from paca_prof.trace import MEMORY_CATEGORIES
 
 ROOT = "[root]"  # path of the model itself (named_modules calls it "")
 LOSS = "[loss]"  # the loss, computed outside the model
@@ -31,19 +35,22 @@ ScopeCallback = Callable[[str, str], None]  # (module path, phase)
 class ModuleScopes:
     """Calls subscribers when a module's forward or backward starts and ends.
 
-    Limits: backward of a module whose inputs need no gradient (the embedding, the first
-    layer under some methods) has no end event; its backward scope is never reported. Backward
-    scopes of modules on parallel branches may overlap rather than nest.
+    Limits: a module whose inputs need no gradient (the first layer under an adapter method)
+    ends its backward when its trainable parameters have their gradients; one with neither
+    (a frozen base layer there) has no backward scope. Backward scopes of modules on parallel
+    branches may overlap rather than nest.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.paths = {module: (name or ROOT) for name, module in model.named_modules()}
-        self.stack: list[str] = []  # forward scopes, innermost last
+        self.stack: list[str] = []  # open scopes, innermost last
         self.phase = "idle"
         self._enter: list[ScopeCallback] = []
         self._exit: list[ScopeCallback] = []
         self._handles = []
+        self._param_hooks = set()
+        self._phase_end: list[Callable[[str], None]] = []
 
     def on_enter(self, callback: ScopeCallback) -> None:
         self._enter.append(callback)
@@ -69,31 +76,67 @@ class ModuleScopes:
         self._handles.clear()
 
     def enter(self, path: str, phase: str) -> None:
+        """A scope starts: it becomes the innermost (also used for the loss and optimizer)."""
+        self.stack.append(path)
         for callback in self._enter:
             callback(path, phase)
 
     def exit(self, path: str, phase: str) -> None:
         for callback in self._exit:
             callback(path, phase)
+        for i in range(len(self.stack) - 1, -1, -1):  # backward scopes may end out of order
+            if self.stack[i] == path:
+                del self.stack[i]
+                break
 
     def _make_pre(self, path: str):
         def pre_hook(module, args):
             phase = "backward" if self.phase == "backward" else "forward"  # recompute in bwd
-            self.stack.append(path)
             self.enter(path, phase)
             if phase == "forward" and torch.is_grad_enabled():
+                # The module's backward is over when all its input grads are computed or, if
+                # no input needs one, when all its trainable parameters have their grads.
                 inputs = _grad_tensors(args)
-                if inputs:  # all input grads computed: the module's backward is over
+                if inputs:
                     register_multi_grad_hook(inputs, lambda grads: self.exit(path, "backward"))
+                else:
+                    params = [p for p in module.parameters() if p.requires_grad]
+                    if params:
+                        self._watch_parameters(path, params)
 
         return pre_hook
+
+    def _watch_parameters(self, path: str, params: list[torch.Tensor]) -> None:
+        # Hooks on parameters outlive the graph, so each removes itself once it fired, and
+        # end_phase() removes those that never fire (parameters that got no gradient).
+        handle = None
+
+        def done(grads):
+            self.exit(path, "backward")
+            handle.remove()
+            self._param_hooks.discard(handle)
+
+        handle = register_multi_grad_hook(params, done)
+        self._param_hooks.add(handle)
+
+    def on_phase_end(self, callback: Callable[[str], None]) -> None:
+        self._phase_end.append(callback)
+
+    def end_phase(self, phase: str) -> None:
+        """Called when a step phase ends: forgets backward scopes that will not close, and
+        tells the subscribers."""
+        if phase == "backward":
+            for handle in self._param_hooks:
+                handle.remove()
+            self._param_hooks.clear()
+            self.stack.clear()
+        for callback in self._phase_end:
+            callback(phase)
 
     def _make_post(self, path: str):
         def post_hook(module, args, output):
             phase = "backward" if self.phase == "backward" else "forward"
             self.exit(path, phase)
-            if self.stack and self.stack[-1] == path:
-                self.stack.pop()
             if phase == "forward" and torch.is_grad_enabled():
                 outputs = _grad_tensors(output)
                 if outputs:  # first output grad arrived: the module's backward starts
@@ -115,25 +158,38 @@ def storage_key(tensor: torch.Tensor) -> int:
 
 
 @dataclass
+class _Saved:
+    path: str
+    nbytes: int
+    ptr: int | None
+    refs: list[weakref.ref]
+
+    def alive(self) -> bool:
+        return any(ref() is not None for ref in self.refs)
+
+
 class SavedTensorLedger:
     """Bytes saved for backward, charged to the innermost module running when saved.
 
-    Each storage is charged once (views and repeated saves of one tensor cost nothing more);
-    parameters and buffers are excluded. `by_module` maps path -> bytes; `keys` maps storage
-    keys, and `ptr_owner` data pointers, to the owning path, for memory categorisation.
+    Counts what is still saved when forward ends: each storage once (views and repeated saves
+    of one tensor cost nothing more), parameters and buffers excluded, and tensors saved by a
+    graph that was dropped during forward (a result that was discarded, as DoRA's weight-norm
+    branch) excluded. The pack hook returns the tensor itself, so a weak reference to it lives
+    exactly as long as the saved entry. Results (`by_module`: path -> bytes, `keys`: storage
+    key -> path, `ptr_owner`: data pointer -> path) are fixed when the forward phase ends.
     """
 
-    scopes: ModuleScopes
-    excluded: set[int] = field(default_factory=set)
-    by_module: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    keys: dict[int, str] = field(default_factory=dict)
-    ptr_owner: dict[int, str] = field(default_factory=dict)  # data_ptr -> path (not on meta)
-
-    def __post_init__(self):
-        model = self.scopes.model
-        self.excluded |= {storage_key(t) for t in model.parameters()}
+    def __init__(self, scopes: ModuleScopes):
+        self.scopes = scopes
+        model = scopes.model
+        self.excluded = {storage_key(t) for t in model.parameters()}
         self.excluded |= {storage_key(t) for t in model.buffers()}
+        self.by_module: dict[str, int] = defaultdict(int)
+        self.keys: dict[int, str] = {}
+        self.ptr_owner: dict[int, str] = {}
+        self._saved: dict[int, _Saved] = {}
         self._hooks = saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        scopes.on_phase_end(self._phase_end)
 
     def __enter__(self) -> SavedTensorLedger:
         self._hooks.__enter__()
@@ -149,15 +205,30 @@ class SavedTensorLedger:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.scopes.phase != "forward":
             return tensor  # recompute under gradient checkpointing re-saves what forward dropped
-        key = storage_key(tensor)
-        if key in self.excluded or key in self.keys:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.excluded:
             return tensor
-        path = self.scopes.current
-        self.keys[key] = path
-        if tensor.device.type != "meta":
-            self.ptr_owner[tensor.untyped_storage().data_ptr()] = path
-        self.by_module[path] += tensor.untyped_storage().nbytes()
+        entry = self._saved.get(key)
+        if entry is not None and entry.alive():
+            entry.refs.append(weakref.ref(tensor))
+            return tensor
+        # a new storage, or a dead one's key reused by a new storage
+        ptr = storage.data_ptr() if tensor.device.type != "meta" else None
+        self._saved[key] = _Saved(self.scopes.current, storage.nbytes(), ptr, [weakref.ref(tensor)])
         return tensor
+
+    def _phase_end(self, phase: str) -> None:
+        if phase != "forward":
+            return
+        gc.collect()  # dropped graphs caught in reference cycles die now, not at a random time
+        for key, entry in self._saved.items():
+            if entry.alive():
+                self.by_module[entry.path] += entry.nbytes
+                self.keys[key] = entry.path
+                if entry.ptr is not None:
+                    self.ptr_owner[entry.ptr] = entry.path
+        self._saved.clear()
 
 
 def module_kind(module: nn.Module, path: str) -> str:
@@ -267,3 +338,88 @@ def matmul_flops(name: str, shapes: list[list[int]]) -> float:
     except (IndexError, TypeError, ValueError):
         return 0.0
     return 0.0
+
+
+@dataclass
+class MemoryEvent:
+    """One allocation (nbytes > 0) or free (nbytes < 0) of a storage identified by `key`
+    (an address when measured, a storage key when simulated), at time t, in a phase.
+    `logits_scope` is True for allocations made inside lm_head or the loss."""
+
+    t: float
+    key: int
+    nbytes: int
+    phase: str | None
+    logits_scope: bool = False
+
+
+def memory_timeline(events: list[MemoryEvent], static: dict[str, int], saved_owner: dict[int, str],
+                    grad_keys: set[int]) -> tuple[list[dict], int, dict[str, int]]:
+    """Replay allocation events into running totals per memory category.
+
+    `static` holds the bytes alive when the step starts, by category. An allocation is an
+    activation if a saved tensor lives at its key (the last allocation there during forward:
+    saved tensors stay alive until backward), a gradient likewise for the gradients alive
+    after backward. Saved tensors of lm_head and the loss, and whatever those two allocate,
+    are logits_loss. Everything else is rest (temporaries, optimizer scratch).
+    Returns (rows of t, category, allocated_bytes), the peak total, and the breakdown at it.
+    """
+    last_alloc: dict[tuple[int, str | None], int] = {}
+    for i, e in enumerate(events):
+        if e.nbytes > 0:
+            last_alloc[(e.key, e.phase)] = i
+    category_of: dict[int, str] = {}
+    for key, owner in saved_owner.items():
+        index = last_alloc.get((key, "forward"))
+        if index is not None:
+            category_of[index] = "logits_loss" if _is_logits_owner(owner) else "activations"
+    for key in grad_keys:
+        index = last_alloc.get((key, "backward"))
+        if index is not None:
+            category_of[index] = "gradients"
+
+    totals = {c: static.get(c, 0) for c in MEMORY_CATEGORIES}
+    rows = [{"t": 0.0, "category": c, "allocated_bytes": b} for c, b in totals.items()]
+    live: dict[int, str] = {}
+    peak, breakdown = sum(totals.values()), dict(totals)
+    for i, e in enumerate(events):
+        if e.nbytes > 0:
+            category = category_of.get(i, "logits_loss" if e.logits_scope else "rest")
+            live[e.key] = category
+        else:
+            category = live.pop(e.key, "rest")
+        totals[category] += e.nbytes
+        rows.append({"t": e.t, "category": category, "allocated_bytes": totals[category]})
+        total = sum(totals.values())
+        if total > peak:
+            peak, breakdown = total, dict(totals)
+    return rows, peak, breakdown
+
+
+def _is_logits_owner(path: str) -> bool:
+    return path == LOSS or path.endswith("lm_head")
+
+
+def static_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes alive before the step starts: frozen weights and buffers, trainable parameters,
+    and optimizer state (gradients are None after zero_grad(set_to_none=True))."""
+    seen: set[int] = set()
+
+    def size(tensor) -> int:
+        key = storage_key(tensor)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return tensor.untyped_storage().nbytes()
+
+    static = {c: 0 for c in MEMORY_CATEGORIES}
+    for p in model.parameters():
+        static["trainable" if p.requires_grad else "weights"] += size(p)
+    for b in model.buffers():
+        static["weights"] += size(b)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    static["optimizer"] += size(value)
+    return static

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from paca import LLAMA_TARGETS, PacaConfig, get_paca_model
@@ -114,6 +115,12 @@ def _prepare_peft(model: nn.Module, method: str, settings: MethodSettings) -> nn
     peft_model = get_peft_model(
         model, config, autocast_adapter_dtype=(settings.adapter_dtype == "fp32")
     )
+    # PEFT skips its adapter cast on the meta device; apply the dtype it would have chosen.
+    model_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n)
+    adapter_dtype = torch.float32 if settings.adapter_dtype == "fp32" else model_dtype
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name and param.dtype != adapter_dtype:
+            param.data = param.data.to(adapter_dtype)
     return peft_model.get_base_model()
 
 

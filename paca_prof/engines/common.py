@@ -5,14 +5,18 @@ instruments."""
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from dataclasses import dataclass, field
+
+import pandas as pd
 
 import torch
 from torch import nn
 
 from paca_prof import methods as method_registry
 from paca_prof import presets
-from paca_prof.instrument import LOSS, OPTIMIZER, ModuleScopes
+from paca_prof.engines.attention import implementation_name
+from paca_prof.instrument import LOSS, OPTIMIZER, ROOT, ModuleScopes, module_depth, module_kind
 
 
 @dataclass
@@ -55,7 +59,8 @@ class RunSpec:
 def build_prepared(spec: RunSpec, method: str, device: str) -> tuple[nn.Module, torch.optim.Optimizer | None]:
     """A freshly built model prepared for `method`, and its AdamW (None for frozen)."""
     torch.manual_seed(spec.seed)
-    model = presets.build_model(spec.config, spec.torch_dtype, device, spec.attention)
+    model = presets.build_model(spec.config, spec.torch_dtype, device,
+                                implementation_name(spec.attention))
     model = method_registry.prepare(model, method, spec.settings)
     if spec.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -75,8 +80,10 @@ def make_batch(spec: RunSpec, device: str) -> torch.Tensor:
 def validate_against_model(spec: RunSpec) -> None:
     """Raise ValueError for settings the model cannot take (rank too large, unknown targets),
     before any engine builds a full-size model. Builds the model on the meta device only."""
-    model = presets.build_model(spec.config, spec.torch_dtype, "meta", spec.attention)
     from paca.model import find_targets
+
+    model = presets.build_model(spec.config, spec.torch_dtype, "meta",
+                                implementation_name(spec.attention))
 
     for name, linear in find_targets(model, spec.settings.targets).items():
         if spec.settings.rank > min(linear.in_features, linear.out_features):
@@ -103,6 +110,7 @@ class Phase:
     def __exit__(self, *exc):
         self._stack.close()
         if self.scopes is not None:
+            self.scopes.end_phase(self.name)
             self.scopes.phase = "idle"
 
 
@@ -132,3 +140,44 @@ def training_step(model: nn.Module, optimizer, ids: torch.Tensor, scopes: Module
         if scopes is not None:
             scopes.exit(OPTIMIZER, "optimizer")
     return loss.detach()
+
+
+def module_kinds(model: nn.Module) -> dict[str, str]:
+    """Kind of every module path of the model, plus the loss and optimizer scopes."""
+    kinds = {path: module_kind(module, path) for module, path in ModuleScopes(model).paths.items()}
+    kinds[LOSS], kinds[OPTIMIZER] = "loss", "optimizer"
+    return kinds
+
+
+def layer_table(method: str, kinds: dict[str, str], latencies: dict, ops: pd.DataFrame,
+                activation: dict[str, int]) -> pd.DataFrame:
+    """One row per (module, phase): median latency, activation bytes (forward rows; the
+    innermost module owns them), and op count and FLOPs including submodules."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    flops: dict[tuple[str, str], float] = defaultdict(float)
+    for module, phase, op_flops in zip(ops.get("module", []), ops.get("phase", []),
+                                       ops.get("flops", [])):
+        for ancestor in _ancestors(module):
+            counts[(ancestor, phase)] += 1
+            flops[(ancestor, phase)] += op_flops
+    rows = []
+    for path, kind in kinds.items():
+        for phase in ("forward", "backward", "optimizer"):
+            key = (path, phase)
+            if key not in latencies and key not in counts and not (
+                    phase == "forward" and path in activation):
+                continue
+            rows.append({
+                "method": method, "module": path, "phase": phase, "kind": kind,
+                "depth": module_depth(path), "latency_ms": latencies.get(key, float("nan")),
+                "activation_bytes": activation.get(path, 0) if phase == "forward" else pd.NA,
+                "n_kernels": counts.get(key, 0), "flops": flops.get(key, 0.0),
+            })
+    return pd.DataFrame(rows)
+
+
+def _ancestors(path: str) -> list[str]:
+    if path.startswith("["):
+        return [path]
+    parts = path.split(".")
+    return [ROOT] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]

@@ -25,17 +25,25 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from paca_prof import methods as method_registry
-from paca_prof.engines.common import RunSpec, build_prepared, make_batch, training_step
+from paca_prof.engines.common import (
+    RunSpec,
+    build_prepared,
+    layer_table,
+    make_batch,
+    module_kinds,
+    training_step,
+)
 from paca_prof.instrument import (
     LOSS,
     OPTIMIZER,
     ROOT,
+    MemoryEvent,
     ModuleScopes,
     SavedTensorLedger,
     counts_as_op,
     matmul_flops,
-    module_depth,
-    module_kind,
+    memory_timeline,
+    static_bytes,
 )
 from paca_prof.trace import MEMORY_CATEGORIES
 
@@ -64,10 +72,8 @@ def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
     chrome_path = workdir / f"trace-{method}.json"
     profiled = _profiler_pass(model, optimizer, ids, method, device, chrome_path)
 
-    kinds = {path: module_kind(module, path) for module, path in
-             ModuleScopes(model).paths.items()}
-    kinds[LOSS], kinds[OPTIMIZER] = "loss", "optimizer"
-    layers = _layer_table(method, kinds, latencies, profiled)
+    kinds = module_kinds(model)
+    layers = layer_table(method, kinds, latencies, profiled["ops"], profiled["ledger"].by_module)
     trainable = sum(p.numel() for p in method_registry.trainable_parameters(model))
     summary = {
         "method": method, "status": "ok",
@@ -182,7 +188,7 @@ def _profiler_pass(model, optimizer, ids, method, device, chrome_path: Path) -> 
         def __exit__(self, *exc):
             self.scope.__exit__(*exc)
 
-    static = _static_bytes(model, optimizer)
+    static = static_bytes(model, optimizer)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -206,31 +212,6 @@ def _profiler_pass(model, optimizer, ids, method, device, chrome_path: Path) -> 
         reserved = torch.cuda.max_memory_reserved()
     return {"ops": ops, "ledger": ledger, "memory": memory, "peak_bytes": peak,
             "reserved_bytes": reserved, "peak_breakdown": breakdown}
-
-
-def _static_bytes(model, optimizer) -> dict[str, int]:
-    """Bytes alive before the step starts: frozen weights and buffers, trainable parameters,
-    and optimizer state (gradients are None after zero_grad(set_to_none=True))."""
-    seen: set[int] = set()
-
-    def size(tensor) -> int:
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen:
-            return 0
-        seen.add(ptr)
-        return tensor.untyped_storage().nbytes()
-
-    static = {c: 0 for c in MEMORY_CATEGORIES}
-    for p in model.parameters():
-        static["trainable" if p.requires_grad else "weights"] += size(p)
-    for b in model.buffers():
-        static["weights"] += size(b)
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    static["optimizer"] += size(value)
-    return static
 
 
 def _phase_windows(events) -> dict[str, tuple[float, float]]:
@@ -337,95 +318,23 @@ def _op_row(method, name, op, start_us, dur_us, wrappers, device) -> dict:
 
 
 def _memory_timeline(events, method, static, ledger, grad_ptrs, cuda):
-    """Replay allocation events into per-category running totals.
-
-    An allocation is an activation if a saved tensor lives at its address (the last allocation
-    there during forward: saved tensors stay alive until backward), a gradient likewise for the
-    gradients alive after backward; what lm_head and the loss allocate (the logits, their fp32
-    copy, the loss) counts as logits_loss.
-    Everything else allocated during the step is rest (temporaries, optimizer scratch).
-    """
+    """The profiler's allocation events of the step's device, categorised (see
+    instrument.memory_timeline); keys are addresses."""
     device_type = 1 if cuda else 0
     windows = _phase_windows(events)
     t0 = min(start for start, _ in windows.values())
-    memory_events = sorted(
-        (e for e in events if e.get("name") == "[memory]"
-         and e.get("args", {}).get("Device Type") == device_type),
-        key=lambda e: e["ts"])
-    saved_owner = {ptr: path for ptr, path in ledger.ptr_owner.items()}
-    last_alloc: dict[tuple[int, str], int] = {}  # (addr, phase) -> index of its last alloc
-    for i, e in enumerate(memory_events):
-        if e["args"]["Bytes"] > 0:
-            last_alloc[(e["args"]["Addr"], _phase_at(windows, e["ts"]))] = i
-    category_of_event: dict[int, str] = {}
-    for ptr, owner in saved_owner.items():
-        index = last_alloc.get((ptr, "forward"))
-        if index is not None:
-            category_of_event[index] = ("logits_loss" if owner in (LOSS,) or
-                                        owner.endswith("lm_head") else "activations")
-    for ptr in grad_ptrs:
-        index = last_alloc.get((ptr, "backward"))
-        if index is not None:
-            category_of_event[index] = "gradients"
     logits_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events
                       if e.get("cat") == "user_annotation" and e.get("ph") == "X"
                       and (e["name"] == LOSS or e["name"].endswith("lm_head"))]
-    for i, e in enumerate(memory_events):
-        if i not in category_of_event and e["args"]["Bytes"] > 0 and any(
-                start <= e["ts"] <= end for start, end in logits_windows):
-            category_of_event[i] = "logits_loss"
-
-    totals = dict(static)
-    rows = [{"method": method, "t": 0.0, "allocated_bytes": b, "category": c}
-            for c, b in totals.items()]
-    live: dict[int, str] = {}
-    peak, peak_breakdown = sum(totals.values()), dict(totals)
-    for i, e in enumerate(memory_events):
-        addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
-        if nbytes > 0:
-            category = category_of_event.get(i, "rest")
-            live[addr] = category
-        else:
-            category = live.pop(addr, "rest")
-        totals[category] += nbytes
-        rows.append({"method": method, "t": e["ts"] - t0, "allocated_bytes": totals[category],
-                     "category": category})
-        total = sum(totals.values())
-        if total > peak:
-            peak, peak_breakdown = total, dict(totals)
-    return pd.DataFrame(rows), peak, peak_breakdown
-
-
-def _layer_table(method, kinds, latencies, profiled) -> pd.DataFrame:
-    """One row per (module, phase): median latency, activation bytes (forward rows; the
-    innermost module owns them), and op count and FLOPs including submodules."""
-    ops = profiled["ops"]
-    counts: dict[tuple[str, str], int] = defaultdict(int)
-    flops: dict[tuple[str, str], float] = defaultdict(float)
-    for module, phase, op_flops in zip(ops.get("module", []), ops.get("phase", []),
-                                       ops.get("flops", [])):
-        for ancestor in _ancestors(module):
-            counts[(ancestor, phase)] += 1
-            flops[(ancestor, phase)] += op_flops
-    activation = profiled["ledger"].by_module
-    rows = []
-    for path, kind in kinds.items():
-        for phase in ("forward", "backward", "optimizer"):
-            key = (path, phase)
-            if key not in latencies and key not in counts and not (
-                    phase == "forward" and path in activation):
-                continue
-            rows.append({
-                "method": method, "module": path, "phase": phase, "kind": kind,
-                "depth": module_depth(path), "latency_ms": latencies.get(key, float("nan")),
-                "activation_bytes": activation.get(path, 0) if phase == "forward" else pd.NA,
-                "n_kernels": counts.get(key, 0), "flops": flops.get(key, 0.0),
-            })
-    return pd.DataFrame(rows)
-
-
-def _ancestors(path: str) -> list[str]:
-    if path.startswith("["):
-        return [path]
-    parts = path.split(".")
-    return [ROOT] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    memory_events = []
+    for e in sorted((e for e in events if e.get("name") == "[memory]"
+                     and e.get("args", {}).get("Device Type") == device_type),
+                    key=lambda e: e["ts"]):
+        nbytes = e["args"]["Bytes"]
+        memory_events.append(MemoryEvent(
+            t=e["ts"] - t0, key=e["args"]["Addr"], nbytes=nbytes,
+            phase=_phase_at(windows, e["ts"]),
+            logits_scope=nbytes > 0 and any(s <= e["ts"] <= f for s, f in logits_windows)))
+    rows, peak, breakdown = memory_timeline(memory_events, static, ledger.ptr_owner,
+                                            set(grad_ptrs))
+    return pd.DataFrame(rows).assign(method=method), peak, breakdown
