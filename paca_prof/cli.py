@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from paca_prof import methods as method_registry
+from paca_prof.presets import GPUS
 
 EXIT_USAGE = 2
 
@@ -63,9 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--adapter-dtype", choices=method_registry.ADAPTER_DTYPES, default="fp32",
                      help="LoRA/DoRA weights: fp32 (PEFT's autocast default) or the model's dtype")
     run.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                     help="default: bf16 on cuda, fp32 on cpu")
-    run.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    run.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+                     help="default: fp32 on cpu, bf16 on cuda and meta")
+    run.add_argument("--device", choices=["cpu", "cuda", "meta"], default=None,
+                     help="cpu or cuda measure real steps; meta simulates them (exact bytes) and "
+                          "projects times onto --gpu. Default: cuda if present, else meta")
+    run.add_argument("--gpu", default="a100-80gb",
+                     help=f"GPU to project simulated runs onto ({', '.join(GPUS)}; "
+                          "default a100-80gb, the paper's)")
+    run.add_argument("--attention", choices=["sdpa", "math", "flash", "efficient"], default=None,
+                     help="sdpa (torch picks; measured default), math (eager, L x L scores), "
+                          "flash / efficient (fused CUDA kernels; simulated default: flash for "
+                          "bf16/fp16, efficient for fp32)")
+    run.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     run.add_argument("--steps", type=_positive_int, default=5, help="measured steps")
     run.add_argument("--warmup", type=int, default=2, help="warm-up steps (not measured)")
     run.add_argument("--seed", type=int, default=0)
@@ -77,21 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
+    import torch
     from tqdm import tqdm
 
     from paca_prof import engines
+    from paca_prof.engines.attention import default_attention
+    from paca_prof.presets import DTYPES, gpu_spec
     from paca_prof.analyze import TraceAnalysis
     from paca_prof.engines.common import RunSpec
 
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "meta")
+    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    attention = {"math": "eager", None: None}.get(args.attention, args.attention)
+    if attention is None:
+        attention = default_attention(DTYPES[dtype]) if device == "meta" else "sdpa"
     try:
+        gpu = gpu_spec(args.gpu)
         settings = method_registry.MethodSettings(
             rank=args.rank, alpha=args.alpha, dropout=args.dropout,
             adapter_dtype=args.adapter_dtype, seed=args.seed)
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
-                       device=args.device, methods=args.methods, settings=settings,
-                       steps=args.steps, warmup=args.warmup, attention=args.attention,
-                       seed=args.seed)
+                       device=device, methods=args.methods, settings=settings,
+                       steps=args.steps, warmup=args.warmup, attention=attention,
+                       grad_ckpt=args.grad_ckpt, seed=args.seed)
     except ValueError as error:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
@@ -105,7 +123,7 @@ def _cmd_run(args) -> int:
             bar.update()
 
     try:
-        path = engines.run(spec, out, command, progress)
+        path = engines.run(spec, out, command, progress, gpu=gpu)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -124,10 +142,11 @@ def _cmd_run(args) -> int:
 
 def _print_summary(analysis) -> None:
     table = analysis.summary(baseline="lora")
-    source = analysis.source
-    print(f"per method, {source} ({analysis.trace.run['device']['name']}, "
-          f"{analysis.trace.run['dtype']}, batch {analysis.trace.run['batch']} x seq "
-          f"{analysis.trace.run['seq']}); ratios are to lora")
+    run = analysis.trace.run
+    sources = run.get("sources", {})
+    print(f"{run['model']['name']}, batch {run['batch']} x seq {run['seq']}, {run['dtype']}, "
+          f"{run['device']['name']}: times {sources.get('time') or 'not available'}, "
+          f"bytes {sources.get('bytes')}; ratios are to lora")
     columns = [("step_ms", "step ms", "{:.1f}"), ("forward_ms", "fwd ms", "{:.1f}"),
                ("backward_ms", "bwd ms", "{:.1f}"), ("ops_per_step", "ops/step", "{:.0f}"),
                ("activation_mib", "act MiB", "{:.1f}"), ("peak_mib", "peak MiB", "{:.1f}"),

@@ -1,5 +1,6 @@
-"""Engines turn a RunSpec into a trace folder: measure (a real device) today; simulate (meta
-device) and project (GPU cost model) write the same format.
+"""Engines turn a RunSpec into a trace folder: measure (a real cpu or cuda device), simulate
+(the meta device: exact bytes and ops) and project (simulated ops timed on a named GPU by a cost
+model). All write the same format.
 
 run() is the one entry point: it runs each method in turn, records a method that runs out of
 memory as status oom and goes on, and writes the trace folder atomically at the end.
@@ -23,7 +24,9 @@ import torch
 
 from paca_prof import methods as method_registry
 from paca_prof import trace
+from paca_prof.engines.attention import SIMULATED as SIMULATED_ATTENTION
 from paca_prof.engines.common import RunSpec, validate_against_model
+from paca_prof.presets import GpuSpec
 
 Progress = Callable[[str, str], None]  # (method, what is happening)
 
@@ -55,25 +58,37 @@ def is_out_of_memory(error: BaseException) -> bool:
         or "DefaultCPUAllocator" in message)
 
 
-def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s: None) -> Path:
-    """Measure every method of `spec` and write the trace folder `out`; returns its path.
+def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s: None,
+        gpu: GpuSpec | None = None) -> Path:
+    """Run every method of `spec` and write the trace folder `out`; returns its path.
 
-    A method that runs out of memory gets status oom, one that fails otherwise status error
-    (with the message); the others still run. Nothing is written to `out` until all are done.
+    On cpu or cuda the methods are measured. On the meta device they are simulated and, with
+    `gpu`, their times projected onto it (a method whose simulated peak exceeds the GPU's memory
+    gets status oom, with its numbers kept). A measured method that runs out of memory gets
+    status oom, one that fails otherwise status error (with the message); the others still run.
+    Nothing is written to `out` until all are done.
     """
     from paca_prof.engines.measure import MethodResult, measure_method
+    from paca_prof.engines.simulate import simulate_method
 
     check_out(out)
     validate_against_model(spec)
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
+    if spec.device == "cpu" and spec.attention in SIMULATED_ATTENTION:
+        raise ValueError(f"--attention {spec.attention} runs on CUDA or in simulation "
+                         f"(--device meta), not on the CPU; use sdpa or math")
+    simulated = spec.device == "meta"
     workdir = Path(tempfile.mkdtemp(prefix="paca-prof-"))
     results: list[MethodResult] = []
     try:
         for method in spec.methods:
-            progress(method, "measuring")
+            progress(method, "simulating" if simulated else "measuring")
             try:
-                results.append(measure_method(spec, method, workdir))
+                if simulated:
+                    results.append(simulate_method(spec, method, gpu))
+                else:
+                    results.append(measure_method(spec, method, workdir))
             except Exception as error:  # recorded in the trace and reported, never dropped
                 status = "oom" if is_out_of_memory(error) else "error"
                 if status == "error":
@@ -93,20 +108,31 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
         }
         chrome = {r.summary["method"]: r.chrome_trace for r in results
                   if r.chrome_trace is not None and r.chrome_trace.exists()}
-        return trace.write(out, run_metadata(spec, "measured", command), tables, chrome)
+        return trace.write(out, run_metadata(spec, command, gpu if simulated else None),
+                           tables, chrome)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_metadata(spec: RunSpec, source: str, command: str) -> dict:
-    """run.yaml's content for a spec (see DESIGN.md's trace folder)."""
+def run_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dict:
+    """run.yaml's content for a spec (see DESIGN.md's trace folder). `sources` says where the
+    times and the bytes come from: measured, or simulated bytes with projected (or no) times."""
     import peft
     import transformers
 
     from paca_prof import __version__
 
+    if spec.device != "meta":
+        sources = {"time": "measured", "bytes": "measured"}
+        timing = (f"median of {spec.steps} steps after {spec.warmup} warm-up steps; "
+                  + ("CUDA events" if spec.device.startswith("cuda") else "host perf_counter"))
+    else:
+        sources = {"time": "projected" if gpu else None, "bytes": "simulated"}
+        timing = (f"projected for {gpu.name} by the roofline + launch + dispatch cost model "
+                  "(paca_prof/engines/project.py)" if gpu else "none (simulated bytes only)")
     return {
-        "source": source,
+        "source": sources["time"] or "simulated",
+        "sources": sources,
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": spec.model_name, "config": spec.config.to_diff_dict()
@@ -115,15 +141,17 @@ def run_metadata(spec: RunSpec, source: str, command: str) -> dict:
         "batch": spec.batch,
         "dtype": spec.dtype,
         "seed": spec.seed,
-        "device": device_info(spec.device),
+        "device": device_info(spec.device, gpu),
+        "gpu": asdict(gpu) if gpu else None,
         "methods": {m: method_registry.describe(m, spec.settings) for m in spec.methods},
         "assumptions": {
             "attention": spec.attention,
             "grad_checkpointing": spec.grad_ckpt,
             "optimizer": "torch.optim.AdamW (default foreach), lr 1e-4, zero_grad(set_to_none)",
             "loss": "transformers ForCausalLM loss on the logits, labels = inputs",
-            "timing": f"median of {spec.steps} steps after {spec.warmup} warm-up steps; "
-                      + ("CUDA events" if spec.device.startswith("cuda") else "host perf_counter"),
+            "timing": timing,
+            "memory": "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
+                      if spec.device == "meta" else "allocator events of the profiled step",
             "ops": "CUDA: device kernels; CPU: outermost aten ops with a kernel (not views)",
         },
         "settings": asdict(spec.settings),
@@ -133,7 +161,10 @@ def run_metadata(spec: RunSpec, source: str, command: str) -> dict:
     }
 
 
-def device_info(device: str) -> dict:
+def device_info(device: str, gpu: GpuSpec | None = None) -> dict:
+    if device == "meta":
+        name = f"{gpu.name} (projected)" if gpu else "meta device (simulated)"
+        return {"type": "meta", "name": name, "memory_bytes": gpu.memory_bytes if gpu else None}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         return {"type": "cuda", "name": props.name, "memory_bytes": props.total_memory}

@@ -19,7 +19,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
 SIMULATED = ("flash", "efficient")
-_REGISTERED = {"flash": "paca_prof_flash", "efficient": "paca_prof_efficient"}
+# Names without "flash" in them: transformers would look for a flash-attn package.
+_REGISTERED = {"flash": "paca_prof_fused_causal", "efficient": "paca_prof_mem_efficient"}
 
 
 def default_attention(dtype: torch.dtype) -> str:

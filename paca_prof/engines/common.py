@@ -151,13 +151,14 @@ def module_kinds(model: nn.Module) -> dict[str, str]:
 
 def layer_table(method: str, kinds: dict[str, str], latencies: dict, ops: pd.DataFrame,
                 activation: dict[str, int]) -> pd.DataFrame:
-    """One row per (module, phase): median latency, activation bytes (forward rows; the
-    innermost module owns them), and op count and FLOPs including submodules."""
+    """One row per (module, phase): latency (measured median or projected; NaN if neither),
+    activation bytes (forward rows; the innermost module owns them), and op count and FLOPs
+    including submodules."""
     counts: dict[tuple[str, str], int] = defaultdict(int)
     flops: dict[tuple[str, str], float] = defaultdict(float)
     for module, phase, op_flops in zip(ops.get("module", []), ops.get("phase", []),
                                        ops.get("flops", [])):
-        for ancestor in _ancestors(module):
+        for ancestor in ancestors(module):
             counts[(ancestor, phase)] += 1
             flops[(ancestor, phase)] += op_flops
     rows = []
@@ -176,7 +177,8 @@ def layer_table(method: str, kinds: dict[str, str], latencies: dict, ops: pd.Dat
     return pd.DataFrame(rows)
 
 
-def _ancestors(path: str) -> list[str]:
+def ancestors(path: str) -> list[str]:
+    """The module itself and every module that contains it, the root included."""
     if path.startswith("["):
         return [path]
     parts = path.split(".")

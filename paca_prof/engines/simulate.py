@@ -26,8 +26,10 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from paca_prof import methods as method_registry
+from paca_prof.engines import project
 from paca_prof.engines.common import (
     RunSpec,
+    ancestors,
     build_prepared,
     layer_table,
     make_batch,
@@ -45,6 +47,7 @@ from paca_prof.instrument import (
     static_bytes,
     storage_key,
 )
+from paca_prof.presets import GpuSpec
 
 
 @dataclass
@@ -123,8 +126,9 @@ def _flops(func, args, kwargs, out) -> float:
         return 0.0
 
 
-def simulate_method(spec: RunSpec, method: str) -> MethodResult:
-    """Simulate one step of `method` on the meta device; latency columns are NaN."""
+def simulate_method(spec: RunSpec, method: str, gpu: GpuSpec | None = None) -> MethodResult:
+    """Simulate one step of `method` on the meta device. With `gpu`, times are projected onto
+    it (engines/project.py); without, every time column is NaN."""
     model, optimizer = build_prepared(spec, method, "meta")
     ids = make_batch(spec, "meta")
     if optimizer is not None:  # let AdamW create its state, as after any first step
@@ -155,9 +159,15 @@ def simulate_method(spec: RunSpec, method: str) -> MethodResult:
             training_step(model, optimizer, ids, scopes, GradWatch)
     rows, peak, breakdown = memory_timeline(recorder.events, static, ledger.keys, grad_keys)
     ops = pd.DataFrame(recorder.ops)
-    layers = layer_table(method, module_kinds(model), {}, ops, ledger.by_module)
+    latencies, times = {}, {}
+    if gpu is not None:
+        ops = project.project_ops(ops, gpu)
+        latencies = project.module_latencies_ms(ops, ancestors)
+        times = {f"{phase}_ms": ms for phase, ms in project.phase_times_ms(ops).items()}
+    layers = layer_table(method, module_kinds(model), latencies, ops, ledger.by_module)
+    fits = gpu is None or peak <= gpu.memory_bytes
     summary = {
-        "method": method, "status": "ok", "n_kernels": len(ops),
+        "method": method, "status": "ok" if fits else "oom", **times, "n_kernels": len(ops),
         "activation_bytes": ledger.total_bytes, "peak_bytes": peak,
         "trainable_params": sum(p.numel() for p in method_registry.trainable_parameters(model)),
         **{f"peak_{c}_bytes": b for c, b in breakdown.items()},

@@ -1,0 +1,96 @@
+"""Project a simulated op sequence onto a named GPU: time per kernel, per module, per step.
+
+The cost model, in full:
+  - every op is one kernel; its device time is its roofline bound plus the launch cost:
+        max(flops / (peak * efficiency), bytes / (bandwidth * efficiency)) + launch_us
+    with the bf16/fp16 tensor-core peak for half-precision matmuls and attention, the fp32
+    peak otherwise;
+  - the host issues ops one after another, dispatch_us apart (Python, the dispatcher and the
+    launch call); a kernel starts when both the host has issued it and the previous kernel has
+    finished. So a run of small kernels, such as an adapter branch beside each big GEMM, is
+    bound by the host, and the device idles between kernels: the sequential adapter overhead.
+Limits: one kernel per op (foreach and fused ops launch several, attention backward launches a
+few); no overlap of kernels; efficiencies and the launch and dispatch costs are uncalibrated
+estimates (GpuSpec.source says so) until a measured GPU trace calibrates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from paca_prof.presets import GpuSpec
+
+HALF_DTYPES = ("bfloat16", "float16", "bf16", "fp16", "c10::BFloat16", "c10::Half")
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of the datasheet peaks that kernels reach (uncalibrated defaults)."""
+
+    matmul: float = 0.70
+    attention: float = 0.50
+    bandwidth: float = 0.80
+
+
+def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec, eff: Efficiency = Efficiency()) -> np.ndarray:
+    """Device time of each op (one kernel each) on `gpu`, launch cost included."""
+    half = ops["dtype"].isin(HALF_DTYPES).to_numpy()
+    attention = ops["name"].str.contains("attention", regex=False).to_numpy()
+    peak_tflops = np.where(half, gpu.bf16_tflops, gpu.fp32_tflops)
+    efficiency = np.where(attention, eff.attention, eff.matmul)
+    compute_us = ops["flops"].to_numpy(dtype=float) / (peak_tflops * 1e6 * efficiency)
+    memory_us = ops["bytes"].to_numpy(dtype=float) / (gpu.hbm_gbps * 1e3 * eff.bandwidth)
+    return np.maximum(np.nan_to_num(compute_us), np.nan_to_num(memory_us)) + gpu.launch_us
+
+
+def schedule(kernel_us: np.ndarray, dispatch_us: float) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end of each kernel when the host issues one op every dispatch_us."""
+    starts = np.empty_like(kernel_us)
+    ends = np.empty_like(kernel_us)
+    device_free = 0.0
+    for i, duration in enumerate(kernel_us):
+        issued = (i + 1) * dispatch_us
+        starts[i] = max(issued, device_free)
+        ends[i] = device_free = starts[i] + duration
+    return starts, ends
+
+
+def project_ops(ops: pd.DataFrame, gpu: GpuSpec, eff: Efficiency = Efficiency()) -> pd.DataFrame:
+    """The ops of one method's step with projected start_us and dur_us (in issue order)."""
+    ops = ops.sort_values("seq_no").copy()
+    if ops.empty:
+        return ops.assign(start_us=[], dur_us=[])
+    durations = kernel_times_us(ops, gpu, eff)
+    starts, _ = schedule(durations, gpu.dispatch_us)
+    ops["start_us"], ops["dur_us"] = starts, durations
+    return ops
+
+
+def phase_times_ms(ops: pd.DataFrame) -> dict[str, float]:
+    """forward/backward/optimizer and step time in ms from projected ops: each phase lasts from
+    the end of the previous one to its last kernel's end (host-bound gaps included)."""
+    ends = ops["start_us"] + ops["dur_us"]
+    times, previous_end = {}, 0.0
+    for phase in ("forward", "backward", "optimizer"):
+        in_phase = ops["phase"] == phase
+        end = float(ends[in_phase].max()) if in_phase.any() else previous_end
+        times[phase] = (end - previous_end) / 1e3
+        previous_end = end
+    times["step"] = previous_end / 1e3
+    return times
+
+
+def module_latencies_ms(ops: pd.DataFrame, ancestors) -> dict[tuple[str, str], float]:
+    """Per (module, phase): busy time of its kernels and its submodules', plus the idle gaps
+    that precede each of them (the time the device waited for the host to issue them)."""
+    ends = (ops["start_us"] + ops["dur_us"]).to_numpy()
+    previous_end = np.concatenate([[0.0], ends[:-1]])
+    cost = ops["dur_us"].to_numpy() + np.maximum(ops["start_us"].to_numpy() - previous_end, 0.0)
+    totals: dict[tuple[str, str], float] = {}
+    for module, phase, us in zip(ops["module"], ops["phase"], cost):
+        for ancestor in ancestors(module):
+            totals[(ancestor, phase)] = totals.get((ancestor, phase), 0.0) + us / 1e3
+    return totals
