@@ -31,7 +31,11 @@ class PacaConfig:
         self.target_modules = list(self.target_modules)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"PacaConfig.r must be a positive integer, got {self.r!r}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+        try:
+            alpha_ok = self.alpha > 0 and math.isfinite(self.alpha)
+        except TypeError:
+            alpha_ok = False
+        if not alpha_ok:
             raise ValueError(f"PacaConfig.alpha must be positive and finite, got {self.alpha!r}")
         if not self.target_modules:
             raise ValueError("PacaConfig.target_modules is empty: name at least one linear")

@@ -7,6 +7,8 @@ full    every parameter trainable.
 lora    PEFT's LoRA (the implementation people train with), PEFT defaults unless set.
 dora    PEFT's DoRA (LoRA with use_dora=True).
 paca    this project's PaCA (paca/).
+qlora   PEFT's LoRA over 4-bit NF4 base weights of the targets (simulated only, paca_prof.quant).
+qpaca   QPaCA as the authors implement it over NF4 base weights (simulated only).
 
 All adapter methods share one meaning of rank and targets: rank r per targeted nn.Linear, and
 targets are leaf module names (PEFT's convention).
@@ -21,7 +23,8 @@ from torch import nn
 
 from paca import LLAMA_TARGETS, PacaConfig, get_paca_model
 
-METHODS = ("frozen", "full", "lora", "dora", "paca")
+METHODS = ("frozen", "full", "lora", "dora", "paca", "qlora", "qpaca")
+QUANTIZED_METHODS = ("qlora", "qpaca")
 DEFAULT_METHODS = ("frozen", "lora", "dora", "paca", "full")
 ADAPTER_DTYPES = ("fp32", "model")
 
@@ -29,6 +32,7 @@ ADAPTER_DTYPES = ("fp32", "model")
 # and the grad GEMM) runs inside PacaLinear itself and is told apart by op, not by module.
 ADAPTER_MODULE_PARTS = {
     "lora": ("lora_A", "lora_B", "lora_dropout"),
+    "qlora": ("lora_A", "lora_B", "lora_dropout"),
     "dora": ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"),
 }
 
@@ -92,7 +96,34 @@ def prepare(model: nn.Module, method: str, settings: MethodSettings) -> nn.Modul
         config = PacaConfig(r=settings.rank, alpha=settings.alpha, target_modules=settings.targets,
                             seed=settings.seed)
         return get_paca_model(model, config)
+    if method in QUANTIZED_METHODS:
+        return _prepare_quantized(model, method, settings)
     return _prepare_peft(model, method, settings)
+
+
+def _prepare_quantized(model: nn.Module, method: str, settings: MethodSettings) -> nn.Module:
+    from paca.model import find_targets, select_indices
+    from paca_prof.quant import QPacaLinear, quantize_targets
+
+    if next(model.parameters()).device.type != "meta":
+        raise ValueError(f"{method} is simulated only (--device meta); measured 4-bit runs "
+                         "need bitsandbytes on CUDA, which this version does not drive")
+    targets = find_targets(model, settings.targets)
+    for name, linear in targets.items():
+        if settings.rank > linear.in_features:
+            raise ValueError(f"rank {settings.rank} exceeds in_features of {name}")
+    quantized = quantize_targets(model, targets)
+    if method == "qlora":
+        return _prepare_peft(model, "lora", settings)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    generator = torch.Generator().manual_seed(settings.seed)
+    for path, layer in quantized.items():
+        indices = select_indices(layer.in_features, settings.rank, generator)
+        parent_path, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), leaf,
+                QPacaLinear(layer, settings.rank, settings.alpha, indices))
+    return model
 
 
 def _prepare_peft(model: nn.Module, method: str, settings: MethodSettings) -> nn.Module:
@@ -130,7 +161,7 @@ def describe(method: str, settings: MethodSettings) -> dict:
     if method in ("frozen", "full"):
         return {"method": method}
     described = {"method": method, **asdict(settings)}
-    if method == "paca":
+    if method in ("paca", "qpaca"):
         described.pop("dropout")
         described["adapter_dtype"] = "model"
         described["implementation"] = "paca (this project)"
@@ -139,6 +170,9 @@ def describe(method: str, settings: MethodSettings) -> dict:
 
         described["implementation"] = f"peft {peft.__version__}"
         described["autocast_adapter_dtype"] = settings.adapter_dtype == "fp32"
+    if method in QUANTIZED_METHODS:
+        described["base_weights"] = ("nf4, bitsandbytes layout (blocksize 64, double "
+                                     "quantisation), targets only; simulated")
     return described
 
 
@@ -159,6 +193,10 @@ def wrapper_paths(model: nn.Module, method: str) -> set[str]:
         from paca import PacaLinear
 
         kinds: tuple[type, ...] = (PacaLinear,)
+    elif method == "qpaca":
+        from paca_prof.quant import QPacaLinear
+
+        kinds = (QPacaLinear,)
     elif method in ADAPTER_MODULE_PARTS:
         from peft.tuners.lora import LoraLayer
 
@@ -176,6 +214,11 @@ _PACA_BRANCH_OPS = {
                 "aten::copy_"},
     "backward": {"aten::addmm"},
 }
+# QPaCA also overwrites the columns of the dequantized weight in backward.
+_QPACA_BRANCH_OPS = {
+    "forward": _PACA_BRANCH_OPS["forward"],
+    "backward": {"aten::addmm", "aten::index_copy_", "aten::mul", "aten::_to_copy"},
+}
 
 
 def is_adapter_op(method: str, module_path: str, op_name: str, phase: str,
@@ -190,4 +233,6 @@ def is_adapter_op(method: str, module_path: str, op_name: str, phase: str,
         return is_adapter_module(method, module_path) or module_path in wrappers
     if method == "paca" and module_path in wrappers:
         return op_name in _PACA_BRANCH_OPS.get(phase, ())
+    if method == "qpaca" and module_path in wrappers:
+        return op_name in _QPACA_BRANCH_OPS.get(phase, ())
     return False

@@ -147,7 +147,8 @@ def run_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dic
         "assumptions": {
             "attention": spec.attention,
             "grad_checkpointing": spec.grad_ckpt,
-            "optimizer": "torch.optim.AdamW (default foreach), lr 1e-4, zero_grad(set_to_none)",
+            "optimizer": "torch.optim.AdamW, lr 1e-4, zero_grad(set_to_none); foreach "
+                         + ("off (torch's CPU default)" if spec.device == "cpu" else "on"),
             "loss": "transformers ForCausalLM loss on the logits, labels = inputs",
             "timing": timing,
             "memory": "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
