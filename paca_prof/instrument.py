@@ -63,6 +63,11 @@ class ModuleScopes:
         return self.stack[-1] if self.stack else ROOT
 
     def __enter__(self) -> ModuleScopes:
+        # Reference cycles (DoRA's dropped weight-norm graphs, for one) are freed by the garbage
+        # collector at moments that vary from run to run; pause it and collect at each phase
+        # end instead, so that memory and saved bytes are the same in every run.
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
         for module, path in self.paths.items():
             self._handles.append(module.register_forward_pre_hook(self._make_pre(path)))
             self._handles.append(
@@ -74,6 +79,8 @@ class ModuleScopes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._gc_was_enabled:
+            gc.enable()
 
     def enter(self, path: str, phase: str) -> None:
         """A scope starts: it becomes the innermost (also used for the loss and optimizer)."""
@@ -130,6 +137,7 @@ class ModuleScopes:
                 handle.remove()
             self._param_hooks.clear()
             self.stack.clear()
+        gc.collect()
         for callback in self._phase_end:
             callback(phase)
 
@@ -221,7 +229,6 @@ class SavedTensorLedger:
     def _phase_end(self, phase: str) -> None:
         if phase != "forward":
             return
-        gc.collect()  # dropped graphs caught in reference cycles die now, not at a random time
         for key, entry in self._saved.items():
             if entry.alive():
                 self.by_module[entry.path] += entry.nbytes

@@ -106,9 +106,13 @@ def conform(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     frame = frame.copy()
     for column, dtype in columns.items():
         if column not in frame:
-            frame[column] = pd.NA
-        if dtype == "bool":
+            missing = {"bool": False, "float64": float("nan")}.get(dtype, pd.NA)
+            frame[column] = pd.Series(missing, index=frame.index, dtype=dtype)
+        elif dtype == "bool":
             frame[column] = frame[column].fillna(False).astype(bool)
+        elif dtype in ("float64", "Int64"):  # None, NaN and pd.NA all become missing
+            values = frame[column].astype(object).where(frame[column].notna(), None)
+            frame[column] = pd.to_numeric(values).astype(dtype)
         else:
             frame[column] = frame[column].astype(dtype)
     extra = [c for c in frame.columns if c not in columns]
