@@ -11,6 +11,7 @@ from pathlib import Path
 
 from paca_prof import methods as method_registry
 from paca_prof.presets import GPUS
+from paca_prof.trace import MEMORY_CATEGORIES
 
 EXIT_USAGE = 2
 
@@ -83,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trace folder to write (default traces/<model>-seq<N>-<device>-<time>)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     run.set_defaults(handler=_cmd_run)
+
+    analyze = sub.add_parser("analyze", help="analyse a trace folder (or compare two)")
+    analyze.add_argument("trace", type=Path, help="trace folder written by paca-prof run")
+    analyze.add_argument("--vs", type=Path, default=None, help="a second trace to compare with")
+    analyze.add_argument("--methods", type=_method_list, default=None)
+    analyze.add_argument("--top", type=_positive_int, default=5, help="slowest modules shown")
+    analyze.add_argument("--html", type=Path, default=None, help="write a self-contained report")
+    analyze.add_argument("--json", action="store_true", help="print the analyses as JSON")
+    analyze.set_defaults(handler=_cmd_analyze)
+
+    dash = sub.add_parser("dash", help="serve the interactive dashboard over a traces folder")
+    dash.add_argument("traces", nargs="?", type=Path, default=Path("traces"),
+                      help="folder of trace folders (default traces/)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dash.add_argument("--port", type=_positive_int, default=8050)
+    dash.add_argument("--debug", action="store_true", help="Dash debug mode (never for sharing)")
+    dash.set_defaults(handler=_cmd_dash)
     return parser
 
 
@@ -140,8 +158,87 @@ def _cmd_run(args) -> int:
     return 1 if failed else 0
 
 
-def _print_summary(analysis) -> None:
-    table = analysis.summary(baseline="lora")
+def _cmd_analyze(args) -> int:
+    from paca_prof.analyze import TraceAnalysis
+    from paca_prof.analyze.report import write_html
+
+    try:
+        analysis = TraceAnalysis(args.trace)
+        methods = analysis.check_methods(list(args.methods) if args.methods else None)
+        other = TraceAnalysis(args.vs) if args.vs else None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    tables = {
+        "adapter_overhead": analysis.adapter_overhead(methods),
+        "activation_totals": analysis.activation_totals(methods),
+        "peak_breakdown": analysis.peak_breakdown(methods),
+        "top_layers": analysis.layer_latency(methods, top_k=args.top),
+        "headline": analysis.headline(),
+    }
+    if other is not None:
+        diff = analysis.diff(other)
+        diff = diff[diff["method"].isin(methods)]
+        tables["diff"] = diff.reindex(diff["latency_ms_ratio"].sub(1).abs()
+                                      .sort_values(ascending=False).index).head(20)
+    if args.html:
+        try:
+            write_html(analysis, args.html, methods)
+        except OSError as error:
+            raise UsageError(f"cannot write {args.html}: {error.strerror}") from None
+    if args.json:
+        payload = {"trace": str(analysis.trace.path), "sources": analysis.sources,
+                   "summary": _records(analysis.summary(methods=methods))}
+        payload.update({name: _records(table) for name, table in tables.items()})
+        print(json.dumps(payload, indent=2))
+        return 0
+    _print_summary(analysis, methods)
+    titles = {
+        "adapter_overhead": "sequential adapter overhead (adapter-branch ops and the idle time "
+                            f"before them; times {analysis.sources.get('time')})",
+        "activation_totals": f"activation bytes ({analysis.sources.get('bytes')}): frozen floor "
+                             "and what each method adds",
+        "peak_breakdown": f"memory at the peak, MiB ({analysis.sources.get('bytes')})",
+        "top_layers": f"slowest modules per method (ms, {analysis.sources.get('time')})",
+        "headline": "paca against lora, in the paper's terms",
+        "diff": f"largest latency changes, {args.trace} (a) vs {args.vs} (b)",
+    }
+    for name, table in tables.items():
+        if name == "peak_breakdown":
+            table = table.pivot(index="method", columns="category", values="bytes") / 2**20
+            table = table.reindex(columns=[c for c in MEMORY_CATEGORIES if c in table])
+            table = table.reset_index()
+        table = _bytes_as_mib(table)
+        print(f"\n{titles[name]}")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:,.3f}", na_rep="-"))
+    if args.html:
+        print(f"\nreport: {args.html}")
+    return 0
+
+
+def _cmd_dash(args) -> int:
+    if not args.traces.is_dir():
+        raise UsageError(f"{args.traces}: no such traces folder")
+    from dashboards.app import serve
+
+    serve(args.traces, host=args.host, port=args.port, debug=args.debug)
+    return 0
+
+
+def _bytes_as_mib(frame):
+    """For printing: byte columns in MiB, renamed so."""
+    frame = frame.copy()
+    for column in [c for c in frame.columns if c == "bytes" or c.endswith("_bytes")]:
+        frame[column] = frame[column].astype(float) / 2**20
+        frame = frame.rename(columns={column: column.removesuffix("bytes") + "MiB"})
+    return frame
+
+
+def _records(frame) -> list[dict]:
+    return [_jsonable(row) for _, row in frame.iterrows()]
+
+
+def _print_summary(analysis, methods: list[str] | None = None) -> None:
+    table = analysis.summary(baseline="lora", methods=methods)
     run = analysis.trace.run
     sources = run.get("sources", {})
     print(f"{run['model']['name']}, batch {run['batch']} x seq {run['seq']}, {run['dtype']}, "

@@ -240,7 +240,7 @@ class SavedTensorLedger:
 
 def module_kind(module: nn.Module, path: str) -> str:
     """A coarse kind for grouping: decoder_layer, attention, mlp, linear, adapter, embedding,
-    norm, head, rotary, model, loss, optimizer, or other."""
+    norm, head, rotary, model, container, loss, optimizer, or other."""
     if path in (LOSS, OPTIMIZER):
         return path.strip("[]")
     leaf = path.rsplit(".", 1)[-1]
@@ -250,6 +250,8 @@ def module_kind(module: nn.Module, path: str) -> str:
         return "adapter"
     if path == ROOT or name.endswith("model") or name.endswith("forcausallm"):
         return "model"
+    if isinstance(module, nn.ModuleList | nn.ModuleDict):
+        return "container"
     if "decoderlayer" in name:
         return "decoder_layer"
     if "attention" in name:

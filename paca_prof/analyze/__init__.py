@@ -8,13 +8,14 @@ from pathlib import Path
 import pandas as pd
 
 from paca_prof import trace as trace_io
-from paca_prof.analyze import overview
+from paca_prof.analyze import analyses, overview
 
 
 class TraceAnalysis:
     """Analyses of one trace folder (measured, simulated or projected).
 
-    Every method returns a new DataFrame; none changes the trace.
+    Every method returns a new DataFrame; none changes the trace. `methods` arguments default
+    to every method in the trace; naming one the trace lacks raises ValueError.
     """
 
     def __init__(self, source: str | Path | trace_io.Trace):
@@ -23,6 +24,11 @@ class TraceAnalysis:
     @property
     def source(self) -> str:
         return self.trace.source
+
+    @property
+    def sources(self) -> dict:
+        """Where times and bytes come from: {"time": measured|projected|None, "bytes": ...}."""
+        return self.trace.run.get("sources", {"time": self.source, "bytes": self.source})
 
     def check_methods(self, methods: list[str] | None) -> list[str]:
         """The methods to analyse; ValueError naming the trace's methods for an unknown one."""
@@ -39,3 +45,51 @@ class TraceAnalysis:
         """Per method: step, forward and backward ms, ops per step, activation and peak MiB,
         trainable parameters, and each as a ratio to `baseline` (NaN if it is not in the trace)."""
         return overview.summary(self.trace.summary, baseline, self.check_methods(methods))
+
+    def adapter_overhead(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """Sequential adapter overhead per method: adapter-branch ops, their busy time and the
+        idle time before them, their share of the step, and the step against frozen and paca."""
+        return analyses.adapter_overhead(self.trace.summary, self.trace.ops,
+                                         self.check_methods(methods))
+
+    def adapter_overhead_by_layer(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """The same per decoder layer."""
+        return analyses.adapter_overhead_by_layer(self.trace.ops, self.check_methods(methods))
+
+    def activation_savings(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """Activation bytes per base module: the frozen floor and what each method adds."""
+        return analyses.activation_savings(self.trace.layers, self.check_methods(methods))
+
+    def activation_totals(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """Totals of activation_savings, with what paca saves against each method."""
+        return analyses.activation_totals(self.activation_savings(methods))
+
+    def peak_breakdown(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """Memory alive at each method's peak, by category (long table)."""
+        table = analyses.peak_breakdown(self.trace.summary, trace_io.MEMORY_CATEGORIES)
+        return table[table["method"].isin(self.check_methods(methods))]
+
+    def memory_timeline(self, method: str) -> pd.DataFrame:
+        """One method's memory over the step: t and bytes per category, plus total."""
+        self.check_methods([method])
+        return analyses.memory_timeline(self.trace.memory, method, trace_io.MEMORY_CATEGORIES)
+
+    def layer_latency(self, methods: list[str] | None = None, phase: str | None = None,
+                      kind: str | None = None, top_k: int | None = None) -> pd.DataFrame:
+        """Per-module latency (forward and backward), slowest first; top_k per method."""
+        return analyses.layer_latency(self.trace.layers, self.check_methods(methods), phase,
+                                      kind, top_k)
+
+    def diff(self, other: TraceAnalysis, level: str = "layers") -> pd.DataFrame:
+        """This trace (a) against another (b), matched by method, module path and phase, and
+        at level "ops" also by op name and occurrence."""
+        if level == "ops":
+            return analyses.diff_ops(self.trace.ops, other.trace.ops)
+        return analyses.diff_layers(self.trace.layers, other.trace.layers)
+
+    def headline(self) -> pd.DataFrame:
+        """PaCA against LoRA in the paper's terms, beside the paper's figures. Total memory
+        is reserved memory where measured on CUDA, the peak otherwise."""
+        summary = self.trace.summary
+        column = "reserved_bytes" if summary["reserved_bytes"].notna().any() else "peak_bytes"
+        return analyses.headline(summary, column)

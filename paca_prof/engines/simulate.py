@@ -32,7 +32,6 @@ from paca_prof.engines.common import (
     ancestors,
     build_prepared,
     layer_table,
-    make_batch,
     module_kinds,
     training_step,
 )
@@ -126,50 +125,69 @@ def _flops(func, args, kwargs, out) -> float:
         return 0.0
 
 
+class Simulator:
+    """One method's model, built and prepared once on the meta device, stepped at any shape.
+
+    Building and preparing (PEFT's injection above all) costs more than a simulated step, so
+    callers that probe many shapes (the capacity planner) keep one Simulator per method.
+    """
+
+    def __init__(self, spec: RunSpec, method: str):
+        self.spec, self.method = spec, method
+        self.model, self.optimizer = build_prepared(spec, method, "meta")
+        if self.optimizer is not None:  # let AdamW create its state, as after any first step
+            for param in method_registry.trainable_parameters(self.model):
+                param.grad = torch.empty_like(param)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.trainable = sum(p.numel() for p in method_registry.trainable_parameters(self.model))
+        self.wrappers = method_registry.wrapper_paths(self.model, method)
+
+    def step(self, seq: int, batch: int, gpu: GpuSpec | None = None) -> MethodResult:
+        """Simulate one training step on a batch x seq input. With `gpu`, times are projected
+        onto it (engines/project.py) and a peak above its memory gives status oom; without,
+        every time column is NaN."""
+        model, optimizer = self.model, self.optimizer
+        ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
+        static = static_bytes(model, optimizer)
+        grad_keys: set[int] = set()
+
+        class GradWatch:
+            """At the optimizer phase, backward is over: note which storages are gradients."""
+
+            def __init__(self, name):
+                self.name = name
+
+            def __enter__(self):
+                if self.name == "optimizer":
+                    grad_keys.update(storage_key(p.grad) for p in model.parameters()
+                                     if p.grad is not None)
+
+            def __exit__(self, *exc):
+                pass
+
+        with ModuleScopes(model) as scopes, SavedTensorLedger(scopes) as ledger:
+            recorder = OpRecorder(scopes, self.method, self.wrappers)
+            with recorder:
+                training_step(model, optimizer, ids, scopes, GradWatch)
+        rows, peak, breakdown = memory_timeline(recorder.events, static, ledger.keys, grad_keys)
+        ops = pd.DataFrame(recorder.ops)
+        latencies, times = {}, {}
+        if gpu is not None:
+            ops = project.project_ops(ops, gpu)
+            latencies = project.module_latencies_ms(ops, ancestors)
+            times = {f"{phase}_ms": ms for phase, ms in project.phase_times_ms(ops).items()}
+        layers = layer_table(self.method, module_kinds(model), latencies, ops, ledger.by_module)
+        fits = gpu is None or peak <= gpu.memory_bytes
+        summary = {
+            "method": self.method, "status": "ok" if fits else "oom", **times,
+            "n_kernels": len(ops), "activation_bytes": ledger.total_bytes, "peak_bytes": peak,
+            "trainable_params": self.trainable,
+            **{f"peak_{c}_bytes": b for c, b in breakdown.items()},
+        }
+        return MethodResult(summary, layers, ops, pd.DataFrame(rows).assign(method=self.method))
+
+
 def simulate_method(spec: RunSpec, method: str, gpu: GpuSpec | None = None) -> MethodResult:
-    """Simulate one step of `method` on the meta device. With `gpu`, times are projected onto
-    it (engines/project.py); without, every time column is NaN."""
-    model, optimizer = build_prepared(spec, method, "meta")
-    ids = make_batch(spec, "meta")
-    if optimizer is not None:  # let AdamW create its state, as after any first step
-        for param in method_registry.trainable_parameters(model):
-            param.grad = torch.empty_like(param)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    static = static_bytes(model, optimizer)
-    grad_keys: set[int] = set()
-
-    class GradWatch:
-        """At the optimizer phase, backward is over: remember which storages are gradients."""
-
-        def __init__(self, name):
-            self.name = name
-
-        def __enter__(self):
-            if self.name == "optimizer":
-                grad_keys.update(storage_key(p.grad) for p in model.parameters()
-                                 if p.grad is not None)
-
-        def __exit__(self, *exc):
-            pass
-
-    with ModuleScopes(model) as scopes, SavedTensorLedger(scopes) as ledger:
-        recorder = OpRecorder(scopes, method, method_registry.wrapper_paths(model, method))
-        with recorder:
-            training_step(model, optimizer, ids, scopes, GradWatch)
-    rows, peak, breakdown = memory_timeline(recorder.events, static, ledger.keys, grad_keys)
-    ops = pd.DataFrame(recorder.ops)
-    latencies, times = {}, {}
-    if gpu is not None:
-        ops = project.project_ops(ops, gpu)
-        latencies = project.module_latencies_ms(ops, ancestors)
-        times = {f"{phase}_ms": ms for phase, ms in project.phase_times_ms(ops).items()}
-    layers = layer_table(method, module_kinds(model), latencies, ops, ledger.by_module)
-    fits = gpu is None or peak <= gpu.memory_bytes
-    summary = {
-        "method": method, "status": "ok" if fits else "oom", **times, "n_kernels": len(ops),
-        "activation_bytes": ledger.total_bytes, "peak_bytes": peak,
-        "trainable_params": sum(p.numel() for p in method_registry.trainable_parameters(model)),
-        **{f"peak_{c}_bytes": b for c, b in breakdown.items()},
-    }
-    return MethodResult(summary, layers, ops, pd.DataFrame(rows).assign(method=method))
+    """Simulate one step of `method` at spec's batch and seq (see Simulator.step)."""
+    return Simulator(spec, method).step(spec.seq, spec.batch, gpu)

@@ -1,0 +1,139 @@
+"""Plotly figures built from the analyses' DataFrames; the HTML report and the dashboard both
+use these, so a figure is defined once. Each title says where its numbers come from."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from paca_prof.analyze.analyses import decoder_layer
+
+GIB = 2**30
+MIB = 2**20
+METHOD_COLORS = {"frozen": "#9e9e9e", "full": "#6d4c41", "lora": "#1f77b4", "dora": "#9467bd",
+                 "paca": "#d62728", "qlora": "#17becf", "qpaca": "#ff7f0e"}
+CATEGORY_COLORS = {"weights": "#90a4ae", "trainable": "#4db6ac", "gradients": "#ffb74d",
+                   "optimizer": "#a1887f", "activations": "#e57373", "logits_loss": "#ba68c8",
+                   "rest": "#cfd8dc"}
+
+
+def _layout(fig: go.Figure, title: str) -> go.Figure:
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="",
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def overview_bars(summary: pd.DataFrame, source: str) -> go.Figure:
+    """Step time split into forward / backward / optimizer per method."""
+    long = summary.melt(id_vars="method", value_vars=["forward_ms", "backward_ms", "optimizer_ms"],
+                        var_name="phase", value_name="ms").dropna()
+    long["phase"] = long["phase"].str.removesuffix("_ms")
+    fig = px.bar(long, x="method", y="ms", color="phase", barmode="stack",
+                 hover_data={"ms": ":.1f"})
+    return _layout(fig, f"Step time by phase ({source})")
+
+
+def peak_breakdown_bars(breakdown: pd.DataFrame, source: str,
+                        capacity_bytes: float | None = None) -> go.Figure:
+    """Memory alive at each method's peak, stacked by category (GiB)."""
+    frame = breakdown.assign(GiB=breakdown["bytes"] / GIB)
+    fig = px.bar(frame, x="method", y="GiB", color="category", barmode="stack",
+                 color_discrete_map=CATEGORY_COLORS, hover_data={"GiB": ":.3f"})
+    if capacity_bytes:
+        fig.add_hline(y=capacity_bytes / GIB, line_dash="dash", annotation_text="GPU memory")
+    return _layout(fig, f"Memory at the peak by category ({source})")
+
+
+def memory_timeline_area(timeline: pd.DataFrame, method: str, source: str,
+                         time_label: str) -> go.Figure:
+    """Bytes alive over one step, stacked by category."""
+    categories = [c for c in CATEGORY_COLORS if c in timeline]
+    long = timeline.melt(id_vars="t", value_vars=categories, var_name="category",
+                         value_name="bytes")
+    long["GiB"] = long["bytes"] / GIB
+    fig = px.area(long, x="t", y="GiB", color="category", color_discrete_map=CATEGORY_COLORS,
+                  line_shape="hv")
+    fig.update_xaxes(title=time_label)
+    return _layout(fig, f"Memory over one step, {method} ({source})")
+
+
+def layer_latency_bars(layers: pd.DataFrame, source: str, parent: str | None = None) -> go.Figure:
+    """Latency per decoder layer (or per child of `parent`, for drill-down), forward and
+    backward side by side, one colour per method."""
+    if parent is None:
+        rows = layers[layers["kind"] == "decoder_layer"]
+    else:
+        depth = parent.count(".") + 1
+        rows = layers[layers["module"].str.startswith(parent + ".")
+                      & (layers["module"].str.count(r"\.") == depth)]
+    rows = rows[rows["phase"].isin(["forward", "backward"]) & rows["latency_ms"].notna()]
+    rows = rows.assign(label=rows["module"].str.replace(parent + ".", "", regex=False)
+                       if parent else rows["module"].str.rsplit(".", n=1).str[-1])
+    fig = px.bar(rows, x="label", y="latency_ms", color="method", facet_row="phase",
+                 barmode="group", color_discrete_map=METHOD_COLORS,
+                 hover_data={"module": True, "n_kernels": True, "latency_ms": ":.3f"})
+    fig.update_xaxes(title="")
+    where = parent or "decoder layers"
+    return _layout(fig, f"Latency per module in {where} ({source})")
+
+
+def activation_by_layer(savings: pd.DataFrame, source: str) -> go.Figure:
+    """Activation bytes per decoder layer, one bar per method: the frozen floor (grey) and
+    what the method adds on top."""
+    rows = savings.assign(layer=savings["module"].map(decoder_layer)).dropna(subset=["layer"])
+    per = rows.groupby(["layer", "method"], sort=False)[["floor_bytes", "added_bytes"]].sum()
+    per = per.reset_index()
+    per["layer_no"] = per["layer"].str.rsplit(".", n=1).str[-1].astype(int)
+    per = per.sort_values(["layer_no", "method"])
+    fig = go.Figure()
+    for method, group in per.groupby("method", sort=False):
+        x = [group["layer_no"].astype(str), [method] * len(group)]
+        fig.add_bar(x=x, y=group["floor_bytes"] / MIB, name="frozen floor",
+                    marker_color=METHOD_COLORS["frozen"], legendgroup="floor",
+                    showlegend=method == per["method"].iloc[0],
+                    hovertemplate="floor %{y:.2f} MiB<extra></extra>")
+        fig.add_bar(x=x, y=group["added_bytes"] / MIB, name=f"{method} adds",
+                    marker_color=METHOD_COLORS.get(method), legendgroup=method,
+                    hovertemplate=f"{method} adds %{{y:.2f}} MiB<extra></extra>")
+    fig.update_layout(barmode="relative", yaxis_title="MiB", xaxis_title="decoder layer / method")
+    return _layout(fig, f"Activation bytes per decoder layer ({source})")
+
+
+def kernel_timeline(ops: pd.DataFrame, method: str, layer: str, source: str) -> go.Figure:
+    """The ops (kernels on CUDA) of one decoder layer and method on a time axis, one row per
+    module; adapter-branch ops highlighted, idle gaps visible as empty space."""
+    rows = ops[(ops["method"] == method) & ops["module"].str.startswith(layer + ".")]
+    rows = rows.dropna(subset=["start_us", "dur_us"]).sort_values("start_us")
+    fig = go.Figure()
+    for branch, color, name in ((False, "#90a4ae", "base model"), (True, "#d62728",
+                                                                    "adapter branch")):
+        part = rows[rows["adapter_branch"] == branch]
+        fig.add_bar(base=part["start_us"], x=part["dur_us"].clip(lower=0.05), y=part["module"].str.
+                    replace(layer + ".", "", regex=False), orientation="h", name=name,
+                    marker_color=color, customdata=part[["name", "phase", "dur_us"]],
+                    hovertemplate="%{customdata[0]} (%{customdata[1]})<br>%{customdata[2]:.1f} us"
+                                  "<extra></extra>")
+    fig.update_layout(barmode="overlay", xaxis_title="us from the step's start",
+                      yaxis=dict(autorange="reversed"))
+    return _layout(fig, f"Ops of {layer}, {method} ({source})")
+
+
+def memory_vs_seq(curve: pd.DataFrame, budget_bytes: float, max_seq: dict[str, int],
+                  title_suffix: str = "simulated") -> go.Figure:
+    """Peak memory against sequence length per method (curve: method, seq, bytes at the
+    peak), the capacity line, and a marker at each method's longest sequence that fits."""
+    totals = curve.groupby(["method", "seq"], sort=False)["bytes"].sum().reset_index()
+    fig = go.Figure()
+    for method, group in totals.groupby("method", sort=False):
+        fig.add_scatter(x=group["seq"], y=group["bytes"] / GIB, mode="lines+markers",
+                        name=method, line_color=METHOD_COLORS.get(method))
+        best = max_seq.get(method)
+        if best:
+            at = group.iloc[(group["seq"] - best).abs().argsort()[:1]]
+            fig.add_scatter(x=[best], y=at["bytes"] / GIB, mode="markers", showlegend=False,
+                            marker=dict(symbol="star", size=14, color=METHOD_COLORS.get(method)),
+                            hovertemplate=f"{method}: max seq {best}<extra></extra>")
+    fig.add_hline(y=budget_bytes / GIB, line_dash="dash", annotation_text="budget")
+    fig.update_layout(xaxis_title="sequence length (tokens)", yaxis_title="peak GiB")
+    return _layout(fig, f"Peak memory vs sequence length ({title_suffix})")

@@ -1,0 +1,59 @@
+"""A self-contained HTML report of one trace: the analyses' tables and figures, plotly.js
+embedded once, so it opens offline."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from paca_prof.analyze import TraceAnalysis, figures
+
+
+def _table(frame: pd.DataFrame, title: str) -> str:
+    body = frame.to_html(index=False, float_format=lambda v: f"{v:,.3f}", na_rep="-",
+                         border=0, classes="table")
+    return f"<h2>{html.escape(title)}</h2>{body}"
+
+
+def write_html(analysis: TraceAnalysis, path: str | Path, methods: list[str] | None = None) -> Path:
+    """Write the report to `path`; returns it. Raises ValueError for a method not in the trace."""
+    methods = analysis.check_methods(methods)
+    run = analysis.trace.run
+    time_source = analysis.sources.get("time") or "no times"
+    bytes_source = analysis.sources.get("bytes")
+    parts = [
+        f"<h1>paca-prof: {html.escape(run['model']['name'])}, batch {run['batch']} x seq "
+        f"{run['seq']}, {html.escape(run['dtype'])}, {html.escape(run['device']['name'])}</h1>",
+        f"<p>times: {html.escape(str(time_source))}; bytes: {html.escape(str(bytes_source))}; "
+        f"command: <code>{html.escape(run.get('command', ''))}</code></p>",
+        _table(analysis.summary(methods=methods), "Overview (ratios to lora)"),
+        _table(analysis.headline(), "PaCA against LoRA, beside the paper's figures"),
+        _table(analysis.adapter_overhead(methods), "Sequential adapter overhead"),
+        _table(analysis.activation_totals(methods), "Activation bytes: frozen floor and added"),
+    ]
+    figs = [
+        figures.overview_bars(analysis.trace.summary[analysis.trace.summary["method"]
+                                                     .isin(methods)], time_source),
+        figures.peak_breakdown_bars(analysis.peak_breakdown(methods), bytes_source),
+        figures.activation_by_layer(analysis.activation_savings(methods), bytes_source),
+        figures.layer_latency_bars(analysis.trace.layers[analysis.trace.layers["method"]
+                                                         .isin(methods)], time_source),
+    ]
+    layer = "model.layers.0"
+    for method in methods:
+        if analysis.trace.ops["start_us"].notna().any():
+            figs.append(figures.kernel_timeline(analysis.trace.ops, method, layer, time_source))
+    for method in methods[:1]:
+        figs.append(figures.memory_timeline_area(analysis.memory_timeline(method), method,
+                                                 bytes_source, "time (us or op index)"))
+    for i, fig in enumerate(figs):
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
+    style = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{padding:2px 8px;text-align:right}th{border-bottom:1px solid #999}</style>")
+    document = f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>" \
+               + "\n".join(parts) + "</body></html>"
+    path = Path(path)
+    path.write_text(document)
+    return path
