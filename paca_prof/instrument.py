@@ -65,8 +65,11 @@ class ModuleScopes:
     def __enter__(self) -> ModuleScopes:
         # Reference cycles (DoRA's dropped weight-norm graphs, for one) are freed by the garbage
         # collector at moments that vary from run to run; pause it and collect at each phase
-        # end instead, so that memory and saved bytes are the same in every run.
+        # end instead, so that memory and saved bytes are the same in every run. Objects that
+        # exist now are frozen out of those collections, which then cost little.
         self._gc_was_enabled = gc.isenabled()
+        gc.collect()
+        gc.freeze()
         gc.disable()
         for module, path in self.paths.items():
             self._handles.append(module.register_forward_pre_hook(self._make_pre(path)))
@@ -79,6 +82,7 @@ class ModuleScopes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        gc.unfreeze()
         if self._gc_was_enabled:
             gc.enable()
 

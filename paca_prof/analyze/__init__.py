@@ -93,3 +93,17 @@ class TraceAnalysis:
         summary = self.trace.summary
         column = "reserved_bytes" if summary["reserved_bytes"].notna().any() else "peak_bytes"
         return analyses.headline(summary, column)
+
+    def projection_error(self, projected: TraceAnalysis) -> pd.DataFrame:
+        """This measured trace against a projected trace of the same model, shape and dtype:
+        measured and projected ms per method and phase, and the relative error.
+        Raises ValueError if the sources or the configurations differ."""
+        mine, theirs = self.trace.run, projected.trace.run
+        if self.sources.get("time") != "measured" or projected.sources.get("time") != "projected":
+            raise ValueError("projection_error compares a measured trace with a projected one")
+        for key in ("seq", "batch", "dtype"):
+            if mine[key] != theirs[key]:
+                raise ValueError(f"traces differ in {key}: {mine[key]} vs {theirs[key]}")
+        if mine["model"]["name"] != theirs["model"]["name"]:
+            raise ValueError("traces are of different models")
+        return analyses.projection_error(self.trace.summary, projected.trace.summary)

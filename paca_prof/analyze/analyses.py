@@ -207,3 +207,19 @@ def headline(summary: pd.DataFrame, total_memory_column: str = "peak_bytes") -> 
             values["max_seq"] = float(paca["max_seq"]) / float(lora["max_seq"]) - 1
     return pd.DataFrame({"metric": list(values), "paca_vs_lora": list(values.values()),
                          "paper": [PAPER_HEADLINE[m] for m in values]})
+
+
+def projection_error(measured: pd.DataFrame, projected: pd.DataFrame) -> pd.DataFrame:
+    """Per method and phase: measured and projected ms and the projection's relative error,
+    from the summaries of a measured trace and a projected trace of the same configuration."""
+    columns = ["step_ms", "forward_ms", "backward_ms", "optimizer_ms"]
+    merged = measured[["method", *columns]].merge(projected[["method", *columns]], on="method",
+                                                  suffixes=("_measured", "_projected"))
+    rows = []
+    for _, row in merged.iterrows():
+        for column in columns:
+            real, model = row[f"{column}_measured"], row[f"{column}_projected"]
+            rows.append({"method": row["method"], "phase": column.removesuffix("_ms"),
+                         "measured_ms": real, "projected_ms": model,
+                         "error": model / real - 1 if real else np.nan})
+    return pd.DataFrame(rows)

@@ -1,0 +1,184 @@
+"""The analyzer: TraceAnalysis over measured and simulated traces, figures, the analyze command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import yaml
+
+from paca_prof import engines, trace
+from paca_prof.analyze import TraceAnalysis, analyses, figures
+from paca_prof.analyze.report import write_html
+from paca_prof.cli import main
+from paca_prof.engines.common import RunSpec
+from paca_prof.presets import gpu_spec
+
+SIM = dict(model="tiny", seq=64, batch=2, dtype="bf16", device="meta", attention="flash")
+
+
+@pytest.fixture(scope="module")
+def simulated_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "tiny-sim"
+    return engines.run(RunSpec(**SIM), out, "pytest", gpu=gpu_spec("a100-80gb"))
+
+
+@pytest.fixture(scope="module")
+def measured(measured_trace_path):
+    return TraceAnalysis(measured_trace_path)
+
+
+@pytest.fixture(scope="module")
+def simulated(simulated_path):
+    return TraceAnalysis(simulated_path)
+
+
+def test_adapter_overhead_counts_branch_ops_per_method(measured, simulated):
+    for analysis in (measured, simulated):
+        table = analysis.adapter_overhead().set_index("method")
+        assert table.loc["frozen", "adapter_ops"] == 0 and table.loc["full", "adapter_ops"] == 0
+        assert table.loc["lora", "adapter_ops"] > table.loc["paca", "adapter_ops"] > 0
+        assert table.loc["dora", "adapter_ops"] > table.loc["lora", "adapter_ops"]
+        assert 0 < table.loc["paca", "adapter_share"] < table.loc["lora", "adapter_share"] < 1
+        assert table.loc["paca", "step_vs_paca"] == pytest.approx(1.0)
+        assert table.loc["frozen", "step_vs_frozen"] == pytest.approx(1.0)
+    by_layer = simulated.adapter_overhead_by_layer(["lora", "paca"])
+    assert set(by_layer["layer"]) == {"model.layers.0", "model.layers.1"}
+
+
+def test_activation_savings_split_into_floor_and_added(measured):
+    savings = measured.activation_savings()
+    run = measured.trace.run
+    per_linear = run["batch"] * run["seq"] * run["settings"]["rank"] * 4  # fp32
+    paca = savings[(savings["method"] == "paca") & savings["module"].str.endswith("q_proj")]
+    assert len(paca) == 2 and (paca["added_bytes"] == per_linear).all()
+    assert (paca["floor_bytes"] == 0).all()  # a frozen linear saves nothing
+    lora = savings[(savings["method"] == "lora") & savings["module"].str.endswith("q_proj")]
+    assert (lora["added_bytes"] > paca["added_bytes"].to_numpy()).all()
+    totals = measured.activation_totals().set_index("method")
+    summary = measured.trace.summary.set_index("method")
+    for method in totals.index:
+        assert totals.loc[method, "bytes"] == summary.loc[method, "activation_bytes"]
+    assert totals.loc["lora", "paca_saves_bytes"] > 0 and totals.loc["full", "paca_saves_bytes"] > 0
+
+
+def test_peak_breakdown_and_timeline_agree_with_the_peak(measured, simulated):
+    for analysis in (measured, simulated):
+        breakdown = analysis.peak_breakdown()
+        summary = analysis.trace.summary.set_index("method")
+        for method, group in breakdown.groupby("method"):
+            assert group["bytes"].sum() == summary.loc[method, "peak_bytes"]
+            timeline = analysis.memory_timeline(method)
+            assert timeline["total"].max() == summary.loc[method, "peak_bytes"]
+
+
+def test_layer_latency_top_k_is_sorted_and_excludes_containers(measured):
+    top = measured.layer_latency(phase="forward", top_k=3)
+    assert (top.groupby("method").size() <= 3).all()
+    for _, group in top.groupby("method"):
+        assert group["latency_ms"].is_monotonic_decreasing
+    assert not top["kind"].isin(["model", "container"]).any()
+
+
+def test_diff_matches_by_module_phase_and_op(simulated, tmp_path):
+    other_path = engines.run(RunSpec(**{**SIM, "seq": 128}), tmp_path / "longer", "pytest",
+                             gpu=gpu_spec("a100-80gb"))
+    other = TraceAnalysis(other_path)
+    ops = simulated.diff(other, level="ops")
+    assert (ops["match"] == "both").all()  # same model: same op sequence, longer tensors
+    mm = ops[(ops["name"] == "aten::mm") & (ops["method"] == "paca")]
+    assert (mm["shapes_a"] != mm["shapes_b"]).any()
+    layers = simulated.diff(other)
+    act = layers[(layers["phase"] == "forward") & (layers["activation_bytes_a"] > 0)]
+    assert (act["activation_bytes_ratio"] > 1.9).all()  # twice the tokens, ~twice the bytes
+    itself = simulated.diff(simulated, level="ops")
+    assert (itself["delta_us"] == 0).all()
+
+
+def test_headline_in_the_papers_terms(simulated):
+    head = simulated.headline().set_index("metric")
+    summary = simulated.trace.summary.set_index("method")
+    expected = summary.loc["paca", "step_ms"] / summary.loc["lora", "step_ms"] - 1
+    assert head.loc["training_time", "paca_vs_lora"] == pytest.approx(expected)
+    assert head.loc["throughput", "paca_vs_lora"] == pytest.approx(
+        summary.loc["lora", "step_ms"] / summary.loc["paca", "step_ms"] - 1)
+    assert head.loc["training_time", "paper"] == -0.22
+    assert pd.isna(head.loc["max_seq", "paca_vs_lora"])  # no capacity plan in this trace
+
+
+def test_projection_error_needs_measured_and_projected(measured, simulated):
+    with pytest.raises(ValueError, match="measured trace with a projected"):
+        simulated.projection_error(measured)
+    with pytest.raises(ValueError, match="differ"):
+        measured.projection_error(simulated)
+    same = analyses.projection_error(measured.trace.summary, measured.trace.summary)
+    assert (same["error"].dropna() == 0).all()
+
+
+def test_figures_have_data(measured, simulated):
+    for analysis in (measured, simulated):
+        source = analysis.sources["time"]
+        built = [
+            figures.overview_bars(analysis.trace.summary, source),
+            figures.peak_breakdown_bars(analysis.peak_breakdown(), "x", 80 * 2**30),
+            figures.activation_by_layer(analysis.activation_savings(), "x"),
+            figures.layer_latency_bars(analysis.trace.layers, source),
+            figures.layer_latency_bars(analysis.trace.layers, source, parent="model.layers.0"),
+            figures.kernel_timeline(analysis.trace.ops, "lora", "model.layers.1", source),
+            figures.memory_timeline_area(analysis.memory_timeline("paca"), "paca", "x", "t"),
+        ]
+        for fig in built:
+            assert isinstance(fig, go.Figure) and len(fig.data) > 0
+            assert any(len(d.x if d.x is not None else []) > 0 for d in fig.data)
+    timeline = figures.kernel_timeline(simulated.trace.ops, "lora", "model.layers.1", "p")
+    branch = [d for d in timeline.data if d.name == "adapter branch"][0]
+    assert len(branch.x) > 0
+
+
+def test_html_report_is_self_contained(simulated, tmp_path):
+    path = write_html(simulated, tmp_path / "report.html")
+    text = path.read_text()
+    assert text.count("<script src=") == 0  # plotly.js embedded, nothing fetched
+    assert "plotly" in text.lower() and "Sequential adapter overhead" in text
+
+
+def test_analyze_command_json_and_html(simulated_path, measured_trace_path, tmp_path, capsys):
+    html = tmp_path / "r.html"
+    assert main(["analyze", str(simulated_path), "--vs", str(measured_trace_path), "--json",
+                 "--html", str(html)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"summary", "adapter_overhead", "activation_totals", "peak_breakdown",
+            "top_layers", "headline", "diff"} <= set(report)
+    assert report["sources"] == {"time": "projected", "bytes": "simulated"}
+    assert html.exists()
+    assert main(["analyze", str(simulated_path), "--methods", "lora,paca"]) == 0
+    out = capsys.readouterr().out
+    overhead = out.split("sequential adapter overhead")[1].split("\n\n")[0]
+    rows = [line.split()[0] for line in overhead.strip().splitlines()[2:]]
+    assert rows == ["lora", "paca"]
+
+
+def _broken_copies(source, tmp_path):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(source, truncated)
+    data = (truncated / "layers.parquet").read_bytes()
+    (truncated / "layers.parquet").write_bytes(data[: len(data) // 2])
+    future = tmp_path / "future"
+    shutil.copytree(source, future)
+    run = yaml.safe_load((future / "run.yaml").read_text())
+    (future / "run.yaml").write_text(yaml.safe_dump({**run, "schema_version": 2}))
+    return {"missing": tmp_path / "nope", "truncated": truncated, "future": future}
+
+
+def test_analyze_bad_input_is_one_line_and_status_2(simulated_path, tmp_path, capsys):
+    for name, path in _broken_copies(simulated_path, tmp_path).items():
+        assert main(["analyze", str(path)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("paca-prof: error:"), (name, err)
+        with pytest.raises(trace.TraceError):
+            trace.load(path)
+    assert main(["analyze", str(simulated_path), "--methods", "qlora"]) == 2
+    assert "not in trace" in capsys.readouterr().err
