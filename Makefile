@@ -13,7 +13,7 @@ install-test: install
 	$(PIP) -e '.[test]'
 
 demo: install
-	paca-prof run --model tiny --seq 256 --batch 2
+	paca-prof run --model llama3-8b --seq 4096
 
 test: install-test
 	$(PYTHON) -m pytest -q

@@ -21,7 +21,8 @@ Run from the repository root:
     python bench/bench_step.py               # configs A and B (about 4-5 minutes)
     python bench/bench_step.py --config A    # only the small config, with its pass/fail targets
     python bench/bench_step.py --quick       # few rounds, a smoke run
-    python bench/bench_step.py --threads 1   # torch.set_num_threads (default: 2)
+    python bench/bench_step.py --threads 2   # torch.set_num_threads for the whole run (default 1)
+    python bench/bench_step.py --adam fused  # AdamW implementation (default: torch's default)
 
 Exit status is 1 when a config-A target fails, 0 otherwise (config B reports, never fails).
 """
@@ -37,6 +38,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +48,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from paca import LLAMA_TARGETS  # noqa: E402
 from paca_prof.methods import MethodSettings, prepare  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 METHODS = ("frozen", "full", "lora", "dora", "paca", "authors")
 
@@ -250,7 +254,7 @@ class Runner:
         return loss.item()
 
 
-def make_runners(cfg: BenchConfig, methods: list[str], foreach: bool | None) -> dict[str, Runner]:
+def make_runners(cfg: BenchConfig, methods: list[str], adam: str) -> dict[str, Runner]:
     base = build_base(cfg)
     settings = MethodSettings(rank=cfg.rank, alpha=cfg.alpha, targets=list(LLAMA_TARGETS))
     gen = torch.Generator().manual_seed(1)
@@ -259,7 +263,8 @@ def make_runners(cfg: BenchConfig, methods: list[str], foreach: bool | None) -> 
     for method in methods:
         model = prepare_method(base, method, settings)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=foreach) if params else None
+        kwargs = {"fused": True} if adam == "fused" else {"foreach": {"default": None, "foreach": True}[adam]}
+        optimizer = torch.optim.AdamW(params, lr=1e-5, **kwargs) if params else None
         runners[method] = Runner(method, model, optimizer, input_ids)
     del base
     gc.collect()
@@ -271,9 +276,9 @@ def make_runners(cfg: BenchConfig, methods: list[str], foreach: bool | None) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def run_config(cfg: BenchConfig, methods: list[str], rounds: int, foreach, seed: int) -> dict:
+def run_config(cfg: BenchConfig, methods: list[str], rounds: int, adam: str, seed: int) -> dict:
     t0 = time.perf_counter()
-    runners = make_runners(cfg, methods, foreach)
+    runners = make_runners(cfg, methods, adam)
     build_s = time.perf_counter() - t0
 
     info = {}
@@ -284,8 +289,13 @@ def run_config(cfg: BenchConfig, methods: list[str], rounds: int, foreach, seed:
         info[method] = (n_train, n_tensors, first_loss)
         for _ in range(cfg.warmup - 1):
             runner.step()
+    # Everything built so far is long-lived: keep it out of the collector's way, so that the
+    # gc.collect() between visits is cheap and no collection lands inside a timed step.
+    gc.collect()
+    gc.freeze()
 
-    samples: dict[str, list[float]] = {m: [] for m in methods}
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     per_round: list[dict[str, float]] = []
     rng = random.Random(seed)
     order = list(methods)
@@ -302,18 +312,21 @@ def run_config(cfg: BenchConfig, methods: list[str], rounds: int, foreach, seed:
             times = []
             try:
                 for _ in range(cfg.reps):
+                    c0 = time.process_time()
                     start = time.perf_counter()
                     runner.step()
                     times.append(time.perf_counter() - start)
+                    cpu[method].append(time.process_time() - c0)
             finally:
                 gc.enable()
-            samples[method].extend(times)
+            wall[method].extend(times)
             this_round[method] = statistics.median(times)
         per_round.append(this_round)
     timed_s = time.perf_counter() - t0
     del runners
+    gc.unfreeze()
     gc.collect()
-    return dict(samples=samples, per_round=per_round, info=info, build_s=build_s, timed_s=timed_s)
+    return dict(wall=wall, cpu=cpu, per_round=per_round, info=info, build_s=build_s, timed_s=timed_s)
 
 
 def derived(t: dict[str, float]) -> dict[str, float]:
@@ -335,9 +348,11 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, check: bool) -> bool:
-    samples, info = result["samples"], result["info"]
-    med = {m: statistics.median(v) for m, v in samples.items()}
+def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str, check: bool) -> bool:
+    wall, cpu, info = result["wall"], result["cpu"], result["info"]
+    med = {m: statistics.median(v) for m, v in wall.items()}
+    mins = {m: min(v) for m, v in wall.items()}
+    cpu_med = {m: statistics.median(v) for m, v in cpu.items()}
     m = cfg.model
     print()
     print(f"=== config {cfg.name}: {cfg.note}")
@@ -348,39 +363,53 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, check: boo
         f"{cfg.seq} tokens; rank {cfg.rank}, alpha {cfg.alpha:g}; targets q,k,v,o,gate,up,down; fp32"
     )
     print(
-        f"    torch {torch.__version__}, {threads} thread(s); {rounds} rounds x {cfg.reps} "
-        f"timed step(s) per method (+{cfg.rewarm} untimed per visit, {cfg.warmup} warmup); "
+        f"    {threads} torch thread(s), AdamW {adam}; {rounds} rounds x {cfg.reps} timed "
+        f"step(s) per method (+{cfg.rewarm} untimed per visit, {cfg.warmup} warmup); "
         f"build {result['build_s']:.1f}s, timed loop {result['timed_s']:.1f}s"
     )
     print()
     header = (
-        f"    {'method':<8} {'median ms':>10} {'p25':>9} {'p75':>9} {'min':>9} "
+        f"    {'method':<8} {'median ms':>10} {'p25':>9} {'p75':>9} {'min':>9} {'cpu ms':>9} "
         f"{'x lora':>7} {'trainable':>11} {'tensors':>7} {'loss@0':>8}"
     )
     print(header)
     print("    " + "-" * (len(header) - 4))
-    for method in samples:
-        xs = [1e3 * x for x in samples[method]]
+    for method in wall:
+        xs = [1e3 * x for x in wall[method]]
         ratio = med[method] / med["lora"] if "lora" in med else float("nan")
         n_train, n_tensors, loss0 = info[method]
         print(
             f"    {method:<8} {1e3 * med[method]:>10.2f} {quantile(xs, .25):>9.2f} "
-            f"{quantile(xs, .75):>9.2f} {min(xs):>9.2f} {ratio:>7.3f} {n_train:>11,} "
-            f"{n_tensors:>7} {loss0:>8.4f}"
+            f"{quantile(xs, .75):>9.2f} {min(xs):>9.2f} {1e3 * cpu_med[method]:>9.2f} "
+            f"{ratio:>7.3f} {n_train:>11,} {n_tensors:>7} {loss0:>8.4f}"
         )
+    print(
+        "    (median/p25/p75/min: wall clock per step; cpu: median process CPU time per step;"
+        " x lora: ratio of wall medians)"
+    )
     print()
     ratios = derived(med)
     paired = [derived(r) for r in result["per_round"]]
+    from_min = derived(mins)
+    from_cpu = derived(cpu_med)
+    print(f"    {'ratio (wall medians)':<28}   {'value':>6}   {'per-round':>9} {'mins':>6} {'cpu':>6}")
     ok = True
     for name, value in ratios.items():
         per_round_med = statistics.median(p[name] for p in paired)
-        line = f"    {name:<28} = {value:6.3f}   [per-round median {per_round_med:6.3f}]"
+        line = (
+            f"    {name:<28} = {value:6.3f}   {per_round_med:9.3f} {from_min[name]:6.3f} "
+            f"{from_cpu[name]:6.3f}"
+        )
         if check and name in cfg.targets:
             limit = cfg.targets[name]
             passed = value <= limit
             ok &= passed
             line += f"   target <= {limit:g}: {'PASS' if passed else 'FAIL'}"
         print(line)
+    print(
+        "    (per-round: median over rounds of the ratio within each round; mins: the ratio of the"
+        " per-method minima; cpu: of the CPU-time medians. PASS/FAIL uses the wall medians.)"
+    )
     return ok
 
 
@@ -389,15 +418,22 @@ def main(argv=None) -> int:
     parser.add_argument("--config", choices=["A", "B", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds of each config")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads for the whole run (default 1: on a small shared machine a "
+        "second OpenMP thread turns every other process's time slice into a stall of both)",
+    )
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
     )
     parser.add_argument(
-        "--foreach",
-        choices=["default", "on", "off"],
+        "--adam",
+        choices=["default", "foreach", "fused"],
         default="default",
-        help="AdamW foreach: torch's default (per-tensor loop on the CPU), or forced on/off",
+        help="AdamW implementation, the same for every method: torch's default (a per-tensor "
+        "loop on the CPU), foreach=True, or fused=True",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
     args = parser.parse_args(argv)
@@ -406,11 +442,12 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
-    foreach = {"default": None, "on": True, "off": False}[args.foreach]
     torch.set_num_threads(args.threads)
     print(
         f"bench_step: python {platform.python_version()}, torch {torch.__version__}, "
-        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, AdamW foreach={args.foreach}"
+        f"transformers {transformers_version()}, peft {peft_version()}; {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch thread(s); load average at start "
+        f"{os.getloadavg()[0]:.2f}"
     )
 
     names = ["A", "B"] if args.config == "both" else [args.config]
@@ -418,15 +455,31 @@ def main(argv=None) -> int:
     for name in names:
         cfg = CONFIGS[name]
         rounds = args.rounds or (cfg.quick_rounds if args.quick else cfg.rounds)
-        result = run_config(cfg, methods, rounds, foreach, args.seed)
-        ok = report(cfg, result, rounds, torch.get_num_threads(), check=(name == "A"))
+        result = run_config(cfg, methods, rounds, args.adam, args.seed)
+        ok = report(cfg, result, rounds, torch.get_num_threads(), args.adam, check=(name == "A"))
         if name == "A":
             all_ok &= ok
         sys.stdout.flush()
+    print()
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
     if "A" in names:
-        print()
+        if not {"frozen", "lora", "paca", "authors"} <= set(methods):
+            print("config A targets: not checked (needs frozen, lora, paca, authors)")
+            return 0
         print(f"config A targets: {'all PASS' if all_ok else 'FAIL'}")
     return 0 if all_ok else 1
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def peft_version() -> str:
+    import peft
+
+    return peft.__version__
 
 
 if __name__ == "__main__":

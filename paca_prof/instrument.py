@@ -72,10 +72,11 @@ class ModuleScopes:
         gc.freeze()
         gc.disable()
         for module, path in self.paths.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_pre(path)))
+            # with_kwargs: transformers passes tensors by keyword (self_attn(hidden_states=...))
             self._handles.append(
-                module.register_forward_hook(self._make_post(path), always_call=True)
-            )
+                module.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(
+                self._make_post(path), with_kwargs=True, always_call=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -101,13 +102,13 @@ class ModuleScopes:
                 break
 
     def _make_pre(self, path: str):
-        def pre_hook(module, args):
+        def pre_hook(module, args, kwargs):
             phase = "backward" if self.phase == "backward" else "forward"  # recompute in bwd
             self.enter(path, phase)
             if phase == "forward" and torch.is_grad_enabled():
                 # The module's backward is over when all its input grads are computed or, if
                 # no input needs one, when all its trainable parameters have their grads.
-                inputs = _grad_tensors(args)
+                inputs = _grad_tensors((args, kwargs))
                 if inputs:
                     register_multi_grad_hook(inputs, lambda grads: self.exit(path, "backward"))
                 else:
@@ -146,11 +147,14 @@ class ModuleScopes:
             callback(phase)
 
     def _make_post(self, path: str):
-        def post_hook(module, args, output):
+        def post_hook(module, args, kwargs, output):
             phase = "backward" if self.phase == "backward" else "forward"
             self.exit(path, phase)
             if phase == "forward" and torch.is_grad_enabled():
-                outputs = _grad_tensors(output)
+                # An output that is one of the inputs (nn.Identity, LoRA's dropout at p=0) has
+                # its grad computed by someone else: it must not open this module's backward.
+                inputs = {id(t) for t in _grad_tensors((args, kwargs))}
+                outputs = [t for t in _grad_tensors(output) if id(t) not in inputs]
                 if outputs:  # first output grad arrived: the module's backward starts
                     register_multi_grad_hook(
                         outputs, lambda grad: self.enter(path, "backward"), mode="any"

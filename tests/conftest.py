@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import sys
 from pathlib import Path
 
@@ -32,17 +34,71 @@ def tiny_llama_config(**overrides):
 
 @pytest.fixture
 def make_llama():
-    """Factory: make_llama(seed=0, dtype=torch.float32, **config_overrides) -> LlamaForCausalLM.
+    """Factory: make_llama(seed=0, dtype=torch.float32, device="cpu", **config_overrides)
+    -> LlamaForCausalLM in train mode.
 
     The same seed gives bit-identical weights, so two calls give two independent copies of one
-    base model.
+    base model. device="meta" builds it under torch.device("meta") (shapes only).
     """
     from transformers import LlamaForCausalLM
 
-    def make(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    def make(seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu", **overrides):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
+        with torch.device(device):
+            model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
         model.train()
         return model
 
     return make
+
+
+# --- One measured run of the tiny preset, shared by the whole session -----------------------
+
+# Settings of the shared run; tests derive expected sizes from these (and from run.yaml).
+MEASURED_RUN = dict(model="tiny", seq=128, batch=2, dtype="fp32", steps=10, warmup=2)
+
+
+@contextlib.contextmanager
+def long_lived_objects_frozen():
+    """gc.freeze() for the duration: the instrumented steps run gc.collect() at every phase end,
+    and a full collection over everything torch, transformers and pytest keep alive costs
+    ~0.2 s per call here; frozen, a collection scans only objects created since (which is all
+    that the step's cyclic garbage can be), so results are unchanged."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@pytest.fixture(scope="session")
+def measured_trace_path(tmp_path_factory):
+    """Path of a trace folder written by ONE measured CPU run of every method
+    (frozen, lora, dora, paca, full) on the tiny preset (see MEASURED_RUN).
+
+    Runs on one thread: the CPU may be shared with other processes, and one thread keeps the
+    run fast and its timings comparable within the run. Tests must treat the folder as
+    read-only (copy it before changing anything).
+    """
+    from paca_prof import engines
+    from paca_prof.engines.common import RunSpec
+
+    out = tmp_path_factory.mktemp("measured") / "tiny-run"
+    spec = RunSpec(**MEASURED_RUN)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with long_lived_objects_frozen():
+            engines.run(spec, out, "pytest measured_trace fixture")
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def measured_trace(measured_trace_path):
+    """The shared measured run, loaded (paca_prof.trace.Trace). Do not modify its tables."""
+    from paca_prof import trace
+
+    return trace.load(measured_trace_path)

@@ -223,3 +223,63 @@ def projection_error(measured: pd.DataFrame, projected: pd.DataFrame) -> pd.Data
                          "measured_ms": real, "projected_ms": model,
                          "error": model / real - 1 if real else np.nan})
     return pd.DataFrame(rows)
+
+
+# --- Helpers for interactive views (the dashboard): navigation and size limits --------------
+
+def decoder_layers(layers: pd.DataFrame) -> list[str]:
+    """The decoder layer paths of a layers table ("model.layers.0", ...) in layer order."""
+    paths = layers.loc[layers["kind"] == "decoder_layer", "module"].dropna().unique()
+    return sorted(paths, key=lambda p: int(p.rsplit(".", 1)[-1]))
+
+
+def drill_targets(layers: pd.DataFrame) -> list[str]:
+    """Modules inside decoder layers that have timed children (decoder layers, attention, MLP,
+    adapted linears with their adapter parts), in layer order then module order: the parents
+    one can drill into with figures.layer_latency_bars(parent=...)."""
+    timed = layers[layers["latency_ms"].notna()]
+    modules = pd.Series(timed["module"].dropna().unique())
+    inside = modules[modules.map(decoder_layer).notna()]
+    parents = set(inside.str.rsplit(".", n=1).str[0]) & set(inside)
+    order = {path: i for i, path in enumerate(decoder_layers(layers))}
+    return sorted(parents, key=lambda p: (order.get(decoder_layer(p), len(order)),
+                                          p != decoder_layer(p), p))
+
+
+def drill_up(module: str | None) -> str | None:
+    """The parent to show after `module` when going one level up: None (all decoder layers)
+    from a decoder layer, else the module's parent."""
+    if not module or decoder_layer(module) in (None, module):
+        return None
+    return module.rsplit(".", 1)[0]
+
+
+def downsample_timeline(timeline: pd.DataFrame, max_points: int = 2000) -> pd.DataFrame:
+    """A memory_timeline cut to at most about `max_points` rows for plotting: the time axis is
+    split into equal buckets and each keeps its row with the largest total, so the peak, the
+    first and the last row always survive. A timeline with fewer rows is returned as is."""
+    if len(timeline) <= max_points or "total" not in timeline:
+        return timeline
+    t = timeline["t"].astype(float)
+    span = float(t.max() - t.min()) or 1.0
+    bucket = ((t - t.min()) / span * (max_points - 2)).astype(int)
+    keep = timeline.groupby(bucket, sort=False)["total"].idxmax()
+    keep = set(keep) | {timeline.index[0], timeline.index[-1]}
+    return timeline.loc[sorted(keep)]
+
+
+def top_changes(diff: pd.DataFrame, n: int = 20, value: str = "latency_ms") -> pd.DataFrame:
+    """The `n` rows of a diff_layers table whose `value` changed most in absolute terms (b - a),
+    with the change as `<value>_delta`; rows present on one side only come last."""
+    delta = diff[f"{value}_b"].astype(float) - diff[f"{value}_a"].astype(float)
+    ranked = diff.assign(**{f"{value}_delta": delta, "_size": delta.abs()})
+    ranked = ranked.sort_values("_size", ascending=False, na_position="last")
+    return ranked.drop(columns="_size").head(n).reset_index(drop=True)
+
+
+def memory_time_label(sources: dict) -> str:
+    """The unit of memory.parquet's t for a trace's `sources`: microseconds where bytes are
+    measured, the allocation event index where they are simulated."""
+    if sources.get("bytes") == "measured":
+        return "us from the step's start"
+    return "allocation event (simulated order)"

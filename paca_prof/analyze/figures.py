@@ -137,3 +137,30 @@ def memory_vs_seq(curve: pd.DataFrame, budget_bytes: float, max_seq: dict[str, i
     fig.add_hline(y=budget_bytes / GIB, line_dash="dash", annotation_text="budget")
     fig.update_layout(xaxis_title="sequence length (tokens)", yaxis_title="peak GiB")
     return _layout(fig, f"Peak memory vs sequence length ({title_suffix})")
+
+
+def summary_ratio_bars(overview: pd.DataFrame, source: str, baseline: str = "lora") -> go.Figure:
+    """The overview's ratios to `baseline` (TraceAnalysis.summary columns *_vs_<baseline>):
+    step time, forward, backward, ops per step, activation and peak memory, grouped per
+    metric with one bar per method and a line at 1."""
+    metrics = ["step_ms", "forward_ms", "backward_ms", "ops_per_step", "activation_mib",
+               "peak_mib"]
+    columns = [f"{m}_vs_{baseline}" for m in metrics if f"{m}_vs_{baseline}" in overview]
+    long = overview.melt(id_vars="method", value_vars=columns, var_name="metric",
+                         value_name="ratio")
+    long["metric"] = long["metric"].str.removesuffix(f"_vs_{baseline}")
+    fig = px.bar(long, x="metric", y="ratio", color="method", barmode="group",
+                 color_discrete_map=METHOD_COLORS, hover_data={"ratio": ":.3f"})
+    fig.add_hline(y=1.0, line_dash="dot", line_color="#555")
+    fig.update_layout(yaxis_title=f"ratio to {baseline}", xaxis_title="")
+    return _layout(fig, f"Ratios to {baseline} ({source})")
+
+
+def empty_figure(message: str = "no data") -> go.Figure:
+    """A blank figure carrying `message` in its middle, for views with nothing to show."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper",
+                       yref="paper", font=dict(size=14, color="#777"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, "")

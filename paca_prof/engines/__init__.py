@@ -71,8 +71,8 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
     from paca_prof.engines.measure import MethodResult, measure_method
     from paca_prof.engines.simulate import simulate_method
 
-    check_out(out)
     validate_against_model(spec)
+    check_out(out)
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     if spec.device == "cpu" and spec.attention in SIMULATED_ATTENTION:

@@ -12,6 +12,7 @@ import pandas as pd
 
 import torch
 from torch import nn
+from torch.autograd.graph import register_multi_grad_hook
 
 from paca_prof import methods as method_registry
 from paca_prof import presets
@@ -130,6 +131,9 @@ def training_step(model: nn.Module, optimizer, ids: torch.Tensor, scopes: Module
         loss = model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
         if scopes is not None:
             scopes.exit(LOSS, "forward")
+            if loss.requires_grad:  # the loss's backward: from its own grad to the logits'
+                loss.register_hook(lambda grad: scopes.enter(LOSS, "backward"))
+                register_multi_grad_hook([logits], lambda grads: scopes.exit(LOSS, "backward"))
     del logits
     with Phase(scopes, "backward", phase_context("backward")):
         loss.backward()

@@ -41,6 +41,7 @@ from paca_prof.instrument import (
     ModuleScopes,
     SavedTensorLedger,
     counts_as_op,
+    module_depth,
     matmul_flops,
     memory_timeline,
     static_bytes,
@@ -290,12 +291,20 @@ def _op_table(events, method, module_paths, wrappers, cuda) -> pd.DataFrame:
 
 
 def _innermost(scopes: list[dict], start: float, end: float) -> str:
-    best = None
+    """The module whose range encloses [start, end] and is deepest in the module tree.
+
+    Depth, not the latest start, decides: in backward an inner module that shares its output
+    with its parent (lm_head and the model, down_proj and the MLP) starts first. The latest
+    start only breaks ties between parallel branches of equal depth.
+    """
+    best, best_key = None, None
     for scope in scopes:
         if scope["ts"] > start:
             break
         if scope["ts"] + scope["dur"] >= end:
-            best = scope
+            key = (module_depth(scope["name"]), scope["ts"])
+            if best_key is None or key > best_key:
+                best, best_key = scope, key
     return best["name"] if best else ROOT
 
 

@@ -1,0 +1,104 @@
+"""Capacity curves stored beside a trace: peak memory against sequence length per method.
+
+A capacity sweep (the planner's simulated points) may be stored in a trace folder as the extra
+table capacity.parquet with columns method, seq, batch, category, bytes: the bytes of each
+memory category alive at the peak of one simulated step at that sequence length and batch.
+These functions read it and answer "how long a sequence fits in this much memory" without
+simulating anything. Pandas only; no torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from paca_prof.trace import TraceError
+
+CAPACITY_FILE = "capacity.parquet"
+CAPACITY_COLUMNS = {"method": "string", "seq": "int64", "batch": "int64",
+                    "category": "string", "bytes": "float64"}
+
+
+def load_capacity(trace_path: str | Path) -> pd.DataFrame | None:
+    """The capacity sweep stored in a trace folder, or None if the folder holds none.
+
+    Raises TraceError (one line) for an unreadable file or one that lacks the columns
+    method, seq, batch, category, bytes.
+    """
+    path = Path(trace_path) / CAPACITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_parquet(path)
+    except Exception as error:  # pyarrow raises several types for a truncated file
+        raise TraceError(f"{path}: unreadable ({type(error).__name__})") from None
+    missing = [c for c in CAPACITY_COLUMNS if c not in table]
+    if missing:
+        raise TraceError(f"{path}: missing column(s) {', '.join(missing)}")
+    try:
+        return table.astype(CAPACITY_COLUMNS)
+    except (TypeError, ValueError) as error:
+        raise TraceError(f"{path}: bad values ({error})") from None
+
+
+def select_batch(capacity: pd.DataFrame, batch: int | None = None) -> tuple[pd.DataFrame, int]:
+    """The part of a sweep at one batch size (default: the smallest it holds) and that batch.
+    ValueError if the sweep holds no point at `batch`."""
+    batches = sorted(int(b) for b in capacity["batch"].unique())
+    if not batches:
+        raise ValueError("the capacity sweep is empty")
+    chosen = batches[0] if batch is None else int(batch)
+    if chosen not in batches:
+        raise ValueError(f"no capacity points at batch {chosen} (have {batches})")
+    return capacity[capacity["batch"] == chosen], chosen
+
+
+def capacity_budget(memory_bytes: float, free_bytes: float | None = None,
+                    headroom_bytes: float = 0.0) -> float:
+    """Bytes a training step may use: the free memory if given (else the device's memory),
+    less the headroom kept back (CUDA context, allocator fragmentation); never negative."""
+    available = memory_bytes if free_bytes is None else min(free_bytes, memory_bytes)
+    return max(float(available) - float(headroom_bytes or 0.0), 0.0)
+
+
+def max_seq_from_curve(curve: pd.DataFrame, budget_bytes: float) -> dict[str, int]:
+    """The longest sequence per method whose peak memory fits in `budget_bytes`.
+
+    `curve` holds one batch size (see select_batch); a point's peak is the sum of its
+    categories' bytes. The answer interpolates linearly between the simulated points on
+    either side of the budget (the peak grows smoothly between them; attention without a
+    fused kernel grows quadratically, so a coarse sweep slightly overestimates there) and is
+    rounded down. It never extrapolates: a method whose longest simulated point fits gets
+    that point's length (a lower bound), and one whose shortest point does not fit gets 0.
+    """
+    totals = curve.groupby(["method", "seq"], sort=False)["bytes"].sum().reset_index()
+    result = {}
+    for method, group in totals.groupby("method", sort=False):
+        group = group.sort_values("seq")
+        seqs, peaks = group["seq"].to_numpy(float), group["bytes"].to_numpy(float)
+        over = [i for i, peak in enumerate(peaks) if peak > budget_bytes]
+        if not over:
+            result[method] = int(seqs[-1])
+        elif over[0] == 0:
+            result[method] = 0
+        else:
+            i = over[0]
+            s0, s1, p0, p1 = seqs[i - 1], seqs[i], peaks[i - 1], peaks[i]
+            result[method] = int(math.floor(s0 + (budget_bytes - p0) * (s1 - s0) / (p1 - p0)))
+    return result
+
+
+def max_seq_table(curve: pd.DataFrame, budget_bytes: float,
+                  baseline: str = "lora") -> pd.DataFrame:
+    """max_seq_from_curve as a table: method, max_seq, `lower_bound` (True where even the
+    longest simulated point fits, so the method may fit longer sequences), and max_seq as a
+    ratio to `baseline` (NaN if the baseline is absent or fits nothing)."""
+    best = max_seq_from_curve(curve, budget_bytes)
+    longest = curve.groupby("method", sort=False)["seq"].max()
+    table = pd.DataFrame({"method": list(best), "max_seq": list(best.values())})
+    table["lower_bound"] = [best[m] >= longest[m] for m in best]
+    base = best.get(baseline)
+    table[f"max_seq_vs_{baseline}"] = table["max_seq"] / base if base else float("nan")
+    return table

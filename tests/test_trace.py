@@ -1,0 +1,261 @@
+"""The trace folder: round trip, run.yaml content, load's rejections, atomic writes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from paca_prof import trace
+
+
+def _schema_dtype(dtype: str):
+    return pd.Series([], dtype=dtype).dtype
+
+
+def _assert_schema(table: pd.DataFrame, name: str) -> None:
+    columns = trace.TABLES[name]
+    assert list(table.columns[: len(columns)]) == list(columns), name
+    for column, dtype in columns.items():
+        assert table[column].dtype == _schema_dtype(dtype), (name, column, table[column].dtype)
+
+
+def _tables(t: trace.Trace) -> dict[str, pd.DataFrame]:
+    return {name: getattr(t, name) for name in trace.TABLES}
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error)
+    assert message.strip(), "empty message"
+    assert "\n" not in message.strip(), f"not one line: {message!r}"
+    return message
+
+
+# --- round trip ---------------------------------------------------------------------------------
+
+def test_measured_tables_follow_schema(measured_trace):
+    for name in trace.TABLES:
+        _assert_schema(getattr(measured_trace, name), name)
+    assert measured_trace.source == "measured"
+    assert measured_trace.methods == ["frozen", "lora", "dora", "paca", "full"]
+    assert set(measured_trace.chrome_traces) == set(measured_trace.methods)
+
+
+def test_write_load_round_trip_of_measured_trace(measured_trace, tmp_path):
+    out = trace.write(tmp_path / "copy", measured_trace.run, _tables(measured_trace))
+    loaded = trace.load(out)
+    assert loaded.run == measured_trace.run
+    for name in trace.TABLES:
+        _assert_schema(getattr(loaded, name), name)
+        pd.testing.assert_frame_equal(getattr(loaded, name), getattr(measured_trace, name),
+                                      check_exact=True)
+
+
+def test_round_trip_of_missing_columns_na_and_extra_columns(tmp_path):
+    summary = pd.DataFrame({
+        "method": ["lora", "paca"], "status": ["ok", "oom"], "error": [None, "out of memory"],
+        "step_ms": [1.5, float("nan")], "peak_bytes": [123, None], "my_extra": [1, 2],
+    })
+    ops = pd.DataFrame({"method": ["lora"], "name": ["aten::mm"], "adapter_branch": [True],
+                        "dur_us": [3.25]})
+    written = trace.write(tmp_path / "t", {"source": "simulated", "seq": 7},
+                          {"summary": summary, "ops": ops})
+    loaded = trace.load(written)
+    for name in trace.TABLES:
+        _assert_schema(getattr(loaded, name), name)
+    s = loaded.summary
+    assert list(s["method"]) == ["lora", "paca"]
+    assert list(s["status"]) == ["ok", "oom"]
+    assert s["error"].isna().tolist() == [True, False]
+    assert s.loc[0, "peak_bytes"] == 123 and s["peak_bytes"].isna().tolist() == [False, True]
+    assert s["step_ms"].isna().tolist() == [False, True]
+    assert s["trainable_params"].isna().all()  # a column the input did not have
+    assert list(s["my_extra"]) == [1, 2]  # columns may be added
+    assert loaded.ops["adapter_branch"].tolist() == [True]
+    assert loaded.layers.empty and loaded.memory.empty
+    assert loaded.run["schema_version"] == trace.SCHEMA_VERSION
+    assert loaded.run["source"] == "simulated" and loaded.run["seq"] == 7
+
+
+def test_run_yaml_records_the_run(measured_trace, measured_trace_path):
+    from conftest import MEASURED_RUN
+
+    run = yaml.safe_load((measured_trace_path / "run.yaml").read_text())
+    assert run == measured_trace.run
+    assert run["schema_version"] == 1
+    assert run["source"] == "measured"
+    assert isinstance(run["command"], str) and run["command"]
+    assert run["created"]
+    assert run["model"]["name"] == "tiny"
+    config = run["model"]["config"]
+    assert config["model_type"] == "llama"
+    for key, value in dict(vocab_size=1024, hidden_size=128, intermediate_size=352,
+                           num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2).items():
+        assert config[key] == value, key
+    assert run["seq"] == MEASURED_RUN["seq"] and run["batch"] == MEASURED_RUN["batch"]
+    assert run["dtype"] == "fp32"
+    assert run["seed"] == 0
+    assert run["device"]["name"] and run["device"]["memory_bytes"] > 0
+    assert run["device"]["type"] == "cpu"
+    assert list(run["methods"]) == ["frozen", "lora", "dora", "paca", "full"]
+    for method in ("lora", "dora", "paca"):
+        settings = run["methods"][method]
+        assert settings["rank"] == 8 and settings["alpha"] == 16.0, method
+        assert set(settings["targets"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                            "gate_proj", "up_proj", "down_proj"}, method
+        assert "adapter_dtype" in settings and "seed" in settings, method
+    assert run["methods"]["lora"]["dropout"] == 0.0
+    assert {"attention", "grad_checkpointing", "optimizer"} <= set(run["assumptions"])
+    assert run["assumptions"]["grad_checkpointing"] is False
+    assert {"python", "torch", "transformers", "peft", "paca_prof"} <= set(run["versions"])
+    assert all(run["versions"].values())
+
+
+# --- load rejects broken folders ----------------------------------------------------------------
+
+@pytest.fixture
+def trace_copy(measured_trace_path, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(measured_trace_path, copy)
+    trace.load(copy)  # the copy itself is fine
+    return copy
+
+
+def test_load_rejects_missing_folder(tmp_path):
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(tmp_path / "nope")
+    assert "nope" in _one_line(info.value)
+
+
+def test_load_rejects_truncated_parquet(trace_copy):
+    table = trace_copy / "layers.parquet"
+    data = table.read_bytes()
+    table.write_bytes(data[: len(data) // 2])
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(trace_copy)
+    assert "layers.parquet" in _one_line(info.value)
+
+
+def test_load_rejects_missing_parquet(trace_copy):
+    (trace_copy / "ops.parquet").unlink()
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(trace_copy)
+    assert "ops.parquet" in _one_line(info.value)
+
+
+def test_load_rejects_other_schema_version(trace_copy):
+    run_file = trace_copy / "run.yaml"
+    run = yaml.safe_load(run_file.read_text())
+    run["schema_version"] = 2
+    run_file.write_text(yaml.safe_dump(run))
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(trace_copy)
+    assert "schema_version" in _one_line(info.value)
+
+
+@pytest.mark.parametrize("content", [
+    "{{{ not: [yaml",           # not YAML at all
+    "just a sentence\n",         # YAML, but not a mapping
+    "- a\n- list\n",             # a list
+    "",                          # empty file
+    "\x00\x01\x02binary",        # binary garbage
+])
+def test_load_rejects_garbage_run_yaml(trace_copy, content):
+    (trace_copy / "run.yaml").write_text(content)
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(trace_copy)
+    assert "run.yaml" in _one_line(info.value)
+
+
+def test_load_rejects_missing_run_yaml(trace_copy):
+    (trace_copy / "run.yaml").unlink()
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(trace_copy)
+    _one_line(info.value)
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial" in p.name or p.name.startswith("."))
+
+
+def test_write_to_existing_path_raises_and_leaves_it_untouched(measured_trace, trace_copy):
+    before = _snapshot(trace_copy)
+    with pytest.raises(trace.TraceError) as info:
+        trace.write(trace_copy, {"source": "measured"}, _tables(measured_trace))
+    _one_line(info.value)
+    assert _snapshot(trace_copy) == before
+    assert _leftovers(trace_copy.parent) == []
+
+
+def test_write_to_existing_empty_folder_raises(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(trace.TraceError):
+        trace.write(tmp_path / "out", {"source": "measured"}, {})
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_failure_while_writing_leaves_nothing(measured_trace, tmp_path, monkeypatch):
+    calls = []
+    real = pd.DataFrame.to_parquet
+
+    def failing(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the first table is written, the second fails
+            raise OSError("disk full (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", failing)
+    parent = tmp_path / "traces"
+    parent.mkdir()
+    (parent / "other").mkdir()  # an unrelated neighbour is not touched
+    with pytest.raises(OSError, match="simulated"):
+        trace.write(parent / "run", measured_trace.run, _tables(measured_trace))
+    assert len(calls) == 2
+    assert not (parent / "run").exists()
+    assert sorted(p.name for p in parent.iterdir()) == ["other"]
+
+
+def test_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trace.write(tmp_path / "run", {"source": "measured"}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_moving_chrome_trace_leaves_nothing(tmp_path):
+    with pytest.raises(OSError):
+        trace.write(tmp_path / "run", {"source": "measured"}, {},
+                    chrome_traces={"lora": tmp_path / "missing.json"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_rejects_unknown_source_and_writes_nothing(tmp_path):
+    with pytest.raises(trace.TraceError) as info:
+        trace.write(tmp_path / "run", {"source": "guessed"}, {})
+    _one_line(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_moves_chrome_traces_into_folder(tmp_path):
+    source = tmp_path / "paca.json"
+    source.write_text('{"traceEvents": []}')
+    out = trace.write(tmp_path / "run", {"source": "measured"}, {},
+                      chrome_traces={"paca": source})
+    loaded = trace.load(out)
+    assert loaded.chrome_traces == {"paca": out / "trace-paca.json"}
+    assert (out / "trace-paca.json").read_text() == '{"traceEvents": []}'
+    assert not source.exists()
