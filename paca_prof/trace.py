@@ -6,6 +6,7 @@
       layers.parquet      one row per (method, module, phase)
       ops.parquet         one row per op (CPU, simulation) or kernel (CUDA)
       memory.parquet      memory timeline per method and category
+      capacity.parquet    optional: peak bytes by category over probed sequence lengths (plan)
       trace-<method>.json Chrome trace events (opens in Perfetto), measured runs only
 
 Writes are atomic: everything goes to a hidden temporary folder beside the target, which is
@@ -60,12 +61,20 @@ OP_COLUMNS = {
 MEMORY_COLUMNS = {
     "method": "string", "t": "float64", "allocated_bytes": "Int64", "category": "string",
 }
+# A capacity sweep (written by `paca-prof plan --out`): bytes alive at the peak, by category,
+# per method and (seq, batch) probed. Optional: only plan traces have it.
+CAPACITY_COLUMNS = {
+    "method": "string", "seq": "Int64", "batch": "Int64", "category": "string",
+    "bytes": "Int64",
+}
 TABLES = {
     "summary": SUMMARY_COLUMNS,
     "layers": LAYER_COLUMNS,
     "ops": OP_COLUMNS,
     "memory": MEMORY_COLUMNS,
 }
+OPTIONAL_TABLES = {"capacity": CAPACITY_COLUMNS}
+ALL_TABLES = {**TABLES, **OPTIONAL_TABLES}
 # Memory categories, in the order figures stack them.
 MEMORY_CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations",
                      "logits_loss", "rest")
@@ -86,6 +95,7 @@ class Trace:
     ops: pd.DataFrame
     memory: pd.DataFrame
     chrome_traces: dict[str, Path] = field(default_factory=dict)
+    capacity: pd.DataFrame | None = None
 
     @property
     def source(self) -> str:
@@ -102,7 +112,7 @@ def empty_table(name: str) -> pd.DataFrame:
 
 def conform(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     """Give a table the schema's columns and dtypes (missing columns are filled with NA)."""
-    columns = TABLES[name]
+    columns = ALL_TABLES[name]
     frame = frame.copy()
     for column, dtype in columns.items():
         if column not in frame:
@@ -140,6 +150,9 @@ def write(path: str | Path, run: dict, tables: dict[str, pd.DataFrame],
         for name in TABLES:
             table = conform(tables.get(name, pd.DataFrame()), name)
             table.to_parquet(staging / f"{name}.parquet", index=False)
+        for name in OPTIONAL_TABLES:
+            if tables.get(name) is not None:
+                conform(tables[name], name).to_parquet(staging / f"{name}.parquet", index=False)
         for method, source in (chrome_traces or {}).items():
             shutil.move(str(source), staging / f"trace-{method}.json")
         os.rename(staging, path)
@@ -173,9 +186,12 @@ def load(path: str | Path) -> Trace:
     if run.get("source") not in SOURCES:
         raise TraceError(f"{path}: run.yaml source {run.get('source')!r} is not one of {SOURCES}")
     tables = {}
-    for name in TABLES:
+    for name in ALL_TABLES:
+        file = path / f"{name}.parquet"
+        if name in OPTIONAL_TABLES and not file.exists():
+            continue
         try:
-            tables[name] = conform(pd.read_parquet(path / f"{name}.parquet"), name)
+            tables[name] = conform(pd.read_parquet(file), name)
         except Exception as error:  # pyarrow raises several types for a truncated file
             raise TraceError(f"{path}: unreadable {name}.parquet ({type(error).__name__})") from None
     chrome = {p.stem.removeprefix("trace-"): p for p in sorted(path.glob("trace-*.json"))}
