@@ -101,6 +101,49 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=_positive_int, default=8050)
     dash.add_argument("--debug", action="store_true", help="Dash debug mode (never for sharing)")
     dash.set_defaults(handler=_cmd_dash)
+
+    from paca_prof.plan import DEFAULT_GRANULARITY, DEFAULT_HEADROOM, HEADROOM_MEANING
+    from paca_prof.plan import PLAN_METHODS
+
+    plan = sub.add_parser("plan", help="longest sequence (or largest batch) of each method that "
+                                       "fits a GPU, from simulated steps")
+    plan.add_argument("--model", required=True,
+                      help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--gpu", help=f"plan for this GPU's memory ({', '.join(GPUS)})")
+    target.add_argument("--memory", help="plan for this much memory instead: 24GiB, 80GB, 1.5TiB, "
+                                         "bytes (K/M/G/T and KiB.. are binary, KB.. decimal)")
+    plan.add_argument("--methods", type=_method_list, default=PLAN_METHODS,
+                      help=f"comma-separated, from {','.join(method_registry.METHODS)} "
+                           f"(default {','.join(PLAN_METHODS)}; frozen trains nothing)")
+    plan.add_argument("--seq", type=_positive_int, default=None,
+                      help="fix the sequence length and search the largest batch instead")
+    plan.add_argument("--batch", type=_positive_int, default=None,
+                      help="sequences per step while the length is searched (default 1)")
+    plan.add_argument("--granularity", type=_positive_int, default=DEFAULT_GRANULARITY,
+                      help=f"sequence lengths are searched on this grid of tokens "
+                           f"(default {DEFAULT_GRANULARITY}); batches exactly")
+    plan.add_argument("--headroom", default=DEFAULT_HEADROOM,
+                      help=(f"kept back from the memory for what simulation does not count: "
+                            f"sizes and percentages of the memory, summed (default "
+                            f"{DEFAULT_HEADROOM}: {HEADROOM_MEANING}); 0 for none"
+                            ).replace("%", "%%"))
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    plan.add_argument("--attention", choices=["flash", "efficient", "math", "eager"], default=None,
+                      help="default: flash for bf16/fp16, efficient for fp32 (what SDPA runs on "
+                           "a recent GPU); math/eager materialise the L x L scores")
+    plan.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    plan.add_argument("--rank", type=_positive_int, default=8)
+    plan.add_argument("--adapter-dtype", choices=method_registry.ADAPTER_DTYPES, default="fp32",
+                      help="LoRA/DoRA weights: fp32 (PEFT's autocast default) or the model's dtype")
+    plan.add_argument("--confirm", choices=["auto", "always", "never"], default="auto",
+                      help="simulate each answer again at full depth: auto (while the plan stays "
+                           "within --time-budget), always, never")
+    plan.add_argument("--time-budget", type=float, default=27.0,
+                      help="--confirm auto confirms while the whole command (imports included) "
+                           "stays within this many seconds (default 27)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.set_defaults(handler=_cmd_plan)
     return parser
 
 
@@ -222,6 +265,114 @@ def _cmd_dash(args) -> int:
 
     serve(args.traces, host=args.host, port=args.port, debug=args.debug)
     return 0
+
+
+def _cmd_plan(args) -> int:
+    from tqdm import tqdm
+
+    from paca_prof import plan as planner
+
+    if args.seq is not None and args.batch is not None:
+        raise UsageError("--seq searches the batch: leave out --batch")
+    if args.time_budget < 0:
+        raise UsageError(f"--time-budget must be 0 or more, got {args.time_budget:g}")
+    try:
+        budget = planner.make_budget(gpu=args.gpu, memory=args.memory, headroom=args.headroom)
+        settings = method_registry.MethodSettings(rank=args.rank,
+                                                  adapter_dtype=args.adapter_dtype)
+        spec = planner.make_spec(args.model, args.methods, seq=args.seq, batch=args.batch or 1,
+                                 dtype=args.dtype, attention=args.attention,
+                                 grad_ckpt=args.grad_ckpt, settings=settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    bar = tqdm(total=len(spec.methods), desc="paca-prof plan", unit="method", file=sys.stderr,
+               disable=None)
+
+    def progress(method, state):
+        bar.set_postfix_str(f"{method}: {state}")
+        if state == "searched":
+            bar.update()
+
+    try:
+        result = planner.plan(spec, budget, seq=args.seq, granularity=args.granularity,
+                              confirm=args.confirm,
+                              time_budget_s=args.time_budget - _seconds_since_start(),
+                              progress=progress)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_plan(result)
+    return 0
+
+
+def _seconds_since_start() -> float:
+    """Wall seconds since this process started (from Linux's /proc); 0 where unknown."""
+    import os
+
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _print_plan(result) -> None:
+    """Per method: the answer, then a table of the curve (simulated bytes by category)."""
+    from paca_prof.plan import format_bytes
+
+    gib, budget = 2**30, result.budget.budget_bytes
+    unit = "tokens" if result.vary == "seq" else "sequences"
+    fixed = (f"batch {result.batch}" if result.vary == "seq"
+             else f"seq {result.seq}, batch searched")
+    print(f"paca-prof plan: {result.model} ({result.n_layers} layers), {fixed}, {result.dtype}, "
+          f"{result.attention} attention, "
+          f"{'gradient checkpointing' if result.grad_ckpt else 'no gradient checkpointing'}")
+    print(result.budget.describe())
+    if len(result.depths) == 1:
+        how = f"the {result.n_layers}-layer model simulated at each size"
+    else:
+        how = (f"{result.depths[0]}- and {result.depths[1]}-layer models simulated, "
+               f"extrapolated to {result.n_layers} layers")
+    print(f"every byte below is simulated (meta device: exact tensor bytes, no allocator "
+          f"rounding, no CUDA context); {how}; {result.vary} searched to {result.granularity} "
+          f"{unit}; {result.elapsed_s:.1f} s")
+    for name, mp in result.methods.items():
+        print()
+        if mp.at_limit:
+            head = (f"fits even at the search limit, {result.vary} {mp.max_size} "
+                    f"(simulated peak {format_bytes(mp.best.peak_bytes)}); longer may fit")
+        elif mp.fits:
+            what = "longest sequence" if result.vary == "seq" else "largest batch"
+            head = (f"{what} that fits: {mp.max_size} {unit} "
+                    f"({getattr(mp.next, result.vary)} does not); simulated peak "
+                    f"{format_bytes(mp.best.peak_bytes)} = "
+                    f"{100 * mp.best.peak_bytes / budget:.1f}% of the {format_bytes(budget)} "
+                    f"budget")
+        else:
+            head = (f"NOTHING FITS: max {result.vary} 0; even {result.vary} "
+                    f"{getattr(mp.smallest, result.vary)} needs "
+                    f"{format_bytes(mp.smallest.peak_bytes)} (simulated), over the "
+                    f"{format_bytes(budget)} budget")
+        print(f"{name}: {head}")
+        print(f"  {mp.confirmation}")
+        curve = result.curve[result.curve["method"] == name]
+        table = curve.pivot_table(index=[result.vary, "probed"], columns="category",
+                                  values="bytes", aggfunc="sum").reset_index()
+        categories = list(MEMORY_CATEGORIES)
+        header = (f"  {result.vary:>8} {'peak GiB':>9} {'% budget':>8} "
+                  + " ".join(f"{c:>11}" for c in categories) + "  source")
+        print(header)
+        for _, row in table.sort_values(result.vary).iterrows():
+            size = int(row[result.vary])
+            peak = sum(int(row[c]) for c in categories)
+            mark = "  <- max" if size == mp.max_size else ("  over budget" if peak > budget
+                                                          else "")
+            cells = " ".join(f"{int(row[c]) / gib:>11.2f}" for c in categories)
+            print(f"  {size:>8} {peak / gib:>9.2f} {100 * peak / budget:>8.1f} {cells}  "
+                  f"{'probed' if row['probed'] else 'fitted'}{mark}")
 
 
 def _bytes_as_mib(frame):

@@ -63,13 +63,11 @@ class ModuleScopes:
         return self.stack[-1] if self.stack else ROOT
 
     def __enter__(self) -> ModuleScopes:
-        # Reference cycles (DoRA's dropped weight-norm graphs, for one) are freed by the garbage
-        # collector at moments that vary from run to run; pause it and collect at each phase
-        # end instead, so that memory and saved bytes are the same in every run. Objects that
-        # exist now are frozen out of those collections, which then cost little.
+        # Without cyclic garbage collection during the step, every tensor dies by reference
+        # count, at the same moment in every run, as it does in a plain training step (the
+        # hooks below form no reference cycles). A collection in the middle of a step would
+        # also run weak-reference callbacks on storages at arbitrary points.
         self._gc_was_enabled = gc.isenabled()
-        gc.collect()
-        gc.freeze()
         gc.disable()
         for module, path in self.paths.items():
             # with_kwargs: transformers passes tensors by keyword (self_attn(hidden_states=...))
@@ -83,7 +81,6 @@ class ModuleScopes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        gc.unfreeze()
         if self._gc_was_enabled:
             gc.enable()
 
@@ -110,7 +107,7 @@ class ModuleScopes:
                 # no input needs one, when all its trainable parameters have their grads.
                 inputs = _grad_tensors((args, kwargs))
                 if inputs:
-                    register_multi_grad_hook(inputs, lambda grads: self.exit(path, "backward"))
+                    when_all_grads(inputs, lambda: self.exit(path, "backward"))
                 else:
                     params = [p for p in module.parameters() if p.requires_grad]
                     if params:
@@ -121,15 +118,16 @@ class ModuleScopes:
     def _watch_parameters(self, path: str, params: list[torch.Tensor]) -> None:
         # Hooks on parameters outlive the graph, so each removes itself once it fired, and
         # end_phase() removes those that never fire (parameters that got no gradient).
-        handle = None
+        handles = []
 
-        def done(grads):
+        def done():
             self.exit(path, "backward")
-            handle.remove()
-            self._param_hooks.discard(handle)
+            for handle in handles:
+                handle.remove()
+                self._param_hooks.discard(handle)
 
-        handle = register_multi_grad_hook(params, done)
-        self._param_hooks.add(handle)
+        handles.extend(when_all_grads(params, done))
+        self._param_hooks.update(handles)
 
     def on_phase_end(self, callback: Callable[[str], None]) -> None:
         self._phase_end.append(callback)
@@ -142,7 +140,6 @@ class ModuleScopes:
                 handle.remove()
             self._param_hooks.clear()
             self.stack.clear()
-        gc.collect()
         for callback in self._phase_end:
             callback(phase)
 
@@ -161,6 +158,24 @@ class ModuleScopes:
                     )
 
         return post_hook
+
+
+def when_all_grads(tensors: list[torch.Tensor], fn: Callable[[], None]) -> list:
+    """Call fn once the gradients of all `tensors` have been computed; returns the handles.
+
+    Unlike register_multi_grad_hook(mode="all"), whose hooks hold the tensors' grad_fn nodes
+    and so form reference cycles that keep a graph and its saved tensors alive until the
+    garbage collector runs, these hooks hold only a counter. Limit: a tensor whose gradient is
+    never computed keeps fn from being called.
+    """
+    remaining = [len(tensors)]
+
+    def count(grad):
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            fn()
+
+    return [t.register_hook(count) for t in tensors]
 
 
 def _grad_tensors(value) -> list[torch.Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import sys
 from pathlib import Path
 
@@ -58,20 +56,6 @@ def make_llama():
 MEASURED_RUN = dict(model="tiny", seq=128, batch=2, dtype="fp32", steps=10, warmup=2)
 
 
-@contextlib.contextmanager
-def long_lived_objects_frozen():
-    """gc.freeze() for the duration: the instrumented steps run gc.collect() at every phase end,
-    and a full collection over everything torch, transformers and pytest keep alive costs
-    ~0.2 s per call here; frozen, a collection scans only objects created since (which is all
-    that the step's cyclic garbage can be), so results are unchanged."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 @pytest.fixture(scope="session")
 def measured_trace_path(tmp_path_factory):
     """Path of a trace folder written by ONE measured CPU run of every method
@@ -89,8 +73,7 @@ def measured_trace_path(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with long_lived_objects_frozen():
-            engines.run(spec, out, "pytest measured_trace fixture")
+        engines.run(spec, out, "pytest measured_trace fixture")
     finally:
         torch.set_num_threads(threads)
     return out

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import long_lived_objects_frozen
 from paca_prof import trace
 from paca_prof.cli import main
 
@@ -200,9 +199,8 @@ def test_model_from_local_config(capsys, tmp_path, tiny_config_folder, as_file):
 
     model = tiny_config_folder / "config.json" if as_file else tiny_config_folder
     out = tmp_path / "run"
-    with long_lived_objects_frozen():
-        rc = main(["run", "--model", str(model), "--methods", "frozen", *SMALL, "--out", str(out),
-                   "--json"])
+    rc = main(["run", "--model", str(model), "--methods", "frozen", *SMALL, "--out", str(out),
+               "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     document = json.loads(captured.out)

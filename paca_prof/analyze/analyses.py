@@ -283,3 +283,43 @@ def memory_time_label(sources: dict) -> str:
     if sources.get("bytes") == "measured":
         return "us from the step's start"
     return "allocation event (simulated order)"
+
+
+def fill_container_latency(layers: pd.DataFrame) -> pd.DataFrame:
+    """The layers table with a latency for modules inside decoder layers that are never
+    called themselves, such as PEFT's ModuleDicts (q_proj.lora_A holds lora_A.default, which
+    runs): the sum of their shallowest timed descendants' latency_ms (and n_kernels where
+    the table has no row for them). Rows are added for such modules that the table lacks
+    (lora_dropout), so a drill-down into q_proj shows base_layer, lora_A, lora_B and
+    lora_dropout side by side. Timed rows are unchanged."""
+    timed = layers[layers["latency_ms"].notna()]
+    have = set(zip(timed["method"], timed["module"], timed["phase"]))
+    sums: dict[tuple, list] = {}
+    for method, module, phase, kind, ms, kernels in timed[
+            ["method", "module", "phase", "kind", "latency_ms", "n_kernels"]].itertuples(
+            index=False):
+        layer = decoder_layer(module)
+        if layer is None or module == layer:
+            continue
+        parts, floor = module.split("."), layer.count(".") + 1
+        for end in range(len(parts) - 1, floor, -1):
+            key = (method, ".".join(parts[:end]), phase)
+            if key in have:
+                break
+            entry = sums.setdefault(key, [kind, 0.0, 0])
+            entry[1] += float(ms)
+            entry[2] += 0 if pd.isna(kernels) else int(kernels)
+    if not sums:
+        return layers
+    keys = pd.MultiIndex.from_tuples(list(sums), names=["method", "module", "phase"])
+    filled = pd.DataFrame([v for v in sums.values()], index=keys,
+                          columns=["kind", "latency_ms", "n_kernels"])
+    indexed = layers.set_index(["method", "module", "phase"])
+    present = filled.index.intersection(indexed.index)
+    out = indexed.copy()
+    out.loc[present, "latency_ms"] = filled.loc[present, "latency_ms"].to_numpy()
+    new = filled.loc[filled.index.difference(indexed.index)].reset_index()
+    new["depth"] = new["module"].str.count(r"\.") + 1
+    out = pd.concat([out.reset_index(), new.astype({"n_kernels": "Int64", "depth": "Int64"})],
+                    ignore_index=True)
+    return out[layers.columns]

@@ -1,10 +1,11 @@
 """Capacity curves stored beside a trace: peak memory against sequence length per method.
 
-A capacity sweep (the planner's simulated points) may be stored in a trace folder as the extra
-table capacity.parquet with columns method, seq, batch, category, bytes: the bytes of each
-memory category alive at the peak of one simulated step at that sequence length and batch.
-These functions read it and answer "how long a sequence fits in this much memory" without
-simulating anything. Pandas only; no torch here.
+A capacity sweep (the planner's curve: `paca-prof plan --out`) is stored in a trace folder as
+the optional table capacity.parquet (trace.CAPACITY_COLUMNS: method, seq, batch, category,
+bytes): the bytes of each memory category alive at the peak of one simulated step at that
+sequence length and batch. trace.load reads it into Trace.capacity; these functions answer "how
+long a sequence fits in this much memory" from it without simulating anything. Pandas only; no
+torch here. The budget itself (device memory less headroom) is the planner's (plan.make_budget).
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from paca_prof import trace as trace_io
 from paca_prof.trace import TraceError
 
 CAPACITY_FILE = "capacity.parquet"
-CAPACITY_COLUMNS = {"method": "string", "seq": "int64", "batch": "int64",
-                    "category": "string", "bytes": "float64"}
 
 
 def load_capacity(trace_path: str | Path) -> pd.DataFrame | None:
-    """The capacity sweep stored in a trace folder, or None if the folder holds none.
+    """The capacity sweep stored in a trace folder (typed as trace.CAPACITY_COLUMNS), or None
+    if the folder holds none, without loading the rest of the trace.
 
-    Raises TraceError (one line) for an unreadable file or one that lacks the columns
-    method, seq, batch, category, bytes.
+    Raises TraceError (one line) for an unreadable file or one that lacks a schema column.
     """
     path = Path(trace_path) / CAPACITY_FILE
     if not path.is_file():
@@ -34,13 +34,13 @@ def load_capacity(trace_path: str | Path) -> pd.DataFrame | None:
         table = pd.read_parquet(path)
     except Exception as error:  # pyarrow raises several types for a truncated file
         raise TraceError(f"{path}: unreadable ({type(error).__name__})") from None
-    missing = [c for c in CAPACITY_COLUMNS if c not in table]
+    missing = [c for c in trace_io.CAPACITY_COLUMNS if c not in table]
     if missing:
         raise TraceError(f"{path}: missing column(s) {', '.join(missing)}")
     try:
-        return table.astype(CAPACITY_COLUMNS)
+        return trace_io.conform(table, "capacity")
     except (TypeError, ValueError) as error:
-        raise TraceError(f"{path}: bad values ({error})") from None
+        raise TraceError(f"{path}: bad values ({type(error).__name__})") from None
 
 
 def select_batch(capacity: pd.DataFrame, batch: int | None = None) -> tuple[pd.DataFrame, int]:
@@ -55,23 +55,16 @@ def select_batch(capacity: pd.DataFrame, batch: int | None = None) -> tuple[pd.D
     return capacity[capacity["batch"] == chosen], chosen
 
 
-def capacity_budget(memory_bytes: float, free_bytes: float | None = None,
-                    headroom_bytes: float = 0.0) -> float:
-    """Bytes a training step may use: the free memory if given (else the device's memory),
-    less the headroom kept back (CUDA context, allocator fragmentation); never negative."""
-    available = memory_bytes if free_bytes is None else min(free_bytes, memory_bytes)
-    return max(float(available) - float(headroom_bytes or 0.0), 0.0)
-
-
 def max_seq_from_curve(curve: pd.DataFrame, budget_bytes: float) -> dict[str, int]:
     """The longest sequence per method whose peak memory fits in `budget_bytes`.
 
     `curve` holds one batch size (see select_batch); a point's peak is the sum of its
     categories' bytes. The answer interpolates linearly between the simulated points on
-    either side of the budget (the peak grows smoothly between them; attention without a
-    fused kernel grows quadratically, so a coarse sweep slightly overestimates there) and is
-    rounded down. It never extrapolates: a method whose longest simulated point fits gets
-    that point's length (a lower bound), and one whose shortest point does not fit gets 0.
+    either side of the budget (the planner's curve also holds points it fitted between its
+    probes; the peak grows smoothly between points, but quadratically with eager attention,
+    so a coarse curve slightly overestimates there) and is rounded down. It never
+    extrapolates: a method whose longest point fits gets that point's length (a lower bound),
+    and one whose shortest point does not fit gets 0.
     """
     totals = curve.groupby(["method", "seq"], sort=False)["bytes"].sum().reset_index()
     result = {}

@@ -12,12 +12,19 @@ import pandas as pd
 
 import torch
 from torch import nn
-from torch.autograd.graph import register_multi_grad_hook
 
 from paca_prof import methods as method_registry
 from paca_prof import presets
 from paca_prof.engines.attention import implementation_name
-from paca_prof.instrument import LOSS, OPTIMIZER, ROOT, ModuleScopes, module_depth, module_kind
+from paca_prof.instrument import (
+    LOSS,
+    OPTIMIZER,
+    ROOT,
+    ModuleScopes,
+    module_depth,
+    module_kind,
+    when_all_grads,
+)
 
 
 @dataclass
@@ -67,8 +74,9 @@ def build_prepared(spec: RunSpec, method: str, device: str) -> tuple[nn.Module, 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable = method_registry.trainable_parameters(model)
-    # foreach is torch's default on CUDA; simulations model a CUDA step (and run faster so).
-    foreach = None if device == "cpu" else True
+    # foreach is torch's default on CUDA, the for-loop on the CPU; a simulation models the
+    # device the spec names (meta stands for a CUDA GPU), and runs faster with foreach.
+    foreach = None if spec.device == "cpu" else True
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=foreach) if trainable else None
     return model, optimizer
 
@@ -133,7 +141,7 @@ def training_step(model: nn.Module, optimizer, ids: torch.Tensor, scopes: Module
             scopes.exit(LOSS, "forward")
             if loss.requires_grad:  # the loss's backward: from its own grad to the logits'
                 loss.register_hook(lambda grad: scopes.enter(LOSS, "backward"))
-                register_multi_grad_hook([logits], lambda grads: scopes.exit(LOSS, "backward"))
+                when_all_grads([logits], lambda: scopes.exit(LOSS, "backward"))
     del logits
     with Phase(scopes, "backward", phase_context("backward")):
         loss.backward()
