@@ -1,0 +1,257 @@
+"""The capacity planner (paca_prof/plan.py) and `paca-prof plan`: memory sizes and headroom,
+depth extrapolation against full-depth simulation, the search's answer against direct
+simulation and measurement, the JSON object, and one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from paca_prof import cli
+from paca_prof import plan as planner
+from paca_prof.analyze.capacity import max_seq_from_curve
+from paca_prof.engines.common import RunSpec
+from paca_prof.engines.measure import measure_method
+from paca_prof.engines.simulate import Simulator
+from paca_prof.trace import MEMORY_CATEGORIES
+
+GiB, MiB = 2**30, 2**20
+# The tiny preset in fp32 with eager attention: what the CPU measures, so simulation and
+# measurement can be compared; 40 MiB, no headroom, puts the answers near 600 tokens.
+TINY = dict(dtype="fp32", attention="eager")
+TINY_BUDGET = planner.make_budget(memory="40MiB", headroom="0")
+# A model whose deep peak (gradients + AdamW temporaries) is not where its shallow peak is (the
+# logits): extrapolating the step's peak as a whole is wrong for it, per segment it is exact.
+SWITCHING = {"model_type": "llama", "vocab_size": 8000, "hidden_size": 512,
+             "intermediate_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 8,
+             "num_key_value_heads": 4, "max_position_embeddings": 4096}
+
+
+# --- Memory sizes and the budget ------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("24GiB", 24 * GiB), ("80GB", 80 * 10**9), ("1.5TiB", int(1.5 * 2**40)), ("512 MiB", 512 * MiB),
+    ("24g", 24 * GiB), ("24gib", 24 * GiB), ("1e9", 10**9), ("1000", 1000), (4096, 4096),
+    ("0", 0), ("10KB", 10_000), ("3K", 3072), ("7B", 7),
+])
+def test_parse_bytes_reads_binary_and_decimal_units(text, expected):
+    assert planner.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["24 potatoes", "", "GiB", "-1GiB", "1.2.3GB", "24GiBs", "5%"])
+def test_parse_bytes_rejects_other_text_in_one_line(text):
+    with pytest.raises(ValueError) as error:
+        planner.parse_bytes(text)
+    assert "\n" not in str(error.value)
+
+
+def test_headroom_sums_sizes_and_percentages_of_the_memory():
+    memory = 80 * GiB
+    assert planner.parse_headroom("1GiB+5%", memory) == 5 * GiB
+    assert planner.parse_headroom("10%", memory) == 8 * GiB
+    assert planner.parse_headroom("2GiB", memory) == 2 * GiB
+    assert planner.parse_headroom("0", memory) == 0
+    for bad in ("100%", "x%", "1GiB+lots", "80GiB", "-5%"):
+        with pytest.raises(ValueError):
+            planner.parse_headroom(bad, memory)
+
+
+def test_default_budget_of_an_a100_keeps_back_1gib_plus_5_percent():
+    budget = planner.make_budget(gpu="a100-80gb")
+    assert budget.memory_bytes == 80 * GiB
+    assert budget.headroom == planner.DEFAULT_HEADROOM == "1GiB+5%"
+    assert budget.headroom_bytes == GiB + 4 * GiB
+    assert budget.budget_bytes == 75 * GiB
+    assert "headroom 5.00 GiB" in budget.describe() and "budget 75.00 GiB" in budget.describe()
+    with pytest.raises(ValueError, match="unknown GPU"):
+        planner.make_budget(gpu="a100-90gb")
+    with pytest.raises(ValueError, match="exactly one"):
+        planner.make_budget(gpu="a100-80gb", memory="24GiB")
+
+
+# --- Depth extrapolation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["lora", "paca"])
+def test_extrapolated_peak_equals_full_depth_simulation_on_llama2_7b(method):
+    spec = planner.make_spec("llama2-7b", (method,))
+    model = planner._MethodModel(spec, method, 32, planner.DEPTHS)
+    extrapolated, full = model.probe(1024, 1), model.probe_full(1024, 1)
+    assert extrapolated.extrapolated and not full.extrapolated
+    assert extrapolated.breakdown == full.breakdown  # every category, to the byte
+    assert extrapolated.peak_bytes == full.peak_bytes
+
+
+def test_segments_keep_extrapolation_exact_where_the_peak_moves_with_depth(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(SWITCHING))
+    spec = planner.make_spec(str(tmp_path), ("full",), grad_ckpt=True)
+    model = planner._MethodModel(spec, "full", 24, planner.DEPTHS)
+    two, three = (model._sims[d].step(2048, 1) for d in planner.DEPTHS)
+    full = model.probe_full(2048, 1)
+    whole_step = two.peak_bytes + 22 * (three.peak_bytes - two.peak_bytes)
+    assert whole_step < full.peak_bytes  # the logits' peak at 2-3 layers, the optimizer's at 24
+    assert planner._extrapolate(two, three, 24).breakdown == full.breakdown
+
+
+# --- The search -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return planner.plan("tiny", TINY_BUDGET, ("lora", "paca"), **TINY, granularity=16)
+
+
+def _simulated_peak(method: str, seq: int, batch: int = 1) -> int:
+    spec = RunSpec(model="tiny", seq=seq, batch=batch, device="meta", **TINY)
+    return Simulator(spec, method).step(seq, batch).summary["peak_bytes"]
+
+
+@pytest.mark.parametrize("method", ["lora", "paca"])
+def test_longest_sequence_fits_and_the_next_grid_step_does_not(tiny_plan, method):
+    mp = tiny_plan.methods[method]
+    budget = TINY_BUDGET.budget_bytes
+    assert mp.max_size > 0 and mp.max_size % 16 == 0 and not mp.at_limit
+    assert mp.confirmation == planner.FULL_DEPTH  # 2 layers: nothing to extrapolate
+    assert mp.best.peak_bytes == _simulated_peak(method, mp.max_size) <= budget
+    assert _simulated_peak(method, mp.max_size + 16) > budget
+    assert sum(mp.best.breakdown.values()) == mp.best.peak_bytes
+
+
+def test_paca_fits_a_longer_sequence_than_lora(tiny_plan):
+    assert tiny_plan.methods["paca"].max_size > tiny_plan.methods["lora"].max_size
+
+
+def test_curve_is_a_capacity_table_up_to_a_quarter_past_the_answer(tiny_plan):
+    curve = tiny_plan.curve
+    assert list(curve.columns[:5]) == ["method", "seq", "batch", "category", "bytes"]
+    assert set(curve["category"]) == set(MEMORY_CATEGORIES)
+    for method, mp in tiny_plan.methods.items():
+        rows = curve[curve["method"] == method]
+        sizes = sorted(set(rows["seq"]))
+        assert 8 <= len(sizes) <= 16
+        assert max(sizes) >= 1.2 * mp.max_size
+        at_max = rows[rows["seq"] == mp.max_size]
+        assert at_max["probed"].all() and at_max["bytes"].sum() == mp.best.peak_bytes
+        # a fitted point agrees with a direct simulation (eager attention: quadratic in seq)
+        fitted = rows[~rows["probed"]].groupby("seq")["bytes"].sum()
+        seq = int(fitted.index[len(fitted) // 2])
+        assert abs(fitted[seq] - _simulated_peak(method, seq)) <= 0.01 * fitted[seq]
+    # the analyzer re-reads the curve for a budget: between the answer and the next grid step
+    best = max_seq_from_curve(curve[curve["probed"]], TINY_BUDGET.budget_bytes)
+    for method, mp in tiny_plan.methods.items():
+        assert mp.max_size <= best[method] < mp.max_size + 16
+
+
+def test_largest_batch_at_a_fixed_sequence():
+    result = planner.plan("tiny", TINY_BUDGET, ("paca",), seq=128, **TINY)
+    mp = result.methods["paca"]
+    assert result.vary == "batch" and mp.vary == "batch" and result.granularity == 1
+    assert mp.max_size >= 2
+    assert mp.best.peak_bytes == _simulated_peak("paca", 128, mp.max_size)
+    assert _simulated_peak("paca", 128, mp.max_size + 1) > TINY_BUDGET.budget_bytes
+    assert set(result.curve["seq"]) == {128}
+
+
+def test_nothing_fits_gives_zero_and_the_smallest_size_needed():
+    budget = planner.make_budget(memory="1MiB", headroom="0")
+    mp = planner.plan("tiny", budget, ("lora",), **TINY).methods["lora"]
+    assert mp.max_size == 0 and not mp.fits and mp.best is None
+    assert mp.smallest.seq == planner.DEFAULT_GRANULARITY
+    assert mp.smallest.peak_bytes > budget.budget_bytes
+
+
+def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(tmp_path,
+                                                                               monkeypatch):
+    config = {**SWITCHING, "num_hidden_layers": 5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    budget = planner.make_budget(memory="300MiB", headroom="0")
+    confirmed = planner.plan(str(tmp_path), budget, ("paca",), granularity=128,
+                             confirm="always").methods["paca"]
+    assert confirmed.confirmation == planner.CONFIRMED and confirmed.fits
+    assert not confirmed.best.extrapolated and confirmed.best.depth == 5
+
+    real = planner._extrapolate
+
+    def optimistic(low, high, depth):  # an extrapolation 10% short of the truth
+        point = real(low, high, depth)
+        segments = {s: {c: int(b * 0.9) for c, b in bd.items()} for s, bd in point.segments.items()}
+        return planner._point(point.seq, point.batch, segments, depth, extrapolated=True)
+
+    monkeypatch.setattr(planner, "_extrapolate", optimistic)
+    corrected = planner.plan(str(tmp_path), budget, ("paca",), granularity=128,
+                             confirm="always").methods["paca"]
+    assert corrected.confirmation == planner.CORRECTED
+    assert corrected.max_size == confirmed.max_size
+
+
+# --- Against measurement --------------------------------------------------------------------
+
+@pytest.mark.parametrize("seq", [128, 256])
+def test_predicted_peak_is_within_2_percent_of_the_measured_cpu_peak(seq):
+    spec = planner.make_spec("tiny", ("lora",), **TINY)
+    predicted = planner._MethodModel(spec, "lora", 2, (2,)).probe(seq, 1).peak_bytes
+    measured_spec = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY)
+    measured = measure_method(measured_spec, "lora", Path(tempfile.mkdtemp()))
+    assert abs(predicted - measured.summary["peak_bytes"]) <= 0.02 * measured.summary["peak_bytes"]
+
+
+# --- The command ----------------------------------------------------------------------------
+
+def test_plan_json_states_budget_headroom_assumptions_and_each_answer(capsys):
+    status = cli.main(["plan", "--model", "tiny", "--memory", "40MiB", "--headroom", "0",
+                       "--dtype", "fp32", "--attention", "math", "--methods", "lora,paca",
+                       "--granularity", "16", "--json"])
+    assert status == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budget_bytes"] == 40 * MiB and out["headroom_bytes"] == 0
+    assumptions = out["assumptions"]
+    assert assumptions["attention"] == "eager" and assumptions["dtype"] == "fp32"
+    assert assumptions["grad_ckpt"] is False and assumptions["batch"] == 1
+    assert assumptions["granularity"] == 16 and "simulated" in assumptions["memory"]
+    assert set(out["methods"]) == {"lora", "paca"}
+    for entry in out["methods"].values():
+        assert entry["max_seq"] > 0 and entry["peak_bytes"] <= out["budget_bytes"]
+        assert sum(entry["breakdown"].values()) == entry["peak_bytes"]
+        assert entry["next"]["peak_bytes"] > out["budget_bytes"]
+        assert len(entry["curve"]) >= 8 and entry["confirmed_full_depth"] is True
+
+
+def test_plan_text_names_budget_headroom_and_that_bytes_are_simulated(capsys):
+    status = cli.main(["plan", "--model", "tiny", "--memory", "2MiB", "--headroom", "0",
+                       "--methods", "lora", "--dtype", "fp32", "--attention", "eager"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "headroom 0 B (0)" in out and "budget 2.00 MiB" in out and "simulated" in out
+    assert "NOTHING FITS: max seq 0" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu", "a100-90gb"], "unknown GPU"),
+    (["--memory", "24 potatoes"], "cannot read '24 potatoes'"),
+    (["--gpu", "a100-80gb", "--memory", "24GiB"], "not allowed with"),
+    ([], "one of the arguments --gpu --memory is required"),
+    (["--gpu", "l4", "--headroom", "150%"], "headroom"),
+    (["--gpu", "l4", "--methods", "lora,bogus"], "unknown method 'bogus'"),
+    (["--gpu", "l4", "--seq", "512", "--batch", "2"], "leave out --batch"),
+    (["--gpu", "l4", "--rank", "100000"], "rank"),
+])
+def test_usage_errors_are_one_line_with_status_2(capsys, argv, message):
+    assert cli.main(["plan", "--model", "tiny", *argv]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and message in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_unknown_model_is_a_usage_error(capsys):
+    assert cli.main(["plan", "--model", "llama9-1t", "--gpu", "h200"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model 'llama9-1t'" in err
+
+
+def test_plan_help_prints(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", "--help"])
+    assert exit_.value.code == 0
+    assert "1GiB+5%" in capsys.readouterr().out
