@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--confirm auto confirms while the whole command (imports included) "
                            "stays within this many seconds (default 27)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.add_argument("--out", type=Path, default=None,
+                      help="also write the plan as a trace folder (capacity sweep) for analyze/dash")
     plan.set_defaults(handler=_cmd_plan)
     return parser
 
@@ -300,10 +302,19 @@ def _cmd_plan(args) -> int:
                               progress=progress)
     finally:
         bar.close()
+    path = None
+    if args.out is not None:
+        command = "paca-prof " + shlex.join(sys.argv[1:])
+        try:
+            path = planner.write_trace(result, spec, args.out, command)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "trace": str(path) if path else None}, indent=2))
     else:
         _print_plan(result)
+        if path:
+            print(f"trace: {path}")
     return 0
 
 

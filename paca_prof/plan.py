@@ -767,3 +767,28 @@ def _curve(mp: MethodPlan, grid: int, degree: int, fixed: int) -> pd.DataFrame:
                                       "category": "string", "bytes": "int64",
                                       "probed": "bool"})
 
+
+
+def write_trace(result: PlanResult, spec, out: Path, command: str) -> Path:
+    """Write the plan as a trace folder (source simulated): a summary row per method with its
+    answer (max_seq or max_batch) and the peak's breakdown there, and the curve as the
+    capacity table, so the analyzer and the dashboard can show it without simulating."""
+    from paca_prof import engines, trace
+
+    engines.check_out(out)
+    run = engines.run_metadata(spec, command)
+    run["device"] = {"type": "meta", "name": f"{result.budget.gpu or 'memory budget'} (planned)",
+                     "memory_bytes": result.budget.memory_bytes}
+    run["plan"] = {key: value for key, value in result.to_dict().items()
+                   if key in ("budget_bytes", "headroom", "headroom_bytes", "search", "gpu")}
+    run["assumptions"] = {**run["assumptions"], **result.assumptions()}
+    key = f"max_{result.vary}"
+    rows = []
+    for name, mp in result.methods.items():
+        best = mp.best
+        rows.append({"method": name, "status": "ok" if mp.fits else "oom", key: mp.max_size,
+                     "peak_bytes": best.peak_bytes if best else None,
+                     **{f"peak_{c}_bytes": b for c, b in (best.breakdown if best else {}).items()}})
+    capacity = result.curve.drop(columns=["probed"], errors="ignore").assign(
+        probed=result.curve.get("probed", True))
+    return trace.write(out, run, {"summary": pd.DataFrame(rows), "capacity": capacity})

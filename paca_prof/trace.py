@@ -42,6 +42,8 @@ SUMMARY_COLUMNS = {
     "peak_gradients_bytes": "Int64", "peak_optimizer_bytes": "Int64",
     "peak_activations_bytes": "Int64", "peak_logits_loss_bytes": "Int64",
     "peak_rest_bytes": "Int64",
+    # Plan traces only: the longest sequence (or largest batch) that fits the budget.
+    "max_seq": "Int64", "max_batch": "Int64",
 }
 # latency_ms, n_kernels and flops include submodules; activation_bytes belong to the innermost
 # module only (forward rows; NA on backward rows).
@@ -65,7 +67,7 @@ MEMORY_COLUMNS = {
 # per method and (seq, batch) probed. Optional: only plan traces have it.
 CAPACITY_COLUMNS = {
     "method": "string", "seq": "Int64", "batch": "Int64", "category": "string",
-    "bytes": "Int64",
+    "bytes": "Int64", "probed": "bool",
 }
 TABLES = {
     "summary": SUMMARY_COLUMNS,
