@@ -7,6 +7,7 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from paca_prof import methods as method_registry
@@ -437,6 +438,9 @@ def _jsonable(row) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' own deprecation notices, raised from inside its and PEFT's code: nothing a
+    # user of this command can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
