@@ -69,11 +69,12 @@ class PartialConnectionFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_y_2d = grad_y.reshape(-1, grad_y.shape[-1])
             partial_x_2d = partial_x.reshape(-1, partial_x.shape[-1])
-            # One GEMM (out x r, K = B*L): beta=0 ignores the uninitialised input, and
-            # alpha=scaling applies dL/dP = scaling * dL/dW[:, indices] without another kernel.
+            # One GEMM (K = B*L): beta=0 ignores the uninitialised input, and alpha=scaling
+            # applies dL/dP = scaling * dL/dW[:, indices] without another kernel. Computed as
+            # (x_idx^T @ grad_y)^T: the same values, in the orientation BLAS runs ~2x faster.
             grad_p = torch.addmm(
-                grad_y_2d.new_empty(()), grad_y_2d.t(), partial_x_2d, beta=0, alpha=ctx.scaling
-            )
+                partial_x_2d.new_empty(()), partial_x_2d.t(), grad_y_2d, beta=0, alpha=ctx.scaling
+            ).t()
         return grad_x, grad_p, None, None, None, None
 
 
@@ -84,7 +85,8 @@ class PacaLinear(nn.Module):
         weight: the full frozen weight (out x in), shared with the wrapped linear; forward uses it.
         bias: the frozen bias, or None.
         indices: LongTensor (r,) of the trained input features, sorted.
-        paca_weight: trainable Parameter (out x r), initialised to W[:, indices] / scaling.
+        paca_weight: trainable Parameter (out x r, column-major), initialised to
+            W[:, indices] / scaling.
         scaling: alpha / r.
 
     Invariant: every forward uses W[:, indices] == scaling * paca_weight as of the latest change
@@ -123,7 +125,9 @@ class PacaLinear(nn.Module):
         original = self.weight.detach().index_select(1, indices)
         # Kept to unmerge exactly; out x r, the size of paca_weight itself.
         self.register_buffer("original_columns", original.clone(), persistent=False)
-        self.paca_weight = nn.Parameter(original / self.scaling)
+        # Stored column-major (the transpose of a contiguous r x out tensor): the grad GEMM
+        # produces that layout, so accumulating the gradient needs no copy.
+        self.paca_weight = nn.Parameter((original / self.scaling).t().contiguous().t())
         self._synced_version = self.paca_weight._version
         _LIVE_LAYERS.add(self)
 
@@ -146,7 +150,8 @@ class PacaLinear(nn.Module):
         self._synced_version = self.paca_weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.sync_columns()
+        if self.paca_weight._version != self._synced_version:  # cheap check before the call
+            self.sync_columns()
         if torch.is_grad_enabled() and self.paca_weight.requires_grad:
             return PartialConnectionFn.apply(
                 x, self.paca_weight, self.weight, self.bias, self.indices, self.scaling
