@@ -67,7 +67,7 @@ MEMORY_COLUMNS = {
 # per method and (seq, batch) probed. Optional: only plan traces have it.
 CAPACITY_COLUMNS = {
     "method": "string", "seq": "Int64", "batch": "Int64", "category": "string",
-    "bytes": "Int64", "probed": "bool",
+    "bytes": "Int64",
 }
 TABLES = {
     "summary": SUMMARY_COLUMNS,

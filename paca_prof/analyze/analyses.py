@@ -189,6 +189,11 @@ def diff_layers(layers_a: pd.DataFrame, layers_b: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
+def _number(value) -> float:
+    """A float for any cell, NaN for a missing one (pd.NA has no float())."""
+    return float(value) if value is not None and pd.notna(value) else np.nan
+
+
 def headline(summary: pd.DataFrame, total_memory_column: str = "peak_bytes") -> pd.DataFrame:
     """PaCA against LoRA in the paper's terms, beside the paper's figures: training time,
     total memory, max sequence (if the trace holds a capacity plan: column max_seq) and
@@ -197,14 +202,14 @@ def headline(summary: pd.DataFrame, total_memory_column: str = "peak_bytes") -> 
     values = {name: np.nan for name in PAPER_HEADLINE}
     if {"paca", "lora"} <= set(rows.index):
         paca, lora = rows.loc["paca"], rows.loc["lora"]
-        step_p, step_l = float(paca.get("step_ms", np.nan)), float(lora.get("step_ms", np.nan))
+        step_p, step_l = _number(paca.get("step_ms")), _number(lora.get("step_ms"))
         values["training_time"] = step_p / step_l - 1
         values["throughput"] = step_l / step_p - 1
-        memory_p = float(paca.get(total_memory_column, np.nan))
-        memory_l = float(lora.get(total_memory_column, np.nan))
+        memory_p = _number(paca.get(total_memory_column))
+        memory_l = _number(lora.get(total_memory_column))
         values["total_memory"] = memory_p / memory_l - 1
         if "max_seq" in rows:
-            values["max_seq"] = float(paca["max_seq"]) / float(lora["max_seq"]) - 1
+            values["max_seq"] = _number(paca["max_seq"]) / _number(lora["max_seq"]) - 1
     return pd.DataFrame({"metric": list(values), "paca_vs_lora": list(values.values()),
                          "paper": [PAPER_HEADLINE[m] for m in values]})
 

@@ -25,9 +25,16 @@ def _layout(fig: go.Figure, title: str) -> go.Figure:
 
 
 def overview_bars(summary: pd.DataFrame, source: str) -> go.Figure:
-    """Step time split into forward / backward / optimizer per method."""
+    """Step time split into forward / backward / optimizer per method; for a trace without
+    times (a capacity plan, a simulation without projection) the peak memory per method."""
     long = summary.melt(id_vars="method", value_vars=["forward_ms", "backward_ms", "optimizer_ms"],
                         var_name="phase", value_name="ms").dropna()
+    if long.empty:
+        peaks = summary.assign(GiB=summary["peak_bytes"].astype(float) / GIB).dropna(
+            subset=["GiB"])
+        fig = px.bar(peaks, x="method", y="GiB", color="method",
+                     color_discrete_map=METHOD_COLORS, hover_data={"GiB": ":.2f"})
+        return _layout(fig, "Peak memory per method (no times in this trace)")
     long["phase"] = long["phase"].str.removesuffix("_ms")
     fig = px.bar(long, x="method", y="ms", color="phase", barmode="stack",
                  hover_data={"ms": ":.1f"})
