@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
-from torch.utils._pytree import tree_flatten
+from torch.autograd.graph import saved_tensors_hooks
 
 from paca_prof.trace import MEMORY_CATEGORIES
 
@@ -50,6 +49,7 @@ class ModuleScopes:
         self._exit: list[ScopeCallback] = []
         self._handles = []
         self._param_hooks = set()
+        self._call_inputs: list[set[int]] = []  # ids of grad inputs of the calls in progress
         self._phase_end: list[Callable[[str], None]] = []
 
     def on_enter(self, callback: ScopeCallback) -> None:
@@ -106,6 +106,7 @@ class ModuleScopes:
                 # The module's backward is over when all its input grads are computed or, if
                 # no input needs one, when all its trainable parameters have their grads.
                 inputs = _grad_tensors((args, kwargs))
+                self._call_inputs.append({id(t) for t in inputs})
                 if inputs:
                     when_all_grads(inputs, lambda: self.exit(path, "backward"))
                 else:
@@ -150,12 +151,10 @@ class ModuleScopes:
             if phase == "forward" and torch.is_grad_enabled():
                 # An output that is one of the inputs (nn.Identity, LoRA's dropout at p=0) has
                 # its grad computed by someone else: it must not open this module's backward.
-                inputs = {id(t) for t in _grad_tensors((args, kwargs))}
+                inputs = self._call_inputs.pop() if self._call_inputs else set()
                 outputs = [t for t in _grad_tensors(output) if id(t) not in inputs]
                 if outputs:  # first output grad arrived: the module's backward starts
-                    register_multi_grad_hook(
-                        outputs, lambda grad: self.enter(path, "backward"), mode="any"
-                    )
+                    when_any_grad(outputs, lambda: self.enter(path, "backward"))
 
         return post_hook
 
@@ -178,9 +177,36 @@ def when_all_grads(tensors: list[torch.Tensor], fn: Callable[[], None]) -> list:
     return [t.register_hook(count) for t in tensors]
 
 
+def when_any_grad(tensors: list[torch.Tensor], fn: Callable[[], None]) -> None:
+    """Call fn once, when the first gradient of any of `tensors` has been computed (a light
+    register_multi_grad_hook(mode="any") for tensors of one graph)."""
+    fired = [False]
+
+    def first(grad):
+        if not fired[0]:
+            fired[0] = True
+            fn()
+
+    for tensor in tensors:
+        tensor.register_hook(first)
+
+
 def _grad_tensors(value) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(value)
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    """The tensors that require grad in a module's inputs or outputs (tensors, tuples, lists,
+    dicts and transformers' ModelOutput, which is a dict). A plain walk: torch's pytree is
+    several times slower, and this runs twice per module call."""
+    found: list[torch.Tensor] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                found.append(item)
+        elif isinstance(item, tuple | list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return found
 
 
 def storage_key(tensor: torch.Tensor) -> int:
