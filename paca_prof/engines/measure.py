@@ -46,7 +46,6 @@ from paca_prof.instrument import (
     memory_timeline,
     static_bytes,
 )
-from paca_prof.trace import MEMORY_CATEGORIES
 
 
 @dataclass
