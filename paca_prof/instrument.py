@@ -1,9 +1,10 @@
 """Instruments for one training step: module scopes, saved-tensor accounting, and module kinds.
 
 ModuleScopes is the one place that knows which module and phase is running. It hooks every
-module's forward (pre/post) and, through autograd multi-grad hooks, its backward (first output
-gradient in, all input gradients out), the way torch.distributed._tools.ModTracker does, but
-names modules by their full path. Consumers subscribe with `on_enter` / `on_exit`.
+module's forward (pre/post) and, through gradient hooks on its outputs and inputs, its backward
+(first output gradient in, all input gradients out), the way
+torch.distributed._tools.ModTracker does, but names modules by their full path and forms no
+reference cycles. Consumers subscribe with `on_enter` / `on_exit`.
 
 SavedTensorLedger uses torch.autograd.graph.saved_tensors_hooks to charge every tensor saved for
 backward to the innermost module running, once per storage, parameters and buffers excluded.
