@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="paca-prof", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="measure training steps of each method into a trace folder")
+    run = sub.add_parser("run", help="measure (cpu, cuda) or simulate (meta) training steps of "
+                                     "each method into a trace folder")
     run.add_argument("--model", required=True,
                      help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
     run.add_argument("--seq", type=_positive_int, required=True, help="tokens per sequence")
