@@ -49,7 +49,9 @@ def _method_list(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="paca-prof", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="paca-prof", description="Where a fine-tuning step's time and memory "
+                     "go: PaCA against LoRA, DoRA and full fine-tuning, measured, simulated or "
+                     "projected onto a GPU.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="measure (cpu, cuda) or simulate (meta) training steps of "
