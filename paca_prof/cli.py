@@ -155,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from paca_prof import engines
     from paca_prof.engines.attention import default_attention
@@ -181,14 +180,7 @@ def _cmd_run(args) -> int:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
     command = "paca-prof " + shlex.join(sys.argv[1:])
-    bar = tqdm(total=len(spec.methods), desc="paca-prof run", unit="method", file=sys.stderr,
-               disable=None)
-
-    def progress(method, state):
-        bar.set_postfix_str(f"{method}: {state}")
-        if state == "done":
-            bar.update()
-
+    bar, progress = _progress_bar("paca-prof run", len(spec.methods), finished="done")
     try:
         path = engines.run(spec, out, command, progress, gpu=gpu)
     except ValueError as error:
@@ -274,7 +266,6 @@ def _cmd_dash(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from tqdm import tqdm
 
     from paca_prof import plan as planner
 
@@ -291,14 +282,7 @@ def _cmd_plan(args) -> int:
                                  grad_ckpt=args.grad_ckpt, settings=settings)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    bar = tqdm(total=len(spec.methods), desc="paca-prof plan", unit="method", file=sys.stderr,
-               disable=None)
-
-    def progress(method, state):
-        bar.set_postfix_str(f"{method}: {state}")
-        if state == "searched":
-            bar.update()
-
+    bar, progress = _progress_bar("paca-prof plan", len(spec.methods), finished="searched")
     try:
         result = planner.plan(spec, budget, seq=args.seq, granularity=args.granularity,
                               confirm=args.confirm,
@@ -320,6 +304,21 @@ def _cmd_plan(args) -> int:
         if path:
             print(f"trace: {path}")
     return 0
+
+
+def _progress_bar(desc: str, methods: int, finished: str):
+    """A progress bar on stderr (one step per method) and the (method, state) callback the
+    engines and the planner report to; `finished` is the state that completes a method."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=methods, desc=desc, unit="method", file=sys.stderr, disable=None)
+
+    def progress(method: str, state: str) -> None:
+        bar.set_postfix_str(f"{method}: {state}")
+        if state == finished:
+            bar.update()
+
+    return bar, progress
 
 
 def _seconds_since_start() -> float:
