@@ -421,7 +421,8 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int], saved_own
     saved tensors stay alive until backward), a gradient likewise for the gradients alive
     after backward. Saved tensors of lm_head and the loss, and whatever those two allocate,
     are logits_loss. Everything else is rest (temporaries, optimizer scratch).
-    Returns (rows of t, category, allocated_bytes), the peak total, and the breakdown at it.
+    Returns (rows of t, category, allocated_bytes, and the event's phase and logits_scope), the
+    peak total, and the breakdown at it.
     """
     last_alloc: dict[tuple[int, str | None], int] = {}
     for i, e in enumerate(events):
@@ -438,7 +439,8 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int], saved_own
             category_of[index] = "gradients"
 
     totals = {c: static.get(c, 0) for c in MEMORY_CATEGORIES}
-    rows = [{"t": 0.0, "category": c, "allocated_bytes": b} for c, b in totals.items()]
+    rows = [{"t": 0.0, "category": c, "allocated_bytes": b, "phase": None,
+             "logits_scope": False} for c, b in totals.items()]
     live: dict[int, str] = {}
     peak, breakdown = sum(totals.values()), dict(totals)
     for i, e in enumerate(events):
@@ -448,7 +450,8 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int], saved_own
         else:
             category = live.pop(e.key, "rest")
         totals[category] += e.nbytes
-        rows.append({"t": e.t, "category": category, "allocated_bytes": totals[category]})
+        rows.append({"t": e.t, "category": category, "allocated_bytes": totals[category],
+                     "phase": e.phase, "logits_scope": e.logits_scope})
         total = sum(totals.values())
         if total > peak:
             peak, breakdown = total, dict(totals)

@@ -348,63 +348,53 @@ SEGMENTS = ("forward:layers", "forward:logits", "backward:logits", "backward:lay
             "optimizer")
 
 
-def _segment_peaks(memory: pd.DataFrame, events: list) -> dict[str, dict[str, int]]:
+def _segment_peaks(memory: pd.DataFrame) -> dict[str, dict[str, int]]:
     """Peak of each timeline segment, as bytes per category at that segment's peak.
 
-    `memory` is a simulated step's memory table (one row per category at t=0, then one per
-    allocation or free event, in order) and `events` the recorder's MemoryEvents behind it
-    (phase, logits flag). Only allocations can make a peak; an allocation's segment is its
-    phase, split at lm_head: forward before its first lm_head/loss allocation, and backward up
-    to its last one, are separate from the rest; allocations between phases join the segment
-    before them. The state at the start belongs to the first segment.
+    `memory` is a simulated step's memory table: one row per category at t=0, then one per
+    allocation or free event, in order, with the event's phase and logits_scope. Only
+    allocations can make a peak; an allocation's segment is its phase, split at lm_head:
+    forward before its first lm_head/loss allocation, and backward up to its last one, are
+    separate from the rest; allocations between phases join the segment before them. The state
+    at the start belongs to the first segment.
     """
     n0 = len(MEMORY_CATEGORIES)
     forward_layers, forward_logits, backward_logits, backward_layers, optimizer = SEGMENTS
     categories = memory["category"].tolist()
     values = [int(v) for v in memory["allocated_bytes"].tolist()]
-    if len(categories) != n0 + len(events):
-        raise RuntimeError(f"memory table has {len(categories)} rows for {len(events)} events")
+    phases = memory["phase"].tolist()
+    logits = memory["logits_scope"].tolist()
     totals = dict(zip(categories[:n0], values[:n0]))
     total = sum(totals.values())
-    last_backward_logits = max((i for i, e in enumerate(events) if e.phase == "backward"
-                                and e.nbytes > 0 and e.logits_scope), default=-1)
+    allocates = []  # per event row: does it allocate (its category's total grows)?
+    running = dict(totals)
+    for category, value in zip(categories[n0:], values[n0:]):
+        allocates.append(value > running[category])
+        running[category] = value
+    last_backward_logits = max((i for i, phase in enumerate(phases[n0:]) if phase == "backward"
+                                and allocates[i] and logits[n0 + i]), default=-1)
     segment, seen_logits = forward_layers, False
     peaks: dict[str, tuple[int, dict[str, int]]] = {segment: (total, dict(totals))}
-    for i, (event, category, value) in enumerate(zip(events, categories[n0:], values[n0:])):
+    for i, (category, value) in enumerate(zip(categories[n0:], values[n0:])):
         total += value - totals[category]
         totals[category] = value
-        if event.nbytes <= 0:
+        if not allocates[i]:
             continue
-        if event.phase == "forward":
-            seen_logits = seen_logits or event.logits_scope
+        phase = phases[n0 + i]
+        if phase == "forward":
+            seen_logits = seen_logits or bool(logits[n0 + i])
             segment = forward_logits if seen_logits else forward_layers
-        elif event.phase == "backward":
+        elif phase == "backward":
             segment = backward_logits if i <= last_backward_logits else backward_layers
-        elif event.phase == "optimizer":
+        elif phase == "optimizer":
             segment = optimizer
         if total > peaks.get(segment, (-1,))[0]:
             peaks[segment] = (total, dict(totals))
     return {name: breakdown for name, (_, breakdown) in peaks.items()}
 
 
-def _active_recorder():
-    """The OpRecorder of the simulated step that is running (called from a forward hook)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    from paca_prof.engines.simulate import OpRecorder
-
-    for mode in reversed(_get_current_dispatch_mode_stack()):
-        if isinstance(mode, OpRecorder):
-            return mode
-    return None
-
-
 class _DepthSimulator:
-    """A Simulator of one method at one depth that also returns its step's segment peaks.
-
-    Segmenting needs each memory event's phase, which the step's tables do not carry; a forward
-    pre-hook on the model picks up the step's OpRecorder to read its events.
-    """
+    """A Simulator of one method at one depth that also returns its step's segment peaks."""
 
     def __init__(self, spec, method: str, depth: int):
         from paca_prof.engines.simulate import Simulator
@@ -412,22 +402,13 @@ class _DepthSimulator:
         started = time.perf_counter()
         self.depth = depth
         self.sim = Simulator(spec, method)
-        self._recorder = None
-        self.sim.model.register_forward_pre_hook(self._capture)
         self.build_s = time.perf_counter() - started
         self.step_s = 0.0
 
-    def _capture(self, module, args):
-        self._recorder = self._recorder or _active_recorder()
-
     def step(self, seq: int, batch: int) -> Point:
         started = time.perf_counter()
-        self._recorder = None
         result = self.sim.step(seq, batch)
-        if self._recorder is None:
-            raise RuntimeError("the simulated step ran without a recorder")
-        segments = _segment_peaks(result.memory, self._recorder.events)
-        self._recorder = None
+        segments = _segment_peaks(result.memory)
         point = _point(seq, batch, segments, self.depth, extrapolated=False)
         if point.peak_bytes != result.summary["peak_bytes"]:
             raise RuntimeError(f"segment peaks ({point.peak_bytes}) disagree with the step's "

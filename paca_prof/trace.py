@@ -62,6 +62,8 @@ OP_COLUMNS = {
 # on; the other categories keep their last value. t = 0 rows hold the state at the start.
 MEMORY_COLUMNS = {
     "method": "string", "t": "float64", "allocated_bytes": "Int64", "category": "string",
+    # the phase of the event, and whether lm_head or the loss made the allocation
+    "phase": "string", "logits_scope": "bool",
 }
 # A capacity sweep (written by `paca-prof plan --out`): bytes alive at the peak, by category,
 # per method and (seq, batch) probed. Optional: only plan traces have it.
