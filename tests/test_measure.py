@@ -161,7 +161,7 @@ def test_top_level_latencies_account_for_forward_and_backward(measured_trace, me
 
 def test_decoder_layers_carry_ninety_percent_of_a_decoder_dominated_step(tmp_path):
     """On a model whose layers carry the step, as a real LLM's do (the tiny preset's shape with
-    4 layers, hidden 256 and a 256-token vocabulary, given as a local config.json), the decoder
+    6 layers, hidden 256 and a 256-token vocabulary, given as a local config.json), the decoder
     layers' forward + backward latencies add up to at least 90% of the measured forward +
     backward time: the module hooks miss nothing. (On the 2-layer tiny preset the embedding,
     head, loss and the model's mask code take 15-30%; the test above covers it.)"""
@@ -170,12 +170,12 @@ def test_decoder_layers_carry_ninety_percent_of_a_decoder_dominated_step(tmp_pat
     from paca_prof.presets import load_config
 
     _, config = load_config("tiny")
-    config.update(dict(num_hidden_layers=4, hidden_size=256, intermediate_size=688,
+    config.update(dict(num_hidden_layers=6, hidden_size=256, intermediate_size=688,
                        vocab_size=256))
     folder = tmp_path / "decoder-heavy"
     folder.mkdir()
     config.to_json_file(folder / "config.json")
-    spec = RunSpec(model=str(folder), seq=128, batch=2, dtype="fp32", device="cpu",
+    spec = RunSpec(model=str(folder), seq=256, batch=2, dtype="fp32", device="cpu",
                    methods=("frozen", "lora", "paca"), steps=8, warmup=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -183,7 +183,7 @@ def test_decoder_layers_carry_ninety_percent_of_a_decoder_dominated_step(tmp_pat
         t = trace.load(engines.run(spec, tmp_path / "run", "pytest"))
     finally:
         torch.set_num_threads(threads)
-    layers = [f"model.layers.{i}" for i in range(4)]
+    layers = [f"model.layers.{i}" for i in range(config.num_hidden_layers)]
     for method in spec.methods:
         assert _coverage(t, method, layers) >= 0.9, (method, _coverage(t, method, layers))
 
