@@ -46,34 +46,39 @@ class PartialConnectionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, paca_weight, weight, bias, indices, scaling):
-        partial_x = x.index_select(-1, indices)  # the one extra forward kernel
-        device_type = x.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            # Under autocast F.linear below (and so grad_y) runs in the autocast dtype, while
-            # backward runs outside autocast: keep the partial input in that dtype (it is also
-            # what a frozen linear saves under autocast: the cast input, here only r columns).
-            partial_x = partial_x.to(torch.get_autocast_dtype(device_type))
+        # Gathered before the GEMM, while x is still in cache: the one extra forward kernel.
+        partial_x = x.index_select(-1, indices)
+        y = F.linear(x, weight, bias)
+        if partial_x.dtype != y.dtype:
+            # Autocast: F.linear (and so grad_y) runs in the autocast dtype while backward runs
+            # outside autocast. Keep the r columns in that dtype, which is also what a frozen
+            # linear saves under autocast (the cast input), here for r columns only.
+            partial_x = partial_x.to(y.dtype)
         ctx.save_for_backward(partial_x, weight)
         ctx.scaling = scaling
-        return F.linear(x, weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         partial_x, weight = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # Autocast: grad_y has the autocast dtype and weight its own; cast the weight here
-            # rather than saving a cast copy of it in forward (the parameter is saved for free).
-            grad_x = grad_y.matmul(weight.to(grad_y.dtype))
-        grad_p = None
-        if ctx.needs_input_grad[1]:
-            grad_y_2d = grad_y.reshape(-1, grad_y.shape[-1])
-            partial_x_2d = partial_x.reshape(-1, partial_x.shape[-1])
+        needs_grad_x, needs_grad_p = ctx.needs_input_grad[:2]
+        grad_x = grad_p = None
+        if needs_grad_x:
+            if weight.dtype != grad_y.dtype:
+                # Autocast: cast here rather than save a cast copy of the weight in forward.
+                weight = weight.to(grad_y.dtype)
+            grad_x = grad_y.matmul(weight)
+        if needs_grad_p:
             # One GEMM (K = B*L): beta=0 ignores the uninitialised input, and alpha=scaling
             # applies dL/dP = scaling * dL/dW[:, indices] without another kernel. Computed as
-            # (x_idx^T @ grad_y)^T: the same values, in the orientation BLAS runs ~2x faster.
+            # (x_idx^T @ grad_y)^T: the same values, in the orientation BLAS runs ~2x faster,
+            # and already in paca_weight's column-major layout.
             grad_p = torch.addmm(
-                partial_x_2d.new_empty(()), partial_x_2d.t(), grad_y_2d, beta=0, alpha=ctx.scaling
+                partial_x.new_empty(()),
+                partial_x.reshape(-1, partial_x.shape[-1]).t(),
+                grad_y.reshape(-1, grad_y.shape[-1]),
+                beta=0,
+                alpha=ctx.scaling,
             ).t()
         return grad_x, grad_p, None, None, None, None
 
@@ -150,11 +155,12 @@ class PacaLinear(nn.Module):
         self._synced_version = self.paca_weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.paca_weight._version != self._synced_version:  # cheap check before the call
+        paca_weight = self.paca_weight  # one Module.__getattr__ lookup, not three
+        if paca_weight._version != self._synced_version:  # cheap check before the call
             self.sync_columns()
-        if torch.is_grad_enabled() and self.paca_weight.requires_grad:
+        if paca_weight.requires_grad and torch.is_grad_enabled():
             return PartialConnectionFn.apply(
-                x, self.paca_weight, self.weight, self.bias, self.indices, self.scaling
+                x, paca_weight, self.weight, self.bias, self.indices, self.scaling
             )
         return F.linear(x, self.weight, self.bias)
 
