@@ -142,17 +142,24 @@ class PacaLinear(nn.Module):
 
     def mark_columns_changed(self) -> None:
         """Force the next forward to write scaling * paca_weight into W."""
-        self._synced_version = -1
+        # Through __dict__: nn.Module.__setattr__ costs microseconds, and this runs per step.
+        self.__dict__["_synced_version"] = -1
 
-    @torch.no_grad()
     def sync_columns(self) -> None:
         """Write scaling * paca_weight into W[:, indices] if paca_weight changed since last time."""
-        version = self.paca_weight._version
+        paca_weight = self.paca_weight
+        version = paca_weight._version
         if version == self._synced_version:
             return
-        columns = self.paca_weight if self.scaling == 1.0 else self.paca_weight * self.scaling
-        self.weight.index_copy_(1, self.indices, columns.to(self.weight.dtype))
-        self._synced_version = self.paca_weight._version
+        weight = self.weight
+        # detach(), not torch.no_grad(): the same effect on this path for less Python per step.
+        columns = paca_weight.detach()
+        if self.scaling != 1.0:
+            columns = columns * self.scaling
+        if columns.dtype != weight.dtype:
+            columns = columns.to(weight.dtype)
+        weight.detach().index_copy_(1, self.indices, columns)
+        self.__dict__["_synced_version"] = version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paca_weight = self.paca_weight  # one Module.__getattr__ lookup, not three
