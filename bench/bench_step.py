@@ -12,13 +12,13 @@ model, so all methods start from the same weights), warmed up, then timed in ONE
 each round visits every method once, in a freshly shuffled order; a visit runs `rewarm` untimed
 steps and then times `reps` steps one by one with time.perf_counter (and time.process_time). The
 garbage collector is frozen after setup and disabled inside timed regions. The statistic is the
-median wall time per method; ratios are ratios of medians. As robustness checks the same ratios
-are also shown per round (median over rounds of the within-round ratio), from the minima, and
+median wall time per method; ratios are ratios of medians, with a 95% bootstrap interval over
+whole rounds. As robustness checks the same ratios are also shown per round (median over rounds of the within-round ratio), from the minima, and
 from the CPU-time medians: on a busy machine, trust a result only where they agree.
 
 Run from the repository root:
 
-    python bench/bench_step.py               # configs A and B (~3 min quiet, ~5 min under load)
+    python bench/bench_step.py               # configs A and B (~5 min quiet, ~8 min under load)
     python bench/bench_step.py --config A    # only the small config, with its pass/fail targets
     python bench/bench_step.py --quick       # few rounds, a smoke run
     python bench/bench_step.py --threads 2   # torch.set_num_threads for the whole run (default 1)
@@ -180,7 +180,7 @@ CONFIGS = {
         seq=128,
         rank=8,
         alpha=16.0,
-        rounds=40,
+        rounds=60,
         quick_rounds=6,
         reps=3,
         rewarm=0,
@@ -211,7 +211,7 @@ CONFIGS = {
         seq=512,
         rank=8,
         alpha=16.0,
-        rounds=3,
+        rounds=5,
         quick_rounds=1,
         reps=1,
         rewarm=0,
@@ -353,6 +353,24 @@ def derived(t: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def bootstrap_interval(
+    wall: dict[str, list[float]], reps: int, name: str, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of one derived ratio, resampling whole rounds (all methods of a round stay
+    together, so the pairing that interleaving buys is kept)."""
+    n_rounds = len(next(iter(wall.values()))) // reps
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        rounds = [rng.randrange(n_rounds) for _ in range(n_rounds)]
+        med = {
+            m: statistics.median(t for r in rounds for t in times[r * reps : (r + 1) * reps])
+            for m, times in wall.items()
+        }
+        values.append(derived(med)[name])
+    return quantile(values, 0.025), quantile(values, 0.975)
+
+
 def quantile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     pos = q * (len(xs) - 1)
@@ -405,13 +423,17 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str,
     paired = [derived(r) for r in result["per_round"]]
     from_min = derived(mins)
     from_cpu = derived(cpu_med)
-    print(f"    {'ratio (wall medians)':<28}   {'value':>6}   {'per-round':>9} {'mins':>6} {'cpu':>6}")
+    print(
+        f"    {'ratio (wall medians)':<28}   {'value':>6}   {'95% interval':>14}   {'per-round':>9} "
+        f"{'mins':>6} {'cpu':>6}"
+    )
     ok = True
     for name, value in ratios.items():
         per_round_med = statistics.median(p[name] for p in paired)
+        low, high = bootstrap_interval(wall, cfg.reps, name)
         line = (
-            f"    {name:<28} = {value:6.3f}   {per_round_med:9.3f} {from_min[name]:6.3f} "
-            f"{from_cpu[name]:6.3f}"
+            f"    {name:<28} = {value:6.3f}   [{low:5.3f}, {high:5.3f}]   {per_round_med:9.3f} "
+            f"{from_min[name]:6.3f} {from_cpu[name]:6.3f}"
         )
         if check and name in cfg.targets:
             limit = cfg.targets[name]
@@ -420,8 +442,9 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str,
             line += f"   target <= {limit:g}: {'PASS' if passed else 'FAIL'}"
         print(line)
     print(
-        "    (per-round: median over rounds of the ratio within each round; mins: the ratio of the"
-        " per-method minima; cpu: of the CPU-time medians. PASS/FAIL uses the wall medians.)"
+        "    (95% interval: bootstrap over whole rounds; per-round: median over rounds of the ratio"
+        " within each round; mins: the ratio of the per-method minima; cpu: of the CPU-time"
+        " medians. PASS/FAIL uses the wall medians.)"
     )
     if cfg.footnote:
         print("    note: " + cfg.footnote)
