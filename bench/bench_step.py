@@ -13,8 +13,9 @@ each round visits every method once, in a freshly shuffled order; a visit runs `
 steps and then times `reps` steps one by one with time.perf_counter (and time.process_time). The
 garbage collector is frozen after setup and disabled inside timed regions. The statistic is the
 median wall time per method; ratios are ratios of medians, with a 95% bootstrap interval over
-whole rounds. As robustness checks the same ratios are also shown per round (median over rounds of the within-round ratio), from the minima, and
-from the CPU-time medians: on a busy machine, trust a result only where they agree.
+whole rounds. As robustness checks the same ratios are also shown per round (median over rounds
+of the within-round ratio), from the minima, and from the CPU-time medians: on a busy machine,
+trust a result only where they agree.
 
 Run from the repository root:
 
