@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from paca.compiled import partial_connection_op
+
 # Every live PacaLinear, for the optimizer hook below.
 _LIVE_LAYERS: "weakref.WeakSet[PacaLinear]" = weakref.WeakSet()
 
@@ -166,9 +168,13 @@ class PacaLinear(nn.Module):
         if paca_weight._version != self._synced_version:  # cheap check before the call
             self.sync_columns()
         if paca_weight.requires_grad and torch.is_grad_enabled():
-            return PartialConnectionFn.apply(
-                x, paca_weight, self.weight, self.bias, self.indices, self.scaling
-            )
+            args = (x, paca_weight, self.weight, self.bias, self.indices, self.scaling)
+            # The compiled function on CPU only: there the Python autograd.Function's own cost is
+            # a large share of PaCA's overhead. On a GPU it hides behind the queued kernels (and
+            # the compiled one is unchecked there); on meta, simulation needs no C++ build.
+            if x.device.type == "cpu" and (compiled := partial_connection_op()) is not None:
+                return compiled(*args)
+            return PartialConnectionFn.apply(*args)
         return F.linear(x, self.weight, self.bias)
 
     def merge(self) -> nn.Linear:

@@ -29,6 +29,8 @@ from paca import (
     save_paca,
     unload,
 )
+import paca.compiled
+import paca.layer
 from paca.model import find_targets
 
 # r=4, alpha=12: scaling 3, not a power of two, so a missing or doubled scaling shows up.
@@ -36,6 +38,20 @@ R, ALPHA = 4, 12.0
 SCALING = ALPHA / R
 N_LAYERS = 2
 N_TARGETS = N_LAYERS * len(LLAMA_TARGETS)
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def partial_connection(request, monkeypatch):
+    """Every test in this file runs twice: with the compiled PartialConnection (what CPU training
+    runs) and with the Python PartialConnectionFn (the reference; what GPU, meta and machines
+    without a C++ compiler run)."""
+    if request.param == "python":
+        monkeypatch.setattr(paca.layer, "partial_connection_op", lambda: None)
+    else:
+        assert paca.layer.partial_connection_op() is not None, (
+            "the compiled PartialConnection did not build here; see the warning above"
+        )
+    return request.param
 
 
 def cfg(**kw) -> PacaConfig:
@@ -387,6 +403,51 @@ def test_input_without_grad_still_trains_columns():
 
 
 # ---------------------------------------------------------------- 5. no stale columns
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_and_python_functions_agree_bit_for_bit(dtype):
+    """The compiled PartialConnection is the Python PartialConnectionFn in C++: same output, same
+    gradients, same saved bytes, to the bit (both run the same aten ops in the same order)."""
+    from paca.layer import PartialConnectionFn
+
+    compiled = paca.compiled.partial_connection_op()
+    assert compiled is not None
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 5, 32, dtype=dtype)
+    weight, bias = torch.randn(24, 32, dtype=dtype), torch.randn(24, dtype=dtype)
+    indices = torch.tensor([1, 4, 9, 30])
+    p0 = torch.randn(4, 24, dtype=dtype).t()  # column-major, as paca_weight is stored
+    gy = torch.randn(2, 5, 24, dtype=dtype)
+    results = []
+    for fn in (compiled, PartialConnectionFn.apply):
+        x = x0.clone().requires_grad_()
+        p = p0.clone().requires_grad_()
+        y, saved = saved_for_backward([], lambda: fn(x, p, weight, bias, indices, 2.5))
+        y.backward(gy)
+        results.append((y.detach(), x.grad, p.grad, sorted(n for n, _ in saved.values())))
+    (y_c, gx_c, gp_c, saved_c), (y_p, gx_p, gp_p, saved_p) = results
+    assert torch.equal(y_c, y_p) and torch.equal(gx_c, gx_p) and torch.equal(gp_c, gp_p)
+    assert gp_c.stride() == gp_p.stride() == (1, 24)  # paca_weight's column-major layout
+    assert saved_c == saved_p
+
+
+def test_compiled_build_failure_warns_once_and_falls_back(monkeypatch):
+    def no_compiler():
+        raise OSError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(paca.compiled, "build", no_compiler)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(OSError: no C\+\+ compiler found\)"):
+        assert paca.compiled.partial_connection_op.__wrapped__() is None
+
+
+def test_paca_compiled_0_never_builds(monkeypatch):
+    def must_not_build():
+        raise AssertionError("built although PACA_COMPILED=0")
+
+    monkeypatch.setattr(paca.compiled, "build", must_not_build)
+    monkeypatch.setenv("PACA_COMPILED", "0")
+    assert paca.compiled.partial_connection_op.__wrapped__() is None
 
 
 def _index_copies(fn) -> tuple[int, list]:
