@@ -59,4 +59,12 @@ def build():
             file=sys.stderr,
             flush=True,
         )
-    return load(name=NAME, sources=[SOURCE], build_directory=build_directory, verbose=False)
+    # -O2: torch's JIT builds pass no optimisation level, and at -O0 the autograd templates cost
+    # more than the Python function saves.
+    return load(
+        name=NAME,
+        sources=[SOURCE],
+        extra_cflags=["-O2"],
+        build_directory=build_directory,
+        verbose=False,
+    )
