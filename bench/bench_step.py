@@ -48,6 +48,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from paca import LLAMA_TARGETS  # noqa: E402
+from paca.compiled import partial_connection_op  # noqa: E402
 from paca_prof.methods import MethodSettings, prepare  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -487,6 +488,12 @@ def main(argv=None) -> int:
         f"transformers {transformers_version()}, peft {peft_version()}; {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch thread(s); load average at start "
         f"{os.getloadavg()[0]:.2f}"
+    )
+    # Built (or loaded) here, before any timing; the first build takes about 30 s.
+    compiled = partial_connection_op() is not None
+    print(
+        "paca runs its autograd function "
+        + ("compiled (paca/csrc)" if compiled else "in Python (PACA_COMPILED=0, or it did not build)")
     )
 
     names = ["A", "B"] if args.config == "both" else [args.config]
