@@ -154,12 +154,23 @@ def run_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dic
             "memory": "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
                       if spec.device == "meta" else "allocator events of the profiled step",
             "ops": "CUDA: device kernels; CPU: outermost aten ops with a kernel (not views)",
+            **({"paca_autograd_function": paca_function(spec.device)}
+               if {"paca", "qpaca"} & set(spec.methods) else {}),
         },
         "settings": asdict(spec.settings),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
                      "paca_prof": __version__},
     }
+
+
+def paca_function(device: str) -> str:
+    """Which of PacaLinear's autograd functions the run used (see paca/layer.py, forward)."""
+    from paca.compiled import partial_connection_op
+
+    if device == "cpu" and partial_connection_op() is not None:
+        return "compiled (paca/csrc), the CPU default"
+    return "python (torch.autograd.Function)"
 
 
 def device_info(device: str, gpu: GpuSpec | None = None) -> dict:
