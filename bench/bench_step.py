@@ -47,6 +47,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import paca.layer  # noqa: E402
 from paca import LLAMA_TARGETS  # noqa: E402
 from paca.compiled import partial_connection_op  # noqa: E402
 from paca_prof.methods import MethodSettings, prepare  # noqa: E402
@@ -54,6 +55,9 @@ from paca_prof.methods import MethodSettings, prepare  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 METHODS = ("frozen", "full", "lora", "dora", "paca", "authors")
+# Not in the default run: paca with its Python autograd function instead of the compiled one
+# that the CPU runs by default, to see in one interleaved run what the compiled one is worth.
+OPTIONAL_METHODS = ("paca-python",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def prepare_method(base: nn.Module, method: str, settings: MethodSettings) -> nn
     if method == "authors":
         model = prepare_authors(model, settings)
     else:
-        model = prepare(model, method, settings)
+        model = prepare(model, "paca" if method == "paca-python" else method, settings)
     model.train()
     return model
 
@@ -261,6 +265,16 @@ class Runner:
     input_ids: torch.Tensor
 
     def step(self) -> float:
+        if self.method != "paca-python":
+            return self.train_step()
+        compiled = paca.layer.partial_connection_op
+        paca.layer.partial_connection_op = lambda: None  # PacaLinear falls back to Python
+        try:
+            return self.train_step()
+        finally:
+            paca.layer.partial_connection_op = compiled
+
+    def train_step(self) -> float:
         loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
         loss.backward()
         if self.optimizer is not None:
@@ -352,6 +366,8 @@ def derived(t: dict[str, float]) -> dict[str, float]:
             out["(paca-frozen)/(lora-frozen)"] = (t["paca"] - t["frozen"]) / (t["lora"] - t["frozen"])
     if "paca" in t and "authors" in t:
         out["paca/authors"] = t["paca"] / t["authors"]
+    if "paca" in t and "paca-python" in t:
+        out["paca/paca-python"] = t["paca"] / t["paca-python"]
     return out
 
 
@@ -402,7 +418,7 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str,
     )
     print()
     header = (
-        f"    {'method':<8} {'median ms':>10} {'p25':>9} {'p75':>9} {'min':>9} {'cpu ms':>9} "
+        f"    {'method':<11} {'median ms':>10} {'p25':>9} {'p75':>9} {'min':>9} {'cpu ms':>9} "
         f"{'x lora':>7} {'trainable':>11} {'tensors':>7} {'loss@0':>8}"
     )
     print(header)
@@ -412,7 +428,7 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str,
         ratio = med[method] / med["lora"] if "lora" in med else float("nan")
         n_train, n_tensors, loss0 = info[method]
         print(
-            f"    {method:<8} {1e3 * med[method]:>10.2f} {quantile(xs, .25):>9.2f} "
+            f"    {method:<11} {1e3 * med[method]:>10.2f} {quantile(xs, .25):>9.2f} "
             f"{quantile(xs, .75):>9.2f} {min(xs):>9.2f} {1e3 * cpu_med[method]:>9.2f} "
             f"{ratio:>7.3f} {n_train:>11,} {n_tensors:>7} {loss0:>8.4f}"
         )
@@ -466,7 +482,9 @@ def main(argv=None) -> int:
         "second OpenMP thread turns every other process's time slice into a stall of both)",
     )
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS + OPTIONAL_METHODS)}",
     )
     parser.add_argument(
         "--adam",
@@ -479,9 +497,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS + OPTIONAL_METHODS]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+        parser.error(f"unknown methods {unknown}; choose from {METHODS + OPTIONAL_METHODS}")
     torch.set_num_threads(args.threads)
     print(
         f"bench_step: python {platform.python_version()}, torch {torch.__version__}, "
