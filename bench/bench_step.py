@@ -442,8 +442,8 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str,
     from_min = derived(mins)
     from_cpu = derived(cpu_med)
     print(
-        f"    {'ratio (wall medians)':<28}   {'value':>6}   {'95% interval':>14}   {'per-round':>9} "
-        f"{'mins':>6} {'cpu':>6}"
+        f"    {'ratio (wall medians)':<28}   {'value':>6}   {'95% interval':>14}   "
+        f"{'per-round':>9} {'mins':>6} {'cpu':>6}"
     )
     ok = True
     for name, value in ratios.items():
@@ -509,10 +509,8 @@ def main(argv=None) -> int:
     )
     # Built (or loaded) here, before any timing; the first build takes about 30 s.
     compiled = partial_connection_op() is not None
-    print(
-        "paca runs its autograd function "
-        + ("compiled (paca/csrc)" if compiled else "in Python (PACA_COMPILED=0, or it did not build)")
-    )
+    where = "compiled (paca/csrc)" if compiled else "in Python (PACA_COMPILED=0, or no build)"
+    print(f"paca runs its autograd function {where}")
 
     names = ["A", "B"] if args.config == "both" else [args.config]
     all_ok = True

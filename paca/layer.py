@@ -3,7 +3,7 @@
 Forward is one GEMM with the full weight W, which holds the trained columns. Backward computes
 the input gradient as a frozen linear does, plus one small GEMM for the trained columns, from
 the partial activation x[..., indices] (B*L*r values) that forward saved. The full input is
-never saved.
+never saved. On a CPU the same autograd function runs compiled (paca/compiled.py).
 """
 
 from __future__ import annotations

@@ -437,7 +437,8 @@ def test_compiled_build_failure_warns_once_and_falls_back(monkeypatch):
         raise OSError("no C++ compiler found\nsecond line")
 
     monkeypatch.setattr(paca.compiled, "build", no_compiler)
-    with pytest.warns(RuntimeWarning, match=r"could not be built \(OSError: no C\+\+ compiler found\)"):
+    expected = r"could not be built \(OSError: no C\+\+ compiler found\)"
+    with pytest.warns(RuntimeWarning, match=expected):
         assert paca.compiled.partial_connection_op.__wrapped__() is None
 
 

@@ -2,8 +2,8 @@
 // which stays the reference and the fallback wherever this file cannot be built.
 //
 // Why C++: a Python torch.autograd.Function costs tens of microseconds per call in forward and
-// again in backward. On a CPU, with the 7 projections of every decoder layer, that was a third
-// of PaCA's whole step-time overhead over a frozen model (bench/bench_step.py, config A).
+// again in backward. On a CPU, with the 7 projections of every decoder layer, that was about a
+// fifth of PaCA's step-time overhead over a frozen model (bench/bench_step.py, config A).
 #include <torch/extension.h>
 
 using torch::autograd::AutogradContext;
