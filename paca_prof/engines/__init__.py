@@ -154,7 +154,7 @@ def run_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dic
             "memory": "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
                       if spec.device == "meta" else "allocator events of the profiled step",
             "ops": "CUDA: device kernels; CPU: outermost aten ops with a kernel (not views)",
-            **({"paca_autograd_function": paca_function(spec.device)}
+            **({"paca_autograd_function": paca_autograd_function(spec.device)}
                if {"paca", "qpaca"} & set(spec.methods) else {}),
         },
         "settings": asdict(spec.settings),
@@ -164,7 +164,7 @@ def run_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dic
     }
 
 
-def paca_function(device: str) -> str:
+def paca_autograd_function(device: str) -> str:
     """Which of PacaLinear's autograd functions the run used (see paca/layer.py, forward)."""
     from paca.compiled import partial_connection_op
 
