@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from paca_prof import plan as planner  # noqa: E402
+from paca_prof.budget import make_budget  # noqa: E402
 
 TINY = dict(dtype="fp32", attention="eager")
 SPEED_TARGET_S = 30.0
@@ -104,7 +105,7 @@ def bench_max_seq(methods: list[str], granularity: int) -> bool:
     from paca_prof.engines.common import RunSpec
     from paca_prof.engines.measure import measure_method
 
-    budget = planner.make_budget(memory="40MiB", headroom="0")
+    budget = make_budget(memory="40MiB", headroom="0")
     print(f"4. max seq: tiny, fp32, eager, budget {budget.budget_bytes:,} B (40 MiB, no "
           f"headroom), grid {granularity} tokens: planner vs a search by real CPU runs")
     result = planner.plan("tiny", budget, tuple(methods), granularity=granularity, **TINY)

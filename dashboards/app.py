@@ -26,7 +26,7 @@ from dash import Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
 from paca_prof.analyze import analyses, capacity, figures
-from paca_prof.plan import DEFAULT_HEADROOM, make_budget
+from paca_prof.budget import DEFAULT_HEADROOM, make_budget
 from dashboards import runs
 
 log = logging.getLogger(__name__)
@@ -515,7 +515,7 @@ def create_app(traces_dir: str | Path, preload: bool = True) -> dash.Dash:
     root = Path(traces_dir).resolve()
     if not root.is_dir():
         raise ValueError(f"{traces_dir}: no such traces folder")
-    from paca_prof.presets import GPUS  # the one GPU table (imports torch, once)
+    from paca_prof.gpus import GPUS
 
     app = dash.Dash(__name__, title="paca-prof", update_title=None, serve_locally=True,
                     external_stylesheets=[], external_scripts=[],

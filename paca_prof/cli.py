@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from paca_prof import methods as method_registry
-from paca_prof.presets import GPUS
+from paca_prof.gpus import GPUS
 from paca_prof.trace import MEMORY_CATEGORIES
 
 EXIT_USAGE = 2
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--debug", action="store_true", help="Dash debug mode (never for sharing)")
     dash.set_defaults(handler=_cmd_dash)
 
-    from paca_prof.plan import DEFAULT_GRANULARITY, DEFAULT_HEADROOM, HEADROOM_MEANING
-    from paca_prof.plan import PLAN_METHODS
+    from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING
+    from paca_prof.plan import DEFAULT_GRANULARITY, PLAN_METHODS
 
     plan = sub.add_parser("plan", help="longest sequence (or largest batch) of each method that "
                                        "fits a GPU, from simulated steps")
@@ -158,7 +158,8 @@ def _cmd_run(args) -> int:
 
     from paca_prof import engines
     from paca_prof.engines.attention import default_attention
-    from paca_prof.presets import DTYPES, gpu_spec
+    from paca_prof.gpus import gpu_spec
+    from paca_prof.presets import DTYPES
     from paca_prof.analyze import TraceAnalysis
     from paca_prof.engines.common import RunSpec
 
@@ -268,13 +269,14 @@ def _cmd_dash(args) -> int:
 def _cmd_plan(args) -> int:
 
     from paca_prof import plan as planner
+    from paca_prof.budget import make_budget
 
     if args.seq is not None and args.batch is not None:
         raise UsageError("--seq searches the batch: leave out --batch")
     if args.time_budget < 0:
         raise UsageError(f"--time-budget must be 0 or more, got {args.time_budget:g}")
     try:
-        budget = planner.make_budget(gpu=args.gpu, memory=args.memory, headroom=args.headroom)
+        budget = make_budget(gpu=args.gpu, memory=args.memory, headroom=args.headroom)
         settings = method_registry.MethodSettings(rank=args.rank,
                                                   adapter_dtype=args.adapter_dtype)
         spec = planner.make_spec(args.model, args.methods, seq=args.seq, batch=args.batch or 1,
@@ -335,7 +337,7 @@ def _seconds_since_start() -> float:
 
 def _print_plan(result) -> None:
     """Per method: the answer, then a table of the curve (simulated bytes by category)."""
-    from paca_prof.plan import format_bytes
+    from paca_prof.units import format_bytes
 
     gib, budget = 2**30, result.budget.budget_bytes
     unit = "tokens" if result.vary == "seq" else "sequences"

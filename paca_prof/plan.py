@@ -44,8 +44,8 @@ context) is what the headroom is for; peak memory is assumed to grow with size (
 every method here); sequences are searched up to SEQ_LIMIT tokens and batches up to BATCH_LIMIT
 (an answer at the limit says so); the model's max_position_embeddings is not enforced.
 
-This module imports torch only inside the functions that simulate: parse_bytes, make_budget for
-a plain size and the result classes are pandas-only. The curve has the columns of the analyzer's
+This module imports torch only inside the functions that simulate; the budget is budget.py's and
+the result classes are pandas-only. The curve has the columns of the analyzer's
 capacity sweep (paca_prof.analyze.capacity), whose max_seq_from_curve re-reads it for another
 budget without simulating.
 """
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,11 +61,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING, Budget
 from paca_prof.trace import MEMORY_CATEGORIES
 
 PLAN_METHODS = ("lora", "dora", "paca", "full")  # frozen trains nothing: ask for it explicitly
-DEFAULT_HEADROOM = "1GiB+5%"
-HEADROOM_MEANING = "1 GiB CUDA context + 5% of device memory for caching-allocator slack"
 DEFAULT_GRANULARITY = 64  # tokens
 SEQ_LIMIT = 1 << 20  # 1,048,576 tokens
 BATCH_LIMIT = 1 << 16
@@ -79,113 +77,6 @@ DEFAULT_TIME_BUDGET_S = 20.0  # full-depth confirmation runs only while the plan
 CONFIRM_SAFETY = 1.5  # a confirmation starts only if 1.5x its estimated time fits the budget
 
 Progress = Callable[[str, str], None]  # (method, what is happening)
-
-
-# --- Memory sizes ---------------------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1,
-          "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
-          "t": 2**40, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str | int) -> int:
-    """Bytes in a memory size: "24GiB", "80GB", "1.5TiB", "512 MiB", "24g", "1e9" or an int.
-
-    Binary units: KiB, MiB, GiB, TiB and the bare K, M, G, T (as torch and Docker read them);
-    decimal units: KB, MB, GB, TB; B or no unit: bytes. Case-insensitive. Fractions are rounded
-    down to whole bytes. Raises ValueError (one line) for anything else or a negative size.
-    """
-    if isinstance(text, bool):
-        raise ValueError(f"cannot read {text!r} as a memory size")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"memory size must not be negative, got {text}")
-        return text
-    match = _SIZE.match(str(text))
-    if not match or match.group(3).lower() not in _UNITS:
-        raise ValueError(
-            f"cannot read {text!r} as a memory size: expected a number with an optional unit "
-            "(KiB, MiB, GiB, TiB or K, M, G, T binary; KB, MB, GB, TB decimal; B), e.g. 24GiB")
-    number, exponent, unit = match.groups()
-    value = float(number) * 10 ** int(exponent or 0) * _UNITS[unit.lower()]
-    return int(math.floor(value))
-
-
-def parse_headroom(text: str | int, memory_bytes: int) -> int:
-    """Bytes kept back from `memory_bytes`: a sum of sizes (parse_bytes) and percentages of the
-    device memory, e.g. "1GiB+5%" (the default), "2GiB", "10%", "0". ValueError (one line) if a
-    term does not parse, a percentage is not in [0, 100), or nothing would be left."""
-    terms = str(text).split("+")
-    total = 0
-    for term in terms:
-        term = term.strip()
-        if term.endswith("%"):
-            try:
-                percent = float(term[:-1])
-            except ValueError:
-                raise ValueError(f"cannot read headroom {text!r}: {term!r} is not a percentage") \
-                    from None
-            if not 0 <= percent < 100:
-                raise ValueError(f"headroom percentage must be in [0, 100), got {term!r}")
-            total += int(memory_bytes * percent / 100)
-        else:
-            try:
-                total += parse_bytes(term)
-            except ValueError as error:
-                raise ValueError(f"cannot read headroom {text!r}: {error}") from None
-    if total >= memory_bytes:
-        raise ValueError(f"headroom {text} ({format_bytes(total)}) leaves nothing of "
-                         f"{format_bytes(memory_bytes)}")
-    return total
-
-
-def format_bytes(n: float) -> str:
-    """Binary units, two decimals: '75.00 GiB', '40.00 MiB'."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The memory a training step may use: device memory minus the headroom."""
-
-    memory_bytes: int
-    headroom_bytes: int
-    headroom: str  # as given, e.g. "1GiB+5%"
-    gpu: str | None  # preset name, or None for a plain --memory amount
-
-    @property
-    def budget_bytes(self) -> int:
-        return self.memory_bytes - self.headroom_bytes
-
-    def describe(self) -> str:
-        source = self.gpu or "given memory"
-        meaning = f" = {HEADROOM_MEANING}" if self.headroom == DEFAULT_HEADROOM else ""
-        return (f"{source}: {format_bytes(self.memory_bytes)} - headroom "
-                f"{format_bytes(self.headroom_bytes)} ({self.headroom}{meaning}) = budget "
-                f"{format_bytes(self.budget_bytes)}")
-
-
-def make_budget(gpu: str | None = None, memory: str | int | None = None,
-                headroom: str | int = DEFAULT_HEADROOM) -> Budget:
-    """The budget for a GPU preset (presets.GPUS) or a plain memory size, less `headroom`
-    (parse_headroom). Exactly one of gpu and memory. ValueError (one line) otherwise, for an
-    unknown GPU, or for a size that does not parse."""
-    if (gpu is None) == (memory is None):
-        raise ValueError("give exactly one of a GPU and a memory size")
-    if gpu is not None:
-        from paca_prof.presets import gpu_spec
-
-        memory_bytes = gpu_spec(gpu).memory_bytes
-    else:
-        memory_bytes = parse_bytes(memory)
-        if memory_bytes <= 0:
-            raise ValueError(f"memory size must be positive, got {memory!r}")
-    return Budget(memory_bytes, parse_headroom(headroom, memory_bytes), str(headroom), gpu)
 
 
 # --- Results --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Model presets (transformers configs, random weights, never downloaded) and the GPU table.
+"""Model presets (transformers configs, random weights, never downloaded); GPUs are in gpus.py.
 
 The architecture numbers are the published config.json values of each model.
 """
@@ -6,7 +6,6 @@ The architecture numbers are the published config.json values of each model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -79,54 +78,3 @@ def build_model(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     return model
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    """One GPU for projection and planning.
-
-    memory_bytes: what torch.cuda reports as total memory (nvidia-smi's MiB), not the marketing GB.
-    bf16_tflops: dense (no sparsity) tensor-core peak, bf16 in, fp32 accumulate.
-    fp32_tflops: plain fp32 peak (PyTorch runs fp32 matmuls without TF32 by default).
-    launch_us: device-side cost of one kernel launch (gap between back-to-back small kernels).
-    dispatch_us: host time PyTorch eager spends to issue one op (Python + dispatcher + launch).
-    launch_us and dispatch_us are estimates until calibrated on the device (source says which).
-    """
-
-    name: str
-    memory_bytes: int
-    bf16_tflops: float
-    fp32_tflops: float
-    hbm_gbps: float
-    launch_us: float
-    dispatch_us: float
-    source: str
-
-
-_MIB = 2**20
-_OVERHEAD_SOURCE = "launch/dispatch: uncalibrated estimate (typical eager PyTorch, ~4 us gap, ~12 us/op)"
-GPUS: dict[str, GpuSpec] = {g.name: g for g in [
-    GpuSpec("a100-40gb", 40960 * _MIB, 312.0, 19.5, 1555.0, 4.0, 12.0,
-            "NVIDIA A100 datasheet (SXM); " + _OVERHEAD_SOURCE),
-    GpuSpec("a100-80gb", 81920 * _MIB, 312.0, 19.5, 2039.0, 4.0, 12.0,
-            "NVIDIA A100 datasheet (SXM); " + _OVERHEAD_SOURCE),
-    GpuSpec("h100-80gb", 81559 * _MIB, 989.0, 67.0, 3350.0, 4.0, 12.0,
-            "NVIDIA H100 datasheet (SXM); " + _OVERHEAD_SOURCE),
-    GpuSpec("h200", 143771 * _MIB, 989.0, 67.0, 4800.0, 4.0, 12.0,
-            "NVIDIA H200 datasheet (SXM); " + _OVERHEAD_SOURCE),
-    GpuSpec("l4", 23034 * _MIB, 121.0, 30.3, 300.0, 4.0, 12.0,
-            "NVIDIA L4 datasheet; " + _OVERHEAD_SOURCE),
-    GpuSpec("rtx-4090", 24564 * _MIB, 165.2, 82.6, 1008.0, 4.0, 12.0,
-            "NVIDIA Ada whitepaper (RTX 4090, fp32 accumulate); " + _OVERHEAD_SOURCE),
-]}
-
-
-def gpu_spec(name: str) -> GpuSpec:
-    """The GpuSpec for a name; ValueError listing the known GPUs otherwise."""
-    if name not in GPUS:
-        raise ValueError(f"unknown GPU {name!r}; choose from {', '.join(GPUS)}")
-    return GPUS[name]
-
-
-def gpu_as_dict(name: str) -> dict:
-    return asdict(gpu_spec(name))

@@ -15,7 +15,7 @@ from paca_prof.analyze import TraceAnalysis, analyses, figures
 from paca_prof.analyze.report import write_html
 from paca_prof.cli import main
 from paca_prof.engines.common import RunSpec
-from paca_prof.presets import gpu_spec
+from paca_prof.gpus import gpu_spec
 
 SIM = dict(model="tiny", seq=64, batch=2, dtype="bf16", device="meta", attention="flash")
 

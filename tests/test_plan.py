@@ -12,6 +12,8 @@ import pytest
 
 from paca_prof import cli
 from paca_prof import plan as planner
+from paca_prof.budget import DEFAULT_HEADROOM, make_budget, parse_headroom
+from paca_prof.units import parse_bytes
 from paca_prof.analyze.capacity import max_seq_from_curve
 from paca_prof.engines.common import RunSpec
 from paca_prof.engines.measure import measure_method
@@ -22,7 +24,7 @@ GiB, MiB = 2**30, 2**20
 # The tiny preset in fp32 with eager attention: what the CPU measures, so simulation and
 # measurement can be compared; 40 MiB, no headroom, puts the answers near 600 tokens.
 TINY = dict(dtype="fp32", attention="eager")
-TINY_BUDGET = planner.make_budget(memory="40MiB", headroom="0")
+TINY_BUDGET = make_budget(memory="40MiB", headroom="0")
 # A model whose deep peak (gradients + AdamW temporaries) is not where its shallow peak is (the
 # logits): extrapolating the step's peak as a whole is wrong for it, per segment it is exact.
 SWITCHING = {"model_type": "llama", "vocab_size": 8000, "hidden_size": 512,
@@ -38,38 +40,38 @@ SWITCHING = {"model_type": "llama", "vocab_size": 8000, "hidden_size": 512,
     ("0", 0), ("10KB", 10_000), ("3K", 3072), ("7B", 7),
 ])
 def test_parse_bytes_reads_binary_and_decimal_units(text, expected):
-    assert planner.parse_bytes(text) == expected
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["24 potatoes", "", "GiB", "-1GiB", "1.2.3GB", "24GiBs", "5%"])
 def test_parse_bytes_rejects_other_text_in_one_line(text):
     with pytest.raises(ValueError) as error:
-        planner.parse_bytes(text)
+        parse_bytes(text)
     assert "\n" not in str(error.value)
 
 
 def test_headroom_sums_sizes_and_percentages_of_the_memory():
     memory = 80 * GiB
-    assert planner.parse_headroom("1GiB+5%", memory) == 5 * GiB
-    assert planner.parse_headroom("10%", memory) == 8 * GiB
-    assert planner.parse_headroom("2GiB", memory) == 2 * GiB
-    assert planner.parse_headroom("0", memory) == 0
+    assert parse_headroom("1GiB+5%", memory) == 5 * GiB
+    assert parse_headroom("10%", memory) == 8 * GiB
+    assert parse_headroom("2GiB", memory) == 2 * GiB
+    assert parse_headroom("0", memory) == 0
     for bad in ("100%", "x%", "1GiB+lots", "80GiB", "-5%"):
         with pytest.raises(ValueError):
-            planner.parse_headroom(bad, memory)
+            parse_headroom(bad, memory)
 
 
 def test_default_budget_of_an_a100_keeps_back_1gib_plus_5_percent():
-    budget = planner.make_budget(gpu="a100-80gb")
+    budget = make_budget(gpu="a100-80gb")
     assert budget.memory_bytes == 80 * GiB
-    assert budget.headroom == planner.DEFAULT_HEADROOM == "1GiB+5%"
+    assert budget.headroom == DEFAULT_HEADROOM == "1GiB+5%"
     assert budget.headroom_bytes == GiB + 4 * GiB
     assert budget.budget_bytes == 75 * GiB
     assert "headroom 5.00 GiB" in budget.describe() and "budget 75.00 GiB" in budget.describe()
     with pytest.raises(ValueError, match="unknown GPU"):
-        planner.make_budget(gpu="a100-90gb")
+        make_budget(gpu="a100-90gb")
     with pytest.raises(ValueError, match="exactly one"):
-        planner.make_budget(gpu="a100-80gb", memory="24GiB")
+        make_budget(gpu="a100-80gb", memory="24GiB")
 
 
 # --- Depth extrapolation --------------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_largest_batch_at_a_fixed_sequence():
 
 
 def test_nothing_fits_gives_zero_and_the_smallest_size_needed():
-    budget = planner.make_budget(memory="1MiB", headroom="0")
+    budget = make_budget(memory="1MiB", headroom="0")
     mp = planner.plan("tiny", budget, ("lora",), **TINY).methods["lora"]
     assert mp.max_size == 0 and not mp.fits and mp.best is None
     assert mp.smallest.seq == planner.DEFAULT_GRANULARITY
@@ -165,7 +167,7 @@ def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(t
                                                                                monkeypatch):
     config = {**SWITCHING, "num_hidden_layers": 5}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    budget = planner.make_budget(memory="300MiB", headroom="0")
+    budget = make_budget(memory="300MiB", headroom="0")
     confirmed = planner.plan(str(tmp_path), budget, ("paca",), granularity=128,
                              confirm="always").methods["paca"]
     assert confirmed.confirmation == planner.CONFIRMED and confirmed.fits

@@ -16,7 +16,7 @@ from paca_prof.engines.common import RunSpec
 from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import simulate_method
 from paca_prof.methods import DEFAULT_METHODS
-from paca_prof.presets import gpu_spec
+from paca_prof.gpus import gpu_spec
 
 TINY = dict(model="tiny", seq=64, batch=2, dtype="fp32", steps=1, warmup=1, attention="eager")
 

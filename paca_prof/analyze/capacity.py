@@ -5,7 +5,7 @@ the optional table capacity.parquet (trace.CAPACITY_COLUMNS: method, seq, batch,
 bytes): the bytes of each memory category alive at the peak of one simulated step at that
 sequence length and batch. trace.load reads it into Trace.capacity; these functions answer "how
 long a sequence fits in this much memory" from it without simulating anything. Pandas only; no
-torch here. The budget itself (device memory less headroom) is the planner's (plan.make_budget).
+torch here. The budget itself (device memory less headroom) is the planner's (budget.make_budget).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from paca_prof import methods as method_registry
 from paca_prof import trace
 from paca_prof.engines.attention import SIMULATED as SIMULATED_ATTENTION
 from paca_prof.engines.common import RunSpec, validate_against_model
-from paca_prof.presets import GpuSpec
+from paca_prof.gpus import GpuSpec
 
 Progress = Callable[[str, str], None]  # (method, what is happening)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from paca_prof.presets import GpuSpec
+from paca_prof.gpus import GpuSpec
 
 HALF_DTYPES = ("bfloat16", "float16", "bf16", "fp16", "c10::BFloat16", "c10::Half")
 

@@ -46,7 +46,7 @@ from paca_prof.instrument import (
     static_bytes,
     storage_key,
 )
-from paca_prof.presets import GpuSpec
+from paca_prof.gpus import GpuSpec
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""The memory a training step may use on a device: its memory less a stated headroom.
+
+Torch-free: the planner, `paca-prof run`'s ok/oom verdict and the dashboard's Capacity tab
+share this one budget. Any sum of byte sizes and percentages of the device memory is a
+headroom ("2GiB", "10%", "1GiB+5%", "0"); every answer states it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from paca_prof.units import format_bytes, parse_bytes
+
+DEFAULT_HEADROOM = "1GiB+5%"
+HEADROOM_MEANING = "1 GiB CUDA context + 5% of device memory for caching-allocator slack"
+_MAX_TERMS = 16
+
+
+def parse_headroom(text: str | int, memory_bytes: int) -> int:
+    """Bytes kept back from `memory_bytes`: a sum of sizes (units.parse_bytes) and percentages
+    of the device memory, e.g. "1GiB+5%" (the default), "2GiB", "10%", "0". ValueError (one
+    line) if a term does not parse, a percentage is not in [0, 100), or nothing would be left."""
+    terms = str(text).split("+")
+    if len(terms) > _MAX_TERMS:
+        raise ValueError(f"cannot read headroom: more than {_MAX_TERMS} terms")
+    total = 0
+    for term in terms:
+        term = term.strip()
+        if term.endswith("%"):
+            try:
+                percent = float(term[:-1]) if len(term) <= 32 else math.nan
+            except ValueError:
+                percent = math.nan
+            if not math.isfinite(percent):
+                raise ValueError(f"cannot read headroom {str(text)[:64]!r}: {term[:32]!r} is "
+                                 "not a percentage")
+            if not 0 <= percent < 100:
+                raise ValueError(f"headroom percentage must be in [0, 100), got {term!r}")
+            total += int(memory_bytes * percent / 100)
+        else:
+            try:
+                total += parse_bytes(term)
+            except ValueError as error:
+                raise ValueError(f"cannot read headroom {str(text)[:64]!r}: {error}") from None
+    if total >= memory_bytes:
+        raise ValueError(f"headroom {str(text)[:64]} ({format_bytes(total)}) leaves nothing of "
+                         f"{format_bytes(memory_bytes)}")
+    return total
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory a training step may use: device memory minus the headroom."""
+
+    memory_bytes: int
+    headroom_bytes: int
+    headroom: str  # as given, e.g. "1GiB+5%"
+    gpu: str | None  # the GPU's name, or None for a plain --memory amount
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.memory_bytes - self.headroom_bytes
+
+    def describe(self) -> str:
+        source = self.gpu or "given memory"
+        meaning = f" = {HEADROOM_MEANING}" if self.headroom == DEFAULT_HEADROOM else ""
+        return (f"{source}: {format_bytes(self.memory_bytes)} - headroom "
+                f"{format_bytes(self.headroom_bytes)} ({self.headroom}{meaning}) = budget "
+                f"{format_bytes(self.budget_bytes)}")
+
+
+def make_budget(gpu: str | None = None, memory: str | int | None = None,
+                headroom: str | int = DEFAULT_HEADROOM) -> Budget:
+    """The budget for a GPU (gpus.gpu_spec: a name or a spec file) or a plain memory size, less
+    `headroom` (parse_headroom). Exactly one of gpu and memory. ValueError (one line) otherwise,
+    for an unknown GPU, or for a size that does not parse."""
+    from paca_prof.gpus import gpu_spec
+
+    if (gpu is None) == (memory is None):
+        raise ValueError("give exactly one of a GPU and a memory size")
+    if gpu is not None:
+        spec = gpu_spec(gpu)
+        memory_bytes, name = spec.memory_bytes, spec.name
+    else:
+        memory_bytes, name = parse_bytes(memory), None
+        if memory_bytes <= 0:
+            raise ValueError(f"memory size must be positive, got {memory!r}")
+    return Budget(memory_bytes, parse_headroom(headroom, memory_bytes), str(headroom), name)
