@@ -48,7 +48,7 @@ from __future__ import annotations
 import operator
 from bisect import bisect_left, insort
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from paca_prof.units import MIB, format_bytes
 
@@ -271,6 +271,8 @@ class CachingAllocator:
         """Allocate a block of nbytes for `key` (not live yet); returns the block's size (0
         for a zero-byte request, which takes no block). Raises OutOfMemoryError when even an
         emptied cache cannot serve it (the model's state is then as PyTorch leaves it)."""
+        if type(nbytes) is not int:
+            nbytes = _integer(nbytes)
         if nbytes == 0:
             return 0
         if key in self._live:

@@ -371,11 +371,11 @@ def test_zero_bytes_take_no_block():
 
 
 @pytest.mark.parametrize("settings_, message", [
-    (dict(max_split_size_bytes=10 * MiB), "at least 20.00 MiB"),
-    (dict(capacity_bytes=-1), "at least 0"),
-    (dict(roundup_power2_divisions=3), "power of 2"),
-    (dict(expandable_segments="yes"), "True or False"),
-    (dict(max_non_split_rounding_bytes=1.0), "integer"),
+    ({"max_split_size_bytes": 10 * MiB}, "at least 20.00 MiB"),
+    ({"capacity_bytes": -1}, "at least 0"),
+    ({"roundup_power2_divisions": 3}, "power of 2"),
+    ({"expandable_segments": "yes"}, "True or False"),
+    ({"max_non_split_rounding_bytes": 1.0}, "integer"),
 ])
 def test_bad_config_is_a_value_error(settings_, message):
     with pytest.raises(ValueError, match=message):
