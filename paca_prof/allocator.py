@@ -1,9 +1,9 @@
 """A model of PyTorch's CUDA caching allocator: from the storages a step allocates and frees, in
 program order, to what torch.cuda.memory_allocated() and torch.cuda.memory_reserved() report.
 
-Torch-free. It re-implements the rules of c10's caching allocator (c10/cuda/CUDACachingAllocator
-and the generic c10/core/CachingDeviceAllocator.h, AllocatorConfig.h of the torch 2.x line up to
-2.13) as exactly as the public source allows:
+Torch-free. It re-implements the rules of c10's caching allocator, as read in its public source
+of 2025-26 (c10/cuda/CUDACachingAllocator.cpp, the generic c10/core/CachingDeviceAllocator.h and
+c10/core/AllocatorConfig.{h,cpp}), as exactly as that source allows:
 
 - Sizes: a request is rounded up to a multiple of 512 bytes (512 at least), or with
   roundup_power2_divisions to the next of that many steps between two powers of two.
