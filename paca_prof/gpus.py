@@ -115,7 +115,7 @@ class GpuSpec:
 _CONTEXT_DEFAULT = ("CUDA context: the 512 MiB default (no measurement on this card found; "
                     "PyTorch reports 274-400 MiB with lazy loading, pytorch#86509, #109888)")
 # interconnect_gbps is per GPU and direction: half the bidirectional figures datasheets give.
-_PCIE3, _PCIE4, _PCIE5 = 16.0, 32.0, 64.0  # x16 links, GB/s per direction
+_PCIE3, _PCIE4 = 16.0, 32.0  # x16 links, GB/s per direction
 
 GPUS: dict[str, GpuSpec] = {g.name: g for g in [
     GpuSpec("a100-40gb", 40960 * MIB, 312.0, 312.0, 19.5, 1555.0,
