@@ -42,13 +42,12 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
-
 import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sys.path)
 
 METHODS = ("frozen", "lora", "dora", "paca", "full")
@@ -63,7 +62,12 @@ def prepare_cases(args, method: str) -> dict[str, Callable[[], object]]:
     The only place this script reaches into paca_prof's internals: re-point it here when they
     move. The instrumented case is the timing pass of engines/measure.py with steps=1, warmup=0.
     """
-    from paca_prof.engines.common import RunSpec, build_prepared, make_batch, training_step
+    from paca_prof.engines.common import (
+        RunSpec,
+        build_prepared,
+        make_batch,
+        training_step,
+    )
     from paca_prof.engines.measure import _timing_pass
 
     spec = RunSpec(model="tiny", seq=args.seq, batch=args.batch, dtype="fp32", device="cpu",

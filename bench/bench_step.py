@@ -53,8 +53,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import paca.layer  # noqa: E402
 import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sys.path)
+
+import paca.layer  # noqa: E402
 from paca import LLAMA_TARGETS  # noqa: E402
 from paca.compiled import partial_connection_op  # noqa: E402
 from paca_prof.methods import MethodSettings, prepare  # noqa: E402

@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 LEVEL = 0.95
 MIN_ROUNDS = 9
