@@ -475,7 +475,8 @@ def report(
             f" {verdicts.MIN_ROUNDS} rounds: see bench/verdicts.py.)"
         )
     elif rounds < verdicts.MIN_ROUNDS:
-        print(f"    (intervals from {rounds} rounds, fewer than {verdicts.MIN_ROUNDS}: indicative only)")
+        print(f"    (intervals from {rounds} round(s), fewer than the {verdicts.MIN_ROUNDS} a verdict"
+              " needs: not to be trusted)")
     if cfg.footnote:
         print("    note: " + cfg.footnote)
     return judgements
