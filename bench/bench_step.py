@@ -506,7 +506,7 @@ def main(argv=None) -> int:
         help="AdamW implementation, the same for every method: torch's default (a per-tensor "
         "loop on the CPU), foreach=True, or fused=True",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders and bootstrap")
     args = parser.parse_args(argv)
 
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
