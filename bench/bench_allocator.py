@@ -32,31 +32,19 @@ TARGET_S = 2.0
 
 def recorded_events(model: str, seq: int, method: str) -> list[tuple[int, int]]:
     """(storage key, +bytes | -bytes) of one simulated step, static storages first."""
-    import torch
-
-    from paca_prof.engines.common import RunSpec, training_step
-    from paca_prof.engines.simulate import OpRecorder, Simulator
-    from paca_prof.instrument import ModuleScopes, storage_key
+    from paca_prof.engines.simulate import Simulator
+    from paca_prof.memory import static_storages
+    from paca_prof.recipe import Recipe
+    from paca_prof.spec import RunSpec
 
     # bf16 with flash attention, as `paca-prof run` simulates a GPU by default
-    spec = RunSpec(model=model, seq=seq, device="meta", attention="flash", methods=(method,))
+    spec = RunSpec(model=model, seq=seq, device="meta", recipe=Recipe(attention="flash"),
+                   methods=(method,))
     simulator = Simulator(spec, method)
-    static, seen = [], set()
-    tensors = list(simulator.model.parameters()) + list(simulator.model.buffers())
-    if simulator.optimizer is not None:
-        tensors += [v for state in simulator.optimizer.state.values() for v in state.values()
-                    if isinstance(v, torch.Tensor)]
-    for tensor in tensors:
-        key = storage_key(tensor)
-        if key not in seen:
-            seen.add(key)
-            static.append((key, tensor.untyped_storage().nbytes()))
-    ids = torch.zeros((1, seq), dtype=torch.long, device="meta")
-    with ModuleScopes(simulator.model) as scopes:
-        recorder = OpRecorder(scopes, method, simulator.wrappers)
-        with recorder:
-            training_step(simulator.model, simulator.optimizer, ids, scopes)
-    return static + [(e.key, e.nbytes) for e in recorder.events]
+    static = [(key, nbytes) for key, nbytes, _ in static_storages(simulator.run.model,
+                                                                  simulator.run.optimizer)]
+    result = simulator.step(seq, 1)
+    return static + [(e.key, e.nbytes) for e in result.memory_events]
 
 
 def synthetic_events(count: int, seed: int = 0) -> list[tuple[int, int]]:

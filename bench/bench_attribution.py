@@ -50,18 +50,19 @@ def prepare_step(method: str, seq: int, batch: int) -> Callable[[], float]:
     """Build `method`'s model once; return a function that runs one timed step and gives the
     decoder layers' share of its forward + backward time. The only place this script reaches
     into paca_prof's internals."""
-    from paca_prof.engines.common import RunSpec, build_prepared, make_batch
-    from paca_prof.engines.measure import _timing_pass
+    from paca_prof.engines.measure import timing_pass
+    from paca_prof.engines.step import make_batch, prepare
+    from paca_prof.spec import RunSpec
 
     spec = RunSpec(model="tiny", seq=seq, batch=batch, dtype="fp32", device="cpu",
                    methods=(method,), steps=1, warmup=0)
     spec.config.update(MODEL)
-    model, optimizer = build_prepared(spec, method, "cpu")
+    run = prepare(spec, method, "cpu")
     ids = make_batch(spec, "cpu")
     layers = {f"model.layers.{i}" for i in range(MODEL["num_hidden_layers"])}
 
     def step() -> float:
-        latencies, phase_ms = _timing_pass(spec, model, optimizer, ids)
+        latencies, phase_ms = timing_pass(run, ids, warmup=0, steps=1)
         inside = sum(ms for (path, phase), ms in latencies.items()
                      if path in layers and phase in ("forward", "backward"))
         return inside / (phase_ms["forward"] + phase_ms["backward"])

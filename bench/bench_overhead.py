@@ -3,10 +3,10 @@
 Two cases per method (frozen, lora, dora, paca, full), each one training step on the same
 prepared llama-shaped model (random weights):
 
-    plain         paca_prof.engines.common.training_step(model, optimizer, ids, None)
-    instrumented  paca_prof.engines.measure._timing_pass with one step and no warm-up: module
-                  hooks registered, the step with its scopes, phase timers and clock stamps,
-                  the per-module totals, the hooks removed
+    plain         the prepared method's training step (paca_prof.engines.step.Prepared.step)
+    instrumented  paca_prof.engines.measure.timing_pass with one step and no warm-up: the
+                  Capture session's hooks registered, the step with its scopes, phase timers
+                  and clock stamps, the per-module totals, the hooks removed
 
 Both cases are timed the same way, from outside, with time.perf_counter around the whole call,
 so whatever the instrumentation costs to enter and leave the step is counted. All of them are
@@ -60,15 +60,11 @@ def prepare_cases(args, method: str) -> dict[str, Callable[[], object]]:
     """Build `method`'s model once and return its two cases, each one training step on it.
 
     The only place this script reaches into paca_prof's internals: re-point it here when they
-    move. The instrumented case is the timing pass of engines/measure.py with steps=1, warmup=0.
+    move. The instrumented case is the timing pass of engines/measure.py with one step.
     """
-    from paca_prof.engines.common import (
-        RunSpec,
-        build_prepared,
-        make_batch,
-        training_step,
-    )
-    from paca_prof.engines.measure import _timing_pass
+    from paca_prof.engines.measure import timing_pass
+    from paca_prof.engines.step import make_batch, prepare
+    from paca_prof.spec import RunSpec
 
     spec = RunSpec(model="tiny", seq=args.seq, batch=args.batch, dtype="fp32", device="cpu",
                    methods=(method,), steps=1, warmup=0)
@@ -78,11 +74,11 @@ def prepare_cases(args, method: str) -> dict[str, Callable[[], object]]:
     spec.config.num_attention_heads = args.hidden // 64
     spec.config.num_key_value_heads = max(1, args.hidden // 128)
     spec.config.max_position_embeddings = max(spec.config.max_position_embeddings, args.seq)
-    model, optimizer = build_prepared(spec, method, "cpu")
+    run = prepare(spec, method, "cpu")
     ids = make_batch(spec, "cpu")
     return {
-        "plain": lambda: training_step(model, optimizer, ids, None),
-        "instrumented": lambda: _timing_pass(spec, model, optimizer, ids),
+        "plain": lambda: run.step(ids),
+        "instrumented": lambda: timing_pass(run, ids, warmup=0, steps=1),
     }
 
 

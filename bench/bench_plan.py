@@ -59,10 +59,17 @@ from paca_prof import plan as planner  # noqa: E402
 from paca_prof.budget import make_budget  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]  # the plan command imports this checkout's paca_prof
-TINY = dict(dtype="fp32", attention="eager")
+TINY = dict(dtype="fp32")  # with eager attention: TINY_RECIPE
 SPEED_TARGET_S = 30.0
 BYTE_TOLERANCE = 256  # simulated bytes are exact; the CPU allocator adds a few scalars
 ERROR_TARGET = 0.02  # the planner's longest sequence against a search by real CPU runs
+
+
+def tiny_recipe():
+    """The tiny preset's recipe here: eager attention, which the CPU runs as simulation does."""
+    from paca_prof.recipe import Recipe
+
+    return Recipe(attention="eager")
 
 
 def plan_once(confirm: str) -> tuple[float, dict]:
@@ -117,7 +124,7 @@ def bench_depth(methods: list[str], model: str, seq: int) -> bool:
     exact = True
     for method in methods:
         spec = planner.make_spec(model, (method,))
-        mm = planner._MethodModel(spec, method, spec.config.num_hidden_layers, planner.DEPTHS)
+        mm = planner._MethodModel(spec, method, planner.DEPTHS)
         started = time.perf_counter()
         extrapolated = mm.probe(seq, 1)
         middle = time.perf_counter()
@@ -141,16 +148,17 @@ def measured_peak(spec, method: str) -> int:
 
 
 def bench_peak(methods: list[str], seqs: list[int]) -> bool:
-    from paca_prof.engines.common import RunSpec
+    from paca_prof.spec import RunSpec
 
     print("3. peak: tiny, fp32, eager attention: planner's simulated peak vs measured on the CPU")
     ok = True
     for method in methods:
-        spec = planner.make_spec("tiny", (method,), **TINY)
-        model = planner._MethodModel(spec, method, 2, (2,))
+        spec = planner.make_spec("tiny", (method,), **TINY, recipe=tiny_recipe())
+        model = planner._MethodModel(spec, method, (2,))
         for seq in seqs:
             predicted = model.probe(seq, 1).peak_bytes
-            run = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY)
+            run = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY,
+                          recipe=tiny_recipe())
             measured = measured_peak(run, method)
             ok &= abs(predicted - measured) <= BYTE_TOLERANCE
             print(f"   {method:<6} seq {seq:>5}: predicted {predicted:>12,} B  measured "
@@ -160,12 +168,13 @@ def bench_peak(methods: list[str], seqs: list[int]) -> bool:
 
 
 def bench_max_seq(methods: list[str], granularity: int) -> bool:
-    from paca_prof.engines.common import RunSpec
+    from paca_prof.spec import RunSpec
 
     budget = make_budget(memory="40MiB", headroom="0")
     print(f"4. max seq: tiny, fp32, eager, budget {budget.budget_bytes:,} B (40 MiB, no "
           f"headroom), grid {granularity} tokens: planner vs a search by real CPU runs")
-    result = planner.plan("tiny", budget, tuple(methods), granularity=granularity, **TINY)
+    spec = planner.make_spec("tiny", tuple(methods), **TINY, recipe=tiny_recipe())
+    result = planner.plan(spec, budget, granularity=granularity)
     ok = True
     for method in methods:
         runs = 0
@@ -173,7 +182,8 @@ def bench_max_seq(methods: list[str], granularity: int) -> bool:
         def fits(seq: int) -> bool:
             nonlocal runs
             runs += 1
-            spec = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY)
+            spec = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY,
+                           recipe=tiny_recipe())
             peak = measured_peak(spec, method)
             return peak <= budget.budget_bytes
 

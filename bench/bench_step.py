@@ -58,7 +58,9 @@ import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sy
 import paca.layer  # noqa: E402
 from paca import LLAMA_TARGETS  # noqa: E402
 from paca.compiled import partial_connection_op  # noqa: E402
-from paca_prof.methods import MethodSettings, prepare  # noqa: E402
+from paca_prof.methods import MethodSettings  # noqa: E402
+from paca_prof.methods.registry import prepare  # noqa: E402
+from paca_prof.recipe import Recipe  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -140,19 +142,19 @@ class AuthorsPacaLinear(nn.Module):
         return AuthorsPacaFn.apply(x, self.weight, paca_w, self.bias, self.paca_indices)
 
 
-def prepare_authors(model: nn.Module, settings: MethodSettings) -> nn.Module:
+def prepare_authors(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(settings.seed)
     targets = [
         (name, m)
         for name, m in model.named_modules()
-        if name.rsplit(".", 1)[-1] in settings.targets and isinstance(m, nn.Linear)
+        if name.rsplit(".", 1)[-1] in recipe.targets and isinstance(m, nn.Linear)
     ]
     for name, linear in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, AuthorsPacaLinear(linear, settings.rank, settings.alpha, generator))
+        setattr(parent, leaf, AuthorsPacaLinear(linear, settings.r, settings.alpha, generator))
     return model
 
 
@@ -255,12 +257,13 @@ def build_base(cfg: BenchConfig) -> nn.Module:
     return model
 
 
-def prepare_method(base: nn.Module, method: str, settings: MethodSettings) -> nn.Module:
+def prepare_method(base: nn.Module, method: str, settings: MethodSettings,
+                   recipe: Recipe) -> nn.Module:
     model = copy.deepcopy(base)
     if method == "authors":
-        model = prepare_authors(model, settings)
+        model = prepare_authors(model, settings, recipe)
     else:
-        model = prepare(model, "paca" if method == "paca-python" else method, settings)
+        model = prepare(model, "paca" if method == "paca-python" else method, settings, recipe)
     model.train()
     return model
 
@@ -293,12 +296,13 @@ class Runner:
 
 def make_runners(cfg: BenchConfig, methods: list[str], adam: str) -> dict[str, Runner]:
     base = build_base(cfg)
-    settings = MethodSettings(rank=cfg.rank, alpha=cfg.alpha, targets=list(LLAMA_TARGETS))
+    settings = MethodSettings(r=cfg.rank, alpha=cfg.alpha)
+    recipe = Recipe(targets=tuple(LLAMA_TARGETS))
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, cfg.model["vocab_size"], (cfg.batch, cfg.seq), generator=gen)
     runners = {}
     for method in methods:
-        model = prepare_method(base, method, settings)
+        model = prepare_method(base, method, settings, recipe)
         params = [p for p in model.parameters() if p.requires_grad]
         kwargs = {"fused": True} if adam == "fused" else {"foreach": {"default": None, "foreach": True}[adam]}
         optimizer = torch.optim.AdamW(params, lr=1e-5, **kwargs) if params else None

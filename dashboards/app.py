@@ -25,14 +25,13 @@ import pandas as pd
 from dash import Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
-from paca_prof.analyze import analyses, capacity, figures
+from paca_prof.analyze import capacity, figures
 from paca_prof.budget import DEFAULT_HEADROOM, make_budget
+from paca_prof.units import GIB, MIB
 from dashboards import runs
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
-MIB = 2**20
 BASELINE = "lora"
 GRAPH_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -303,21 +302,20 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         time_source, bytes_source = _sources(analysis)
         info = [
             _badge(analysis.source),
-            html.Span(f"{run['model']['name']}, batch {run['batch']} x seq {run['seq']}, "
-                      f"{run.get('dtype', '')}, {run['device']['name']}", className="what"),
+            html.Span(analysis.title, className="what"),
             _badge(time_source, "times: "), _badge(bytes_source, "bytes: "),
             html.Code(run.get("command", ""), className="command"),
         ]
-        layers = analyses.decoder_layers(analysis.trace.layers)
+        layers = analysis.decoder_layers()
         run_gpu = (run.get("gpu") or {}).get("name")
         if run_gpu in gpus:
             gpu = run_gpu
         batch_options, batch = [], None
-        sweep = analysis.trace.capacity
-        if sweep is not None and len(sweep):
-            batches = sorted(int(b) for b in sweep["batch"].unique())
-            batch_options = [{"label": str(b), "value": b} for b in batches]
-            batch = int(run["batch"]) if int(run["batch"]) in batches else batches[0]
+        found = analysis.capacity_curve()
+        if found is not None:
+            batch = found[1]
+            batch_options = [{"label": str(b), "value": b}
+                             for b in capacity.batches(analysis.trace.capacity)]
         method_options = [{"label": m, "value": m} for m in methods]
         return (method_options, methods, info,
                 [{"label": layer, "value": layer} for layer in layers],
@@ -353,14 +351,14 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
             analysis = load(name)
         except (runs.RunPathError, ValueError):
             return [], None
-        targets = analyses.drill_targets(analysis.trace.layers)
+        targets = analysis.drill_targets()
         if ctx.triggered_id == "latency-bars" and click:
             module = (click["points"][0].get("customdata") or [None])[0]
             if module not in targets:
                 raise PreventUpdate  # a leaf: nothing below it
             return dash.no_update, module
         if ctx.triggered_id == "drill-up":
-            return dash.no_update, analyses.drill_up(current)
+            return dash.no_update, analysis.drill_up(current)
         options = [{"label": t, "value": t} for t in targets]
         return options, current if current in targets else None
 
@@ -377,8 +375,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         layers = _rows(analysis.trace.layers, methods)
         if not layers["latency_ms"].notna().any():
             return figures.empty_figure(f"no times in this trace ({time_source})"), None
-        return figures.layer_latency_bars(analyses.fill_container_latency(layers), time_source,
-                                          parent=parent or None), None
+        return figures.layer_latency_bars(layers, time_source, parent=parent or None), None
 
     @app.callback(
         Output("timeline-graph", "figure"), Output("timeline-overhead", "children"),
@@ -419,8 +416,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         analysis = load(name)
         methods = _methods(analysis, methods)
         _, bytes_source = _sources(analysis)
-        savings = analysis.activation_savings(methods)
-        return (figures.activation_by_layer(savings, bytes_source),
+        return (figures.activation_by_layer(analysis.activation_by_layer(methods), bytes_source),
                 _table(analysis.activation_totals(methods), "activation-totals"), None)
 
     @app.callback(
@@ -436,12 +432,12 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         if not method:
             raise PreventUpdate
         _, bytes_source = _sources(analysis)
-        timeline = analyses.downsample_timeline(analysis.memory_timeline(method))
+        timeline = analysis.memory_timeline(method, max_points=2000)
         run = analysis.trace.run
         on_gpu = run.get("gpu") or run["device"].get("type") == "cuda"
         capacity_bytes = run["device"].get("memory_bytes") if on_gpu else None
         return (figures.memory_timeline_area(timeline, method, bytes_source,
-                                             analyses.memory_time_label(analysis.sources)),
+                                             analysis.memory_time_label()),
                 figures.peak_breakdown_bars(analysis.peak_breakdown(methods), bytes_source,
                                             capacity_bytes), None)
 
@@ -457,8 +453,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
     def capacity_plan(name, methods, gpu, free_gib, headroom, batch):
         analysis = load(name)
         methods = _methods(analysis, methods)
-        sweep = analysis.trace.capacity
-        if sweep is None or sweep.empty:
+        if analysis.capacity_curve() is None:
             message = ("This run holds no capacity sweep (capacity.parquet, written by "
                        "`paca-prof plan --out`). The dashboard never simulates.")
             return figures.empty_figure("no capacity sweep in this run"), None, message, None
@@ -466,9 +461,8 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
             budget = make_budget(gpu=gpu, headroom=headroom or "0")
         else:
             budget = make_budget(memory=int(float(free_gib) * GIB), headroom=headroom or "0")
-        curve, batch = capacity.select_batch(sweep, batch)
-        curve = _rows(curve, methods)
-        table = capacity.max_seq_table(curve, budget.budget_bytes, BASELINE)
+        table, curve, batch = analysis.capacity_answers(budget.budget_bytes, batch, methods,
+                                                        BASELINE)
         best = dict(zip(table["method"], table["max_seq"]))
         where = gpu if free_gib in (None, "") else f"{free_gib} GiB free"
         note = (f"{budget.describe()}. Batch {batch}; {where}. The longest sequence per "
@@ -492,7 +486,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
             return (html.P("Pick a second run to compare."), figures.empty_figure(),
                     figures.empty_figure(), None)
         other = load(other_name)
-        changes = analyses.top_changes(_rows(analysis.diff(other), methods), n=15)
+        changes = analysis.top_changes(other, methods, n=15)
         columns = ["method", "module", "phase", "latency_ms_a", "latency_ms_b",
                    "latency_ms_delta", "latency_ms_ratio", "n_kernels_a", "n_kernels_b",
                    "activation_bytes_a", "activation_bytes_b"]

@@ -57,6 +57,7 @@ class Budget:
     headroom_bytes: int
     headroom: str  # as given, e.g. "1GiB+5%"
     gpu: str | None  # the GPU's name, or None for a plain --memory amount
+    device: object = None  # the GPU's gpus.GpuSpec, or None
 
     @property
     def budget_bytes(self) -> int:
@@ -79,6 +80,7 @@ def make_budget(gpu: str | None = None, memory: str | int | None = None,
 
     if (gpu is None) == (memory is None):
         raise ValueError("give exactly one of a GPU and a memory size")
+    spec = None
     if gpu is not None:
         spec = gpu_spec(gpu)
         memory_bytes, name = spec.memory_bytes, spec.name
@@ -86,4 +88,5 @@ def make_budget(gpu: str | None = None, memory: str | int | None = None,
         memory_bytes, name = parse_bytes(memory), None
         if memory_bytes <= 0:
             raise ValueError(f"memory size must be positive, got {memory!r}")
-    return Budget(memory_bytes, parse_headroom(headroom, memory_bytes), str(headroom), name)
+    return Budget(memory_bytes, parse_headroom(headroom, memory_bytes), str(headroom), name,
+                  spec)

@@ -1,5 +1,9 @@
 """The paca-prof command: argument parsing and printing only; the work happens in engines/,
-analyze/ and plan. A user error is one line on stderr and exit status 2."""
+analyze/ and plan. A user error is one line on stderr and exit status 2.
+
+Nothing heavy is imported at the top: `--help`, `analyze` and `dash` never load torch; `run`
+and `plan` import it when they start.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from paca_prof import methods as method_registry
+from paca_prof import __version__
+from paca_prof import methods as method_names
 from paca_prof.gpus import GPUS
-from paca_prof.trace import MEMORY_CATEGORIES
 
 EXIT_USAGE = 2
+ATTENTION_CHOICES = ("sdpa", "eager", "math", "flash", "efficient")
 
 
 class UsageError(Exception):
@@ -38,20 +43,47 @@ def _positive_int(text: str) -> int:
 
 def _method_list(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("no method named")
-    for name in names:
-        try:
-            method_registry.check_method(name)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return names
+    try:
+        return method_names.check_methods(names)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_method_settings(parser: argparse.ArgumentParser) -> None:
+    """The adapter methods' settings, the same in `run` and `plan`."""
+    group = parser.add_argument_group("method settings (PEFT's meaning)")
+    group.add_argument("--r", "--rank", dest="r", type=_positive_int, default=8,
+                       help="LoRA/DoRA rank and PaCA's trained columns per linear (default 8)")
+    group.add_argument("--alpha", type=float, default=16.0,
+                       help="scaling = alpha / r for every adapter method (default 16)")
+    group.add_argument("--dropout", type=float, default=0.0,
+                       help="LoRA/DoRA dropout (default 0, PEFT's)")
+    group.add_argument("--adapter-dtype", choices=method_names.ADAPTER_DTYPES, default="fp32",
+                       help="LoRA/DoRA weights: fp32 (PEFT's autocast default) or the model's "
+                            "dtype (default fp32)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seeds the weights, the batch and PaCA's column draw (default 0)")
+
+
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    """The recipe's flags (recipe.py), the same in `run` and `plan`."""
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                       help="sdpa (torch picks; measured default), eager or math (L x L "
+                            "scores), flash / efficient (fused CUDA kernels; simulated default: "
+                            "flash for bf16/fp16, efficient for fp32)")
+    group.add_argument("--grad-ckpt", action="store_true",
+                       help="gradient checkpointing of every decoder layer")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING
+
+    default_methods = ",".join(method_names.DEFAULT_METHODS)
     parser = _Parser(prog="paca-prof", description="Where a fine-tuning step's time and memory "
                      "go: PaCA against LoRA, DoRA and full fine-tuning, measured, simulated or "
                      "projected onto a GPU.")
+    parser.add_argument("--version", action="version", version=f"paca-prof {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="measure (cpu, cuda) or simulate (meta) training steps of "
@@ -59,41 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True,
                      help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
     run.add_argument("--seq", type=_positive_int, required=True, help="tokens per sequence")
-    run.add_argument("--batch", type=_positive_int, default=1)
-    run.add_argument("--methods", type=_method_list, default=method_registry.DEFAULT_METHODS,
-                     help=f"comma-separated, from {','.join(method_registry.METHODS)} "
-                          f"(default {','.join(method_registry.DEFAULT_METHODS)})")
-    run.add_argument("--rank", type=_positive_int, default=8)
-    run.add_argument("--alpha", type=float, default=16.0)
-    run.add_argument("--dropout", type=float, default=0.0, help="LoRA/DoRA dropout (PEFT default 0)")
-    run.add_argument("--adapter-dtype", choices=method_registry.ADAPTER_DTYPES, default="fp32",
-                     help="LoRA/DoRA weights: fp32 (PEFT's autocast default) or the model's dtype")
+    run.add_argument("--batch", type=_positive_int, default=1, help="sequences (default 1)")
+    run.add_argument("--methods", type=_method_list, default=method_names.DEFAULT_METHODS,
+                     help=f"comma-separated, from {','.join(method_names.METHODS)} "
+                          f"(default {default_methods})")
     run.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                      help="default: fp32 on cpu, bf16 on cuda and meta")
     run.add_argument("--device", choices=["cpu", "cuda", "meta"], default=None,
                      help="cpu or cuda measure real steps; meta simulates them (exact bytes) and "
                           "projects times onto --gpu. Default: cuda if present, else meta")
     run.add_argument("--gpu", default="a100-80gb",
-                     help=f"GPU to project simulated runs onto ({', '.join(GPUS)}; "
-                          "default a100-80gb, the paper's)")
-    run.add_argument("--attention", choices=["sdpa", "math", "flash", "efficient"], default=None,
-                     help="sdpa (torch picks; measured default), math (eager, L x L scores), "
-                          "flash / efficient (fused CUDA kernels; simulated default: flash for "
-                          "bf16/fp16, efficient for fp32)")
-    run.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
-    run.add_argument("--steps", type=_positive_int, default=5, help="measured steps")
-    run.add_argument("--warmup", type=int, default=2, help="warm-up steps (not measured)")
-    run.add_argument("--seed", type=int, default=0)
+                     help=f"GPU to project simulated runs onto: {', '.join(GPUS)}, or a device "
+                          "spec file (PATH.yaml); default a100-80gb, the paper's")
+    run.add_argument("--steps", type=_positive_int, default=5,
+                     help="measured steps (default 5)")
+    run.add_argument("--warmup", type=int, default=2,
+                     help="warm-up steps, not measured (default 2)")
     run.add_argument("--out", type=Path, default=None,
                      help="trace folder to write (default traces/<model>-seq<N>-<device>-<time>)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    _add_method_settings(run)
+    _add_recipe(run)
     run.set_defaults(handler=_cmd_run)
 
     analyze = sub.add_parser("analyze", help="analyse a trace folder (or compare two)")
     analyze.add_argument("trace", type=Path, help="trace folder written by paca-prof run")
     analyze.add_argument("--vs", type=Path, default=None, help="a second trace to compare with")
-    analyze.add_argument("--methods", type=_method_list, default=None)
-    analyze.add_argument("--top", type=_positive_int, default=5, help="slowest modules shown")
+    analyze.add_argument("--methods", type=_method_list, default=None,
+                         help="methods to show (default: all in the trace)")
+    analyze.add_argument("--top", type=_positive_int, default=5,
+                         help="slowest modules shown per method (default 5)")
     analyze.add_argument("--html", type=Path, default=None, help="write a self-contained report")
     analyze.add_argument("--json", action="store_true", help="print the analyses as JSON")
     analyze.set_defaults(handler=_cmd_analyze)
@@ -102,23 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("traces", nargs="?", type=Path, default=Path("traces"),
                       help="folder of trace folders (default traces/)")
     dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    dash.add_argument("--port", type=_positive_int, default=8050)
-    dash.add_argument("--debug", action="store_true", help="Dash debug mode (never for sharing)")
+    dash.add_argument("--port", type=_positive_int, default=8050, help="port (default 8050)")
+    dash.add_argument("--debug", action="store_true",
+                      help="Dash debug mode (never for sharing; loopback only)")
     dash.set_defaults(handler=_cmd_dash)
 
-    from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING
-    from paca_prof.plan import DEFAULT_GRANULARITY, PLAN_METHODS
+    from paca_prof.plan import DEFAULT_GRANULARITY, DEFAULT_TIME_BUDGET_S, PLAN_METHODS
 
     plan = sub.add_parser("plan", help="longest sequence (or largest batch) of each method that "
                                        "fits a GPU, from simulated steps")
     plan.add_argument("--model", required=True,
                       help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
     target = plan.add_mutually_exclusive_group(required=True)
-    target.add_argument("--gpu", help=f"plan for this GPU's memory ({', '.join(GPUS)})")
+    target.add_argument("--gpu", help=f"plan for this GPU's memory: {', '.join(GPUS)}, or a "
+                                      "device spec file (PATH.yaml)")
     target.add_argument("--memory", help="plan for this much memory instead: 24GiB, 80GB, 1.5TiB, "
                                          "bytes (K/M/G/T and KiB.. are binary, KB.. decimal)")
     plan.add_argument("--methods", type=_method_list, default=PLAN_METHODS,
-                      help=f"comma-separated, from {','.join(method_registry.METHODS)} "
+                      help=f"comma-separated, from {','.join(method_names.METHODS)} "
                            f"(default {','.join(PLAN_METHODS)}; frozen trains nothing)")
     plan.add_argument("--seq", type=_positive_int, default=None,
                       help="fix the sequence length and search the largest batch instead")
@@ -132,51 +160,52 @@ def build_parser() -> argparse.ArgumentParser:
                             f"sizes and percentages of the memory, summed (default "
                             f"{DEFAULT_HEADROOM}: {HEADROOM_MEANING}); 0 for none"
                             ).replace("%", "%%"))
-    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    plan.add_argument("--attention", choices=["flash", "efficient", "math", "eager"], default=None,
-                      help="default: flash for bf16/fp16, efficient for fp32 (what SDPA runs on "
-                           "a recent GPU); math/eager materialise the L x L scores")
-    plan.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
-    plan.add_argument("--rank", type=_positive_int, default=8)
-    plan.add_argument("--adapter-dtype", choices=method_registry.ADAPTER_DTYPES, default="fp32",
-                      help="LoRA/DoRA weights: fp32 (PEFT's autocast default) or the model's dtype")
+    plan.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                      help="default bf16")
     plan.add_argument("--confirm", choices=["auto", "always", "never"], default="auto",
                       help="simulate each answer again at full depth: auto (while the plan stays "
-                           "within --time-budget), always, never")
-    plan.add_argument("--time-budget", type=float, default=27.0,
+                           "within --time-budget), always, never (default auto)")
+    plan.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S,
                       help="--confirm auto confirms while the whole command (imports included) "
-                           "stays within this many seconds (default 27)")
+                           f"stays within this many seconds (default {DEFAULT_TIME_BUDGET_S:g})")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--out", type=Path, default=None,
                       help="also write the plan as a trace folder (capacity sweep) for analyze/dash")
+    _add_method_settings(plan)
+    _add_recipe(plan)
     plan.set_defaults(handler=_cmd_plan)
     return parser
+
+
+def _settings(args):
+    from paca_prof.methods import MethodSettings
+
+    return MethodSettings(r=args.r, alpha=args.alpha, dropout=args.dropout,
+                          adapter_dtype=args.adapter_dtype, seed=args.seed)
+
+
+def _recipe(args):
+    from paca_prof.recipe import Recipe
+
+    return Recipe(attention=args.attention, grad_ckpt=args.grad_ckpt)
 
 
 def _cmd_run(args) -> int:
     import torch
 
     from paca_prof import engines
-    from paca_prof.engines.attention import default_attention
-    from paca_prof.gpus import gpu_spec
-    from paca_prof.presets import DTYPES
     from paca_prof.analyze import TraceAnalysis
-    from paca_prof.engines.common import RunSpec
+    from paca_prof.gpus import gpu_spec
+    from paca_prof.spec import RunSpec
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "meta")
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    attention = {"math": "eager", None: None}.get(args.attention, args.attention)
-    if attention is None:
-        attention = default_attention(DTYPES[dtype]) if device == "meta" else "sdpa"
     try:
         gpu = gpu_spec(args.gpu)
-        settings = method_registry.MethodSettings(
-            rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-            adapter_dtype=args.adapter_dtype, seed=args.seed)
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
-                       device=device, methods=args.methods, settings=settings,
-                       steps=args.steps, warmup=args.warmup, attention=attention,
-                       grad_ckpt=args.grad_ckpt, seed=args.seed)
+                       device=device, methods=args.methods, settings=_settings(args),
+                       recipe=_recipe(args), steps=args.steps, warmup=args.warmup,
+                       seed=args.seed)
     except ValueError as error:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
@@ -218,10 +247,7 @@ def _cmd_analyze(args) -> int:
         "headline": analysis.headline(),
     }
     if other is not None:
-        diff = analysis.diff(other)
-        diff = diff[diff["method"].isin(methods)]
-        tables["diff"] = diff.reindex(diff["latency_ms_ratio"].sub(1).abs()
-                                      .sort_values(ascending=False).index).head(20)
+        tables["diff"] = analysis.top_changes(other, methods=methods)
     if args.html:
         try:
             write_html(analysis, args.html, methods)
@@ -234,21 +260,19 @@ def _cmd_analyze(args) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     _print_summary(analysis, methods)
+    sources = analysis.sources
     titles = {
         "adapter_overhead": "sequential adapter overhead (adapter-branch ops and the idle time "
-                            f"before them; times {analysis.sources.get('time')})",
-        "activation_totals": f"activation bytes ({analysis.sources.get('bytes')}): frozen floor "
+                            f"before them; times {sources.get('time')})",
+        "activation_totals": f"activation bytes ({sources.get('bytes')}): frozen floor "
                              "and what each method adds",
-        "peak_breakdown": f"memory at the peak, MiB ({analysis.sources.get('bytes')})",
-        "top_layers": f"slowest modules per method (ms, {analysis.sources.get('time')})",
+        "peak_breakdown": f"memory at the peak, MiB ({sources.get('bytes')})",
+        "top_layers": f"slowest modules per method (ms, {sources.get('time')})",
         "headline": "paca against lora, in the paper's terms",
         "diff": f"largest latency changes, {args.trace} (a) vs {args.vs} (b)",
     }
+    tables["peak_breakdown"] = analysis.peak_breakdown_table(methods)
     for name, table in tables.items():
-        if name == "peak_breakdown":
-            table = table.pivot(index="method", columns="category", values="bytes") / 2**20
-            table = table.reindex(columns=[c for c in MEMORY_CATEGORIES if c in table])
-            table = table.reset_index()
         table = _bytes_as_mib(table)
         print(f"\n{titles[name]}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:,.3f}", na_rep="-"))
@@ -267,21 +291,18 @@ def _cmd_dash(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-
     from paca_prof import plan as planner
     from paca_prof.budget import make_budget
 
     if args.seq is not None and args.batch is not None:
         raise UsageError("--seq searches the batch: leave out --batch")
-    if args.time_budget < 0:
+    if not args.time_budget >= 0:
         raise UsageError(f"--time-budget must be 0 or more, got {args.time_budget:g}")
     try:
         budget = make_budget(gpu=args.gpu, memory=args.memory, headroom=args.headroom)
-        settings = method_registry.MethodSettings(rank=args.rank,
-                                                  adapter_dtype=args.adapter_dtype)
         spec = planner.make_spec(args.model, args.methods, seq=args.seq, batch=args.batch or 1,
-                                 dtype=args.dtype, attention=args.attention,
-                                 grad_ckpt=args.grad_ckpt, settings=settings)
+                                 dtype=args.dtype, recipe=_recipe(args),
+                                 settings=_settings(args))
     except ValueError as error:
         raise UsageError(str(error)) from None
     bar, progress = _progress_bar("paca-prof plan", len(spec.methods), finished="searched")
@@ -337,15 +358,17 @@ def _seconds_since_start() -> float:
 
 def _print_plan(result) -> None:
     """Per method: the answer, then a table of the curve (simulated bytes by category)."""
-    from paca_prof.units import format_bytes
+    from paca_prof.trace import MEMORY_CATEGORIES
+    from paca_prof.units import GIB, format_bytes
 
-    gib, budget = 2**30, result.budget.budget_bytes
+    budget = result.budget.budget_bytes
     unit = "tokens" if result.vary == "seq" else "sequences"
     fixed = (f"batch {result.batch}" if result.vary == "seq"
              else f"seq {result.seq}, batch searched")
+    checkpointing = ("gradient checkpointing" if result.recipe.grad_ckpt
+                     else "no gradient checkpointing")
     print(f"paca-prof plan: {result.model} ({result.n_layers} layers), {fixed}, {result.dtype}, "
-          f"{result.attention} attention, "
-          f"{'gradient checkpointing' if result.grad_ckpt else 'no gradient checkpointing'}")
+          f"{result.recipe.attention} attention, {checkpointing}")
     print(result.budget.describe())
     if len(result.depths) == 1:
         how = f"the {result.n_layers}-layer model simulated at each size"
@@ -386,16 +409,18 @@ def _print_plan(result) -> None:
             peak = sum(int(row[c]) for c in categories)
             mark = "  <- max" if size == mp.max_size else ("  over budget" if peak > budget
                                                           else "")
-            cells = " ".join(f"{int(row[c]) / gib:>11.2f}" for c in categories)
-            print(f"  {size:>8} {peak / gib:>9.2f} {100 * peak / budget:>8.1f} {cells}  "
+            cells = " ".join(f"{int(row[c]) / GIB:>11.2f}" for c in categories)
+            print(f"  {size:>8} {peak / GIB:>9.2f} {100 * peak / budget:>8.1f} {cells}  "
                   f"{'probed' if row['probed'] else 'fitted'}{mark}")
 
 
 def _bytes_as_mib(frame):
     """For printing: byte columns in MiB, renamed so."""
+    from paca_prof.units import MIB
+
     frame = frame.copy()
     for column in [c for c in frame.columns if c == "bytes" or c.endswith("_bytes")]:
-        frame[column] = frame[column].astype(float) / 2**20
+        frame[column] = frame[column].astype(float) / MIB
         frame = frame.rename(columns={column: column.removesuffix("bytes") + "MiB"})
     return frame
 
@@ -405,12 +430,17 @@ def _records(frame) -> list[dict]:
 
 
 def _print_summary(analysis, methods: list[str] | None = None) -> None:
-    table = analysis.summary(baseline="lora", methods=methods)
+    from paca_prof import trace
+
+    baseline = "lora"
+    table = analysis.summary(baseline=baseline, methods=methods)
     run = analysis.trace.run
-    sources = run.get("sources", {})
-    print(f"{run['model']['name']}, batch {run['batch']} x seq {run['seq']}, {run['dtype']}, "
-          f"{run['device']['name']}: times {sources.get('time') or 'not available'}, "
-          f"bytes {sources.get('bytes')}; ratios are to lora")
+    sources = analysis.sources
+    has_baseline = baseline in set(table["method"]) and \
+        table.set_index("method").loc[baseline, "status"] == "ok"
+    ratios = f"; ratios are to {baseline}" if has_baseline else "; no lora run, so no ratios"
+    print(f"{trace.title(run)}: times {sources.get('time') or 'not available'}, "
+          f"bytes {sources.get('bytes')}{ratios}")
     columns = [("step_ms", "step ms", "{:.1f}"), ("forward_ms", "fwd ms", "{:.1f}"),
                ("backward_ms", "bwd ms", "{:.1f}"), ("ops_per_step", "ops/step", "{:.0f}"),
                ("activation_mib", "act MiB", "{:.1f}"), ("peak_mib", "peak MiB", "{:.1f}"),
@@ -420,7 +450,7 @@ def _print_summary(analysis, methods: list[str] | None = None) -> None:
     for _, row in table.iterrows():
         cells = []
         for name, _, fmt in columns:
-            value, ratio = row[name], row[f"{name}_vs_lora"]
+            value, ratio = row[name], row[f"{name}_vs_{baseline}"]
             text = "-" if value != value else fmt.format(value)
             text += "" if ratio != ratio else f" ({ratio:.2f}x)"
             cells.append(f"{text:>16}")

@@ -45,9 +45,13 @@ every method here); sequences are searched up to SEQ_LIMIT tokens and batches up
 (an answer at the limit says so); the model's max_position_embeddings is not enforced.
 
 This module imports torch only inside the functions that simulate; the budget is budget.py's and
-the result classes are pandas-only. The curve has the columns of the analyzer's
-capacity sweep (paca_prof.analyze.capacity), whose max_seq_from_curve re-reads it for another
-budget without simulating.
+the result classes are pandas-only. The curve has the columns of the analyzer's capacity sweep
+(paca_prof.analyze.capacity), whose max_seq_from_curve re-reads it for another budget without
+simulating.
+
+Reading order: the results (Point, MethodPlan, PlanResult), then plan() and the steps it takes:
+make_spec, one _MethodModel per method (simulating and extrapolating a size), _search (a
+Bracket closed by fitted jumps), _confirm_all, the curve, and write_trace.
 """
 
 from __future__ import annotations
@@ -56,12 +60,13 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING, Budget
+from paca_prof.recipe import Recipe
 from paca_prof.trace import MEMORY_CATEGORIES
 
 PLAN_METHODS = ("lora", "dora", "paca", "full")  # frozen trains nothing: ask for it explicitly
@@ -73,8 +78,14 @@ BATCH_START = (1, 4)
 DEPTHS = (2, 3)  # simulated depths that are extrapolated to the model's
 CURVE_POINTS = 10
 CURVE_SPAN = 1.25  # the curve runs up to 1.25x the answer
-DEFAULT_TIME_BUDGET_S = 20.0  # full-depth confirmation runs only while the plan stays within it
+# Full-depth confirmation runs only while the plan (the whole command, imports included, for
+# `paca-prof plan`) stays within this many seconds.
+DEFAULT_TIME_BUDGET_S = 27.0
 CONFIRM_SAFETY = 1.5  # a confirmation starts only if 1.5x its estimated time fits the budget
+# The search jumps to the crossing fitted through its probes at most this often; a fit that
+# twice fails to close the bracket is not describing the curve (a segment changed shape), so
+# the search bisects from there.
+MAX_FITTED_JUMPS = 2
 
 Progress = Callable[[str, str], None]  # (method, what is happening)
 
@@ -143,8 +154,7 @@ class PlanResult:
     seq: int | None  # fixed seq when the batch is searched
     batch: int  # fixed batch when the seq is searched
     dtype: str
-    attention: str
-    grad_ckpt: bool
+    recipe: Recipe
     granularity: int
     depths: tuple[int, ...]
     methods: dict[str, MethodPlan]
@@ -162,9 +172,9 @@ class PlanResult:
                      f"{self.n_layers} layers; answers confirmed at full depth when the time "
                      f"budget allows (see each method's confirmation)")
         return {
-            "attention": self.attention,
+            "attention": self.recipe.attention,
             "dtype": self.dtype,
-            "grad_ckpt": self.grad_ckpt,
+            "grad_ckpt": self.recipe.grad_ckpt,
             "batch": self.batch if self.vary == "seq" else "searched",
             "seq": self.seq if self.vary == "batch" else "searched",
             "granularity": self.granularity,
@@ -177,7 +187,8 @@ class PlanResult:
             "headroom": f"{self.budget.headroom}"
                         + (f" ({HEADROOM_MEANING})" if self.budget.headroom == DEFAULT_HEADROOM
                            else ""),
-            "optimizer": "torch.optim.AdamW (foreach), state in the trainable parameters' dtype",
+            "optimizer": self.recipe.describe("meta")["optimizer_detail"]
+                         + "; state in the trainable parameters' dtype",
             "curve": f"~{CURVE_POINTS} sizes up to {CURVE_SPAN}x the answer; probed sizes "
                      "simulated, others fitted per segment through the nearest probes",
             "methods": self.method_settings,
@@ -232,60 +243,113 @@ def _point_dict(point: Point | None) -> dict | None:
             "depth": point.depth, "extrapolated": point.extrapolated}
 
 
+# --- The plan -------------------------------------------------------------------------------
+
+def make_spec(model: str, methods: tuple[str, ...] = PLAN_METHODS, *, seq: int | None = None,
+              batch: int = 1, dtype: str = "bf16", recipe: Recipe | None = None,
+              settings=None):
+    """The RunSpec a plan simulates (device meta), checked: ValueError (one line) for an
+    unknown model, method or dtype, a bad size, targets that match nothing or an r a method
+    refuses. The recipe's attention defaults to what SDPA runs on a recent NVIDIA GPU (flash
+    for bf16/fp16, efficient for fp32); eager (or "math") materialises the L x L scores."""
+    from paca_prof.engines.step import validate_against_model
+    from paca_prof.methods import MethodSettings
+    from paca_prof.spec import RunSpec
+
+    spec = RunSpec(model=model, seq=seq or 1, batch=batch, dtype=dtype, device="meta",
+                   methods=tuple(methods), settings=settings or MethodSettings(),
+                   recipe=recipe or Recipe())
+    validate_against_model(_at_depth(spec, 1))
+    return spec
+
+
+def plan(spec, budget: Budget, *, seq: int | None = None,
+         granularity: int = DEFAULT_GRANULARITY, confirm: str = "auto",
+         time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+         progress: Progress = lambda method, state: None) -> PlanResult:
+    """Plan each method of `spec` (a RunSpec from make_spec) under `budget`: the longest
+    sequence that fits at spec.batch, or with `seq` given, the largest batch that fits at that
+    sequence length.
+
+    `granularity` is the sequence grid in tokens (batches are searched exactly). `confirm`:
+    "auto" simulates each answer and the next size at full depth while the plan stays within
+    `time_budget_s` seconds (the cheapest methods first; one starts only if CONFIRM_SAFETY
+    times its estimated time fits), "always" does so regardless, "never" skips it. ValueError
+    for bad arguments; a model the simulator cannot run raises its error.
+    """
+    started = time.perf_counter()
+    if granularity <= 0:
+        raise ValueError(f"granularity must be positive, got {granularity}")
+    if confirm not in ("auto", "always", "never"):
+        raise ValueError(f"confirm must be auto, always or never, got {confirm!r}")
+    vary = "seq" if seq is None else "batch"
+    search = _Search(
+        vary=vary, grid=granularity if vary == "seq" else 1, budget=budget.budget_bytes,
+        limit=SEQ_LIMIT if vary == "seq" else BATCH_LIMIT,
+        degree=2 if vary == "seq" and spec.recipe.attention == "eager" else 1,
+        sized=(lambda x: (x, spec.batch)) if vary == "seq" else (lambda x: (seq, x)))
+    depths = _depths(spec.config)
+    models, plans = {}, {}
+    for method in spec.methods:
+        progress(method, f"simulating {'+'.join(map(str, depths))}-layer models")
+        models[method] = _MethodModel(spec, method, depths)
+        answer, probes = search.run(models[method].probe,
+                                    SEQ_START if vary == "seq" else BATCH_START)
+        plans[method] = search.method_plan(method, answer, probes,
+                                           FULL_DEPTH if len(depths) == 1 else UNCONFIRMED_OFF)
+        progress(method, "searched")
+    if len(depths) > 1 and confirm != "never":
+        remaining = None if confirm == "always" else time_budget_s - (time.perf_counter()
+                                                                      - started)
+        plans = _confirm_all(plans, models, search, remaining, progress)
+    curve = pd.concat([_curve(plans[m], search, spec.batch if vary == "seq" else seq)
+                       for m in spec.methods], ignore_index=True)
+    from paca_prof import methods
+
+    return PlanResult(
+        model=spec.model_name, n_layers=spec.config.num_hidden_layers, budget=budget,
+        vary=vary, seq=seq, batch=spec.batch, dtype=spec.dtype, recipe=spec.recipe,
+        granularity=search.grid, depths=depths, methods=plans, curve=curve,
+        method_settings={m: methods.get(m).describe(spec.settings) for m in spec.methods},
+        elapsed_s=time.perf_counter() - started)
+
+
 # --- Simulating one size at any depth -------------------------------------------------------
 
-# A step's timeline, cut where the layer pattern is interrupted (see _segment_peaks).
+# A step's timeline, cut where the layer pattern is interrupted (see segment_peaks).
 SEGMENTS = ("forward:layers", "forward:logits", "backward:logits", "backward:layers",
             "optimizer")
 
 
-def _segment_peaks(memory: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Peak of each timeline segment, as bytes per category at that segment's peak.
+class _MethodModel:
+    """Probes one method at any size: simulated at `depths` and extrapolated to the model's
+    depth, or (probe_full) simulated at full depth."""
 
-    `memory` is a simulated step's memory table: one row per category at t=0, then one per
-    allocation or free event, in order, with the event's phase and logits_scope. Only
-    allocations can make a peak; an allocation's segment is its phase, split at lm_head:
-    forward before its first lm_head/loss allocation, and backward up to its last one, are
-    separate from the rest; allocations between phases join the segment before them. The state
-    at the start belongs to the first segment.
-    """
-    n0 = len(MEMORY_CATEGORIES)
-    forward_layers, forward_logits, backward_logits, backward_layers, optimizer = SEGMENTS
-    categories = memory["category"].tolist()
-    values = [int(v) for v in memory["allocated_bytes"].tolist()]
-    phases = memory["phase"].tolist()
-    logits = memory["logits_scope"].tolist()
-    totals = dict(zip(categories[:n0], values[:n0]))
-    total = sum(totals.values())
-    allocates = []  # per event row: does it allocate (its category's total grows)?
-    running = dict(totals)
-    for category, value in zip(categories[n0:], values[n0:]):
-        allocates.append(value > running[category])
-        running[category] = value
-    last_backward_logits = max((i for i, phase in enumerate(phases[n0:]) if phase == "backward"
-                                and allocates[i] and logits[n0 + i]), default=-1)
-    segment, seen_logits = forward_layers, False
-    peaks: dict[str, tuple[int, dict[str, int]]] = {segment: (total, dict(totals))}
-    for i, (category, value) in enumerate(zip(categories[n0:], values[n0:])):
-        total += value - totals[category]
-        totals[category] = value
-        if not allocates[i]:
-            continue
-        phase = phases[n0 + i]
-        if phase == "forward":
-            seen_logits = seen_logits or bool(logits[n0 + i])
-            segment = forward_logits if seen_logits else forward_layers
-        elif phase == "backward":
-            segment = backward_logits if i <= last_backward_logits else backward_layers
-        elif phase == "optimizer":
-            segment = optimizer
-        if total > peaks.get(segment, (-1,))[0]:
-            peaks[segment] = (total, dict(totals))
-    return {name: breakdown for name, (_, breakdown) in peaks.items()}
+    def __init__(self, spec, method: str, depths: tuple[int, ...]):
+        self.spec, self.method, self.depths = spec, method, depths
+        self.n_layers = spec.config.num_hidden_layers
+        self._sims = {d: _DepthSimulator(_at_depth(spec, d), method, d) for d in depths}
+        self._full: _DepthSimulator | None = None
+
+    def probe(self, seq: int, batch: int) -> Point:
+        points = [self._sims[d].step(seq, batch) for d in self.depths]
+        if len(points) == 1:
+            return points[0]
+        return _extrapolate(points[0], points[1], self.n_layers)
+
+    def probe_full(self, seq: int, batch: int) -> Point:
+        if self._full is None:
+            self._full = _DepthSimulator(self.spec, self.method, self.n_layers)
+        return self._full.step(seq, batch)
+
+    def full_depth_cost_s(self) -> float:
+        """Estimated seconds to build the full-depth model and simulate two steps on it."""
+        last = self._sims[self.depths[-1]]
+        return (last.build_s + 2 * last.step_s) * self.n_layers / last.depth
 
 
 class _DepthSimulator:
-    """A Simulator of one method at one depth that also returns its step's segment peaks."""
+    """A Simulator of one method at one depth that returns its step's segment peaks."""
 
     def __init__(self, spec, method: str, depth: int):
         from paca_prof.engines.simulate import Simulator
@@ -299,13 +363,51 @@ class _DepthSimulator:
     def step(self, seq: int, batch: int) -> Point:
         started = time.perf_counter()
         result = self.sim.step(seq, batch)
-        segments = _segment_peaks(result.memory)
-        point = _point(seq, batch, segments, self.depth, extrapolated=False)
+        point = _point(seq, batch, segment_peaks(result.memory), self.depth, extrapolated=False)
         if point.peak_bytes != result.summary["peak_bytes"]:
             raise RuntimeError(f"segment peaks ({point.peak_bytes}) disagree with the step's "
                                f"peak ({result.summary['peak_bytes']})")
         self.step_s = time.perf_counter() - started
         return point
+
+
+def segment_peaks(memory: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Peak of each timeline segment, as bytes per category at that segment's peak.
+
+    `memory` is a simulated step's memory table: its first rows hold each category at the
+    start, then one row per allocation or free event, in order, with the event's signed bytes
+    (delta_bytes), phase and logits flag. Only allocations can make a peak; an allocation's
+    segment is its phase, split at lm_head: forward before its first lm_head/loss allocation,
+    and backward up to its last one, are separate from the rest; allocations between phases
+    join the segment before them. The state at the start belongs to the first segment.
+    """
+    forward_layers, forward_logits, backward_logits, backward_layers, optimizer = SEGMENTS
+    start = len(MEMORY_CATEGORIES)
+    categories = memory["category"].tolist()
+    totals = dict(zip(categories[:start], (int(v) for v in memory["allocated_bytes"][:start])))
+    events = list(zip(categories[start:], memory["allocated_bytes"][start:].tolist(),
+                      memory["delta_bytes"][start:].tolist(), memory["phase"][start:].tolist(),
+                      memory["logits_scope"][start:].tolist()))
+    last_backward_logits = max((i for i, (_, _, delta, phase, logits) in enumerate(events)
+                                if phase == "backward" and delta > 0 and logits), default=-1)
+    total = sum(totals.values())
+    segment, seen_logits = forward_layers, False
+    peaks: dict[str, tuple[int, dict[str, int]]] = {segment: (total, dict(totals))}
+    for i, (category, allocated, delta, phase, logits) in enumerate(events):
+        totals[category] = int(allocated)
+        total += delta
+        if delta <= 0:
+            continue
+        if phase == "forward":
+            seen_logits = seen_logits or bool(logits)
+            segment = forward_logits if seen_logits else forward_layers
+        elif phase == "backward":
+            segment = backward_logits if i <= last_backward_logits else backward_layers
+        elif phase == "optimizer":
+            segment = optimizer
+        if total > peaks.get(segment, (-1,))[0]:
+            peaks[segment] = (total, dict(totals))
+    return {name: breakdown for name, (_, breakdown) in peaks.items()}
 
 
 def _segment_names(points: list[Point]) -> list[str]:
@@ -324,7 +426,8 @@ def _point(seq: int, batch: int, segments: dict[str, dict[str, int]], depth: int
 
 def _extrapolate(low: Point, high: Point, depth: int) -> Point:
     """Segment by segment and category by category, from depths d and d+1 to `depth`."""
-    assert high.depth == low.depth + 1, (low.depth, high.depth)
+    if high.depth != low.depth + 1:
+        raise ValueError(f"extrapolation needs depths d and d+1, got {low.depth}, {high.depth}")
     steps = depth - low.depth
     segments = {}
     for name in _segment_names([low, high]):
@@ -332,32 +435,6 @@ def _extrapolate(low: Point, high: Point, depth: int) -> Point:
         segments[name] = {c: a.get(c, 0) + steps * (b.get(c, 0) - a.get(c, 0))
                           for c in MEMORY_CATEGORIES}
     return _point(low.seq, low.batch, segments, depth, extrapolated=True)
-
-
-class _MethodModel:
-    """Probes one method at any size: simulated at DEPTHS and extrapolated, or at full depth."""
-
-    def __init__(self, spec, method: str, n_layers: int, depths: tuple[int, ...]):
-        self.spec, self.method, self.n_layers, self.depths = spec, method, n_layers, depths
-        self._sims = {d: _DepthSimulator(_at_depth(spec, d), method, d) for d in depths}
-        self._full: _DepthSimulator | None = None
-
-    def probe(self, seq: int, batch: int) -> Point:
-        points = [self._sims[d].step(seq, batch) for d in self.depths]
-        if len(points) == 1:
-            return points[0]
-        return _extrapolate(points[0], points[1], self.n_layers)
-
-    def probe_full(self, seq: int, batch: int) -> Point:
-        if self._full is None:
-            self._full = _DepthSimulator(self.spec, self.method, self.n_layers)
-        return self._full.step(seq, batch)
-
-    def full_depth_cost_s(self) -> float:
-        """Estimated seconds to build the full-depth model and simulate two steps on it."""
-        last = self._sims[self.depths[-1]]
-        scale = self.n_layers / last.depth
-        return (last.build_s + 2 * last.step_s) * scale
 
 
 def _at_depth(spec, depth: int):
@@ -381,55 +458,115 @@ def _depths(config) -> tuple[int, ...]:
 
 # --- Search ---------------------------------------------------------------------------------
 
-def _fit_predict(points: list[Point], x: float, vary: str, degree: int) -> dict[str, int]:
-    """Bytes per category at size x, fitted per segment through the degree+1 probes nearest x
-    (fewer if there are fewer), then the largest segment (as _point does)."""
-    chosen = sorted(points, key=lambda p: (abs(_size(p, vary) - x), _size(p, vary)))
-    chosen = chosen[:degree + 1]
-    xs = [float(_size(p, vary)) for p in chosen]
-    best, best_total = None, -math.inf
-    for name in _segment_names(chosen):
-        fitted = {c: _poly_at(xs, [p.segments.get(name, {}).get(c, 0) for p in chosen], x)
-                  for c in MEMORY_CATEGORIES}
-        total = sum(fitted.values())
-        if total > best_total:
-            best, best_total = fitted, total
-    return {c: int(round(v)) for c, v in best.items()}
+@dataclass
+class Bracket:
+    """What a search knows: the largest size known to fit and the smallest known not to (None
+    while none is known), on a grid up to a limit."""
+
+    grid: int
+    limit: int
+    fits: int = 0
+    fails: int | None = None
+
+    def record(self, size: int, fitted: bool) -> None:
+        if fitted:
+            self.fits = max(self.fits, size)
+        else:
+            self.fails = size if self.fails is None else min(self.fails, size)
+
+    @property
+    def done(self) -> bool:
+        """Closed: the answer fits and the next grid size does not, or the limit fits."""
+        return (self.fails is not None and self.fails - self.fits <= self.grid) or \
+            self.fits >= self.limit
+
+    def clamp(self, guess: int) -> int:
+        """A guess moved strictly inside the bracket, on the grid."""
+        upper = self.limit if self.fails is None else self.fails - self.grid
+        return min(upper, max(self.fits + self.grid, guess))
+
+    def bisect(self) -> int:
+        """The middle of the bracket, or four times the known fit while nothing fails."""
+        if self.fails is None:
+            return 4 * max(self.fits, self.grid)
+        return (self.fits + self.fails) // 2 // self.grid * self.grid
 
 
-def _poly_at(xs: list[float], ys: list[float], x: float) -> float:
-    """The polynomial through (xs, ys) (Lagrange form, degree len-1) at x."""
-    value = 0.0
-    for i, (xi, yi) in enumerate(zip(xs, ys)):
-        term = float(yi)
-        for j, xj in enumerate(xs):
-            if j != i:
-                term *= (x - xj) / (xi - xj)
-        value += term
-    return value
+@dataclass
+class _Search:
+    """One plan's search rule: what varies, on which grid, under which budget, and how a size
+    becomes a (seq, batch)."""
+
+    vary: str
+    grid: int
+    budget: int
+    limit: int
+    degree: int  # of the peak in the size: 2 for seq with eager attention, else 1
+    sized: Callable[[int], tuple[int, int]]
+
+    def run(self, probe: Callable[[int, int], Point], start: tuple[int, ...],
+            seed: list[Point] = ()) -> tuple[int, dict[int, Point]]:
+        """The largest grid size in [0, limit] whose probed peak fits, assuming the peak grows
+        with size, and every probe {size: Point}. Probes the start sizes (the second one small
+        if the first does not fit), then jumps to the crossing fitted through the nearest
+        probes (MAX_FITTED_JUMPS times at most, then bisection) and probes its neighbour, until
+        the bracket closes. `seed` points count as probes already made."""
+        bracket = Bracket(self.grid, self.limit)
+        probes: dict[int, Point] = {}
+
+        def probe_at(x: int) -> None:
+            if x not in probes:
+                probes[x] = probe(*self.sized(x))
+            bracket.record(x, probes[x].peak_bytes <= self.budget)
+
+        for point in seed:
+            probes[_size(point, self.vary)] = point
+            probe_at(_size(point, self.vary))
+        for x in start:
+            if bracket.done:
+                break
+            probe_at(self.grid if bracket.fails is not None
+                     else min(self.limit, max(self.grid, x // self.grid * self.grid)))
+        jumps = 0
+        while not bracket.done:
+            guess = None
+            if jumps < MAX_FITTED_JUMPS:
+                near = bracket.fits if bracket.fails is None else (bracket.fits
+                                                                   + bracket.fails) / 2
+                guess = _predict_crossing(list(probes.values()), self, near)
+            guess = bracket.clamp(bracket.bisect() if guess is None else guess)
+            jumps += 1
+            probe_at(guess)
+            if guess == bracket.fits and guess + self.grid <= self.limit and (
+                    bracket.fails is None or guess + self.grid < bracket.fails):
+                probe_at(guess + self.grid)  # it fits: does the next one?
+            elif guess != bracket.fits and guess - self.grid > bracket.fits:
+                probe_at(guess - self.grid)  # it does not: does the one before?
+        return bracket.fits, probes
+
+    def method_plan(self, method: str, answer: int, probes: dict[int, Point],
+                    confirmation: str) -> MethodPlan:
+        ordered = [probes[x] for x in sorted(probes)]
+        return MethodPlan(
+            method=method, vary=self.vary, max_size=answer, best=probes.get(answer),
+            next=probes.get(answer + self.grid), smallest=probes.get(self.grid) or ordered[0],
+            at_limit=answer >= self.limit, confirmation=confirmation, probes=ordered)
 
 
-def _size(point: Point, vary: str) -> int:
-    return point.seq if vary == "seq" else point.batch
-
-
-def _predict_crossing(points: list[Point], budget: int, vary: str, degree: int,
-                      near: float, grid: int, limit: int) -> int | None:
-    """The largest grid size whose fitted peak fits, by the fit through the probes nearest
-    `near`; None if the probes cannot say (fewer than two)."""
+def _predict_crossing(points: list[Point], search: _Search, near: float) -> int | None:
+    """The largest grid size whose fitted peak fits the budget, by the fit through the probes
+    nearest `near`; None if the probes cannot say (fewer than two)."""
     if len(points) < 2:
         return None
-    chosen = sorted(points, key=lambda p: abs(_size(p, vary) - near))[:degree + 1]
-    xs = [float(_size(p, vary)) for p in chosen]
-    totals_by_segment = {}
-    for name in _segment_names(chosen):
-        totals_by_segment[name] = [sum(p.segments.get(name, {}).values()) for p in chosen]
+    chosen = sorted(points, key=lambda p: abs(_size(p, search.vary) - near))[:search.degree + 1]
+    xs = [float(_size(p, search.vary)) for p in chosen]
     crossing = math.inf
-    for ys in totals_by_segment.values():
-        crossing = min(crossing, _largest_within(xs, ys, budget, limit))
+    for name in _segment_names(chosen):
+        ys = [sum(p.segments.get(name, {}).values()) for p in chosen]
+        crossing = min(crossing, _largest_within(xs, ys, search.budget, search.limit))
     if crossing == math.inf:
-        return limit
-    return max(0, int(crossing // grid) * grid)
+        return search.limit
+    return max(0, int(crossing // search.grid) * search.grid)
 
 
 def _largest_within(xs: list[float], ys: list[float], budget: int, limit: int) -> float:
@@ -449,179 +586,62 @@ def _largest_within(xs: list[float], ys: list[float], budget: int, limit: int) -
     return lo
 
 
-def _search(probe: Callable[[int], Point], budget: int, vary: str, grid: int, limit: int,
-            start: tuple[int, ...], degree: int, seed: list[Point] = ()) -> tuple[int, dict]:
-    """Largest multiple of `grid` in [0, limit] whose probed peak fits `budget`, assuming the
-    peak grows with size. Probes the start sizes (the second one small if the first does not
-    fit), then repeatedly jumps to the crossing fitted through the nearest probes and probes
-    its neighbour too, until one size fits and the next grid size does not; after two jumps
-    that do not close the bracket it bisects. Returns the answer and every probe {size: Point}
-    (seed points count as probes already made)."""
-    probes: dict[int, Point] = {}
-    lo, hi = 0, None  # largest size known to fit, smallest known not to
-
-    def run(x: int) -> None:
-        nonlocal lo, hi
-        if x not in probes:
-            probes[x] = probe(x)
-        if probes[x].peak_bytes <= budget:
-            lo = max(lo, x)
-        else:
-            hi = x if hi is None else min(hi, x)
-
-    def done() -> bool:
-        return (hi is not None and hi - lo <= grid) or lo >= limit
-
-    for point in seed:
-        probes[_size(point, vary)] = point
-        run(_size(point, vary))
-    for x in start:
-        if done():
-            break
-        x = grid if hi is not None else min(limit, max(grid, x // grid * grid))
-        run(x)
-    jumps = 0
-    while not done():
-        guess = None
-        if jumps < 2:
-            near = lo if hi is None else (lo + hi) / 2
-            guess = _predict_crossing(list(probes.values()), budget, vary, degree, near, grid,
-                                      limit)
-        if guess is None:  # bisect, or grow while nothing is known not to fit
-            guess = (lo + hi) // 2 // grid * grid if hi is not None else 4 * max(lo, grid)
-        guess = min(limit if hi is None else hi - grid, max(lo + grid, guess))
-        jumps += 1
-        run(guess)
-        if guess == lo and guess + grid <= limit and (hi is None or guess + grid < hi):
-            run(guess + grid)  # it fits: does the next one?
-        elif guess != lo and guess - grid > lo:
-            run(guess - grid)  # it does not: does the one before?
-    return lo, probes
+def _poly_at(xs: list[float], ys: list[float], x: float) -> float:
+    """The polynomial through (xs, ys) (Lagrange form, degree len-1) at x."""
+    value = 0.0
+    for i, (xi, yi) in enumerate(zip(xs, ys)):
+        term = float(yi)
+        for j, xj in enumerate(xs):
+            if j != i:
+                term *= (x - xj) / (xi - xj)
+        value += term
+    return value
 
 
-# --- The plan -------------------------------------------------------------------------------
-
-def make_spec(model: str, methods: tuple[str, ...] = PLAN_METHODS, *, seq: int | None = None,
-              batch: int = 1, dtype: str = "bf16", attention: str | None = None,
-              grad_ckpt: bool = False, settings=None):
-    """The RunSpec a plan simulates (device meta), checked: ValueError (one line) for an
-    unknown model, method or dtype, a bad size, or a rank too large for the model. Attention
-    defaults to what SDPA runs on a recent NVIDIA GPU: flash for bf16/fp16, efficient for fp32;
-    eager (or "math") materialises the L x L scores."""
-    from paca_prof import methods as method_registry
-    from paca_prof.engines.attention import default_attention
-    from paca_prof.engines.common import RunSpec, validate_against_model
-    from paca_prof.presets import DTYPES
-
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    attention = {"math": "eager"}.get(attention, attention) or default_attention(DTYPES[dtype])
-    if attention not in ("flash", "efficient", "eager"):
-        raise ValueError(f"unknown attention {attention!r}; choose from flash, efficient, eager")
-    spec = RunSpec(model=model, seq=seq or 1, batch=batch, dtype=dtype, device="meta",
-                   methods=tuple(methods),
-                   settings=settings or method_registry.MethodSettings(),
-                   attention=attention, grad_ckpt=grad_ckpt)
-    validate_against_model(_at_depth(spec, 1))
-    return spec
+def _size(point: Point, vary: str) -> int:
+    return point.seq if vary == "seq" else point.batch
 
 
-def plan(model, budget: Budget, methods: tuple[str, ...] = PLAN_METHODS, *,
-         seq: int | None = None, batch: int = 1, dtype: str = "bf16",
-         attention: str | None = None, grad_ckpt: bool = False, settings=None,
-         granularity: int = DEFAULT_GRANULARITY, confirm: str = "auto",
-         time_budget_s: float = DEFAULT_TIME_BUDGET_S,
-         progress: Progress = lambda method, state: None) -> PlanResult:
-    """Plan each method under `budget`: the longest sequence that fits at `batch`, or with
-    `seq` given, the largest batch that fits at that sequence length.
+# --- Confirmation at full depth -------------------------------------------------------------
 
-    `model` is a preset name, a config path, or a RunSpec from make_spec (then methods,
-    batch, dtype, attention, grad_ckpt and settings come from it; `seq` still chooses the
-    batch search). `granularity` is the sequence grid in tokens (batches are searched
-    exactly). `confirm`: "auto" simulates each answer and the next size at full depth while
-    the whole plan stays within `time_budget_s` seconds (the cheapest methods first; one starts
-    only if CONFIRM_SAFETY times its estimated time fits), "always" does so regardless, "never"
-    skips it. ValueError for bad arguments; a model the simulator cannot run raises its error.
-    """
-    from paca_prof import methods as method_registry
-
+def _confirm_all(plans: dict[str, MethodPlan], models: dict[str, _MethodModel],
+                 search: _Search, seconds: float | None, progress: Progress
+                 ) -> dict[str, MethodPlan]:
+    """Confirm each method's answer at full depth, the cheapest first, while `seconds` allow
+    (None: all of them); a method left out says so in its confirmation."""
     started = time.perf_counter()
-    if granularity <= 0:
-        raise ValueError(f"granularity must be positive, got {granularity}")
-    if confirm not in ("auto", "always", "never"):
-        raise ValueError(f"confirm must be auto, always or never, got {confirm!r}")
-    spec = model if not isinstance(model, str) else make_spec(
-        model, methods, seq=seq, batch=batch, dtype=dtype, attention=attention,
-        grad_ckpt=grad_ckpt, settings=settings)
-    vary = "seq" if seq is None else "batch"
-    grid = granularity if vary == "seq" else 1
-    limit = SEQ_LIMIT if vary == "seq" else BATCH_LIMIT
-    start = SEQ_START if vary == "seq" else BATCH_START
-    degree = 2 if vary == "seq" and spec.attention == "eager" else 1
-    n_layers = spec.config.num_hidden_layers
-    depths = _depths(spec.config)
-
-    def sized(x: int) -> tuple[int, int]:
-        return (x, spec.batch) if vary == "seq" else (seq, x)
-
-    models, plans = {}, {}
-    for method in spec.methods:
-        progress(method, f"simulating {'+'.join(map(str, depths))}-layer models")
-        models[method] = _MethodModel(spec, method, n_layers, depths)
-        answer, probes = _search(lambda x, m=models[method]: m.probe(*sized(x)),
-                                 budget.budget_bytes, vary, grid, limit, start, degree)
-        plans[method] = _method_plan(method, vary, answer, probes, grid, limit,
-                                     FULL_DEPTH if len(depths) == 1 else UNCONFIRMED_OFF)
-        progress(method, "searched")
-    for method in sorted(spec.methods, key=lambda m: models[m].full_depth_cost_s()):
-        mp, mm = plans[method], models[method]  # cheapest first: confirm as many as time allows
-        if len(depths) == 1 or confirm == "never":
+    confirmed = dict(plans)
+    for method in sorted(plans, key=lambda m: models[m].full_depth_cost_s()):
+        model = models[method]
+        if seconds is not None and (time.perf_counter() - started
+                                    + CONFIRM_SAFETY * model.full_depth_cost_s() > seconds):
+            confirmed[method] = replace(plans[method], confirmation=UNCONFIRMED_TIME)
             continue
-        elapsed = time.perf_counter() - started
-        if confirm == "auto" and elapsed + CONFIRM_SAFETY * mm.full_depth_cost_s() > time_budget_s:
-            mp.confirmation = UNCONFIRMED_TIME
-            continue
-        progress(method, f"confirming at full depth ({n_layers} layers)")
-        plans[method] = _confirm(mp, mm, sized, budget.budget_bytes, grid, limit, degree)
+        progress(method, f"confirming at full depth ({model.n_layers} layers)")
+        confirmed[method] = _confirm(plans[method], model, search)
         progress(method, "confirmed")
-    curve = pd.concat([_curve(plans[m], grid, degree, spec.batch if vary == "seq" else seq)
-                       for m in spec.methods], ignore_index=True)
-    return PlanResult(
-        model=spec.model_name, n_layers=n_layers, budget=budget, vary=vary,
-        seq=seq, batch=spec.batch, dtype=spec.dtype,
-        attention=spec.attention, grad_ckpt=spec.grad_ckpt, granularity=grid, depths=depths,
-        methods=plans, curve=curve,
-        method_settings={m: method_registry.describe(m, spec.settings) for m in spec.methods},
-        elapsed_s=time.perf_counter() - started)
+    return confirmed
 
 
-def _method_plan(method: str, vary: str, answer: int, probes: dict[int, Point], grid: int,
-                 limit: int, confirmation: str) -> MethodPlan:
-    ordered = [probes[x] for x in sorted(probes)]
-    return MethodPlan(
-        method=method, vary=vary, max_size=answer, best=probes.get(answer),
-        next=probes.get(answer + grid), smallest=probes.get(grid) or ordered[0],
-        at_limit=answer >= limit, confirmation=confirmation, probes=ordered)
-
-
-def _confirm(mp: MethodPlan, mm: _MethodModel, sized, budget: int, grid: int, limit: int,
-             degree: int) -> MethodPlan:
+def _confirm(mp: MethodPlan, model: _MethodModel, search: _Search) -> MethodPlan:
     """Simulate the answer and the next size at full depth; on disagreement, search on at full
     depth from there."""
-    sizes = [x for x in (mp.max_size, mp.max_size + grid) if grid <= x <= limit]
-    full = {x: mm.probe_full(*sized(x)) for x in sizes}
-    agrees = all((full[x].peak_bytes <= budget) == (x <= mp.max_size) for x in full)
-    if agrees:
+    sizes = [x for x in (mp.max_size, mp.max_size + search.grid)
+             if search.grid <= x <= search.limit]
+    full = {x: model.probe_full(*search.sized(x)) for x in sizes}
+    if all((full[x].peak_bytes <= search.budget) == (x <= mp.max_size) for x in full):
         by_size = {_size(p, mp.vary): p for p in mp.probes} | full
-        return _method_plan(mp.method, mp.vary, mp.max_size, by_size, grid, limit, CONFIRMED)
-    answer, probes = _search(lambda x: mm.probe_full(*sized(x)), budget, mp.vary, grid, limit,
-                             (), degree, seed=list(full.values()))
-    return _method_plan(mp.method, mp.vary, answer, probes, grid, limit, CORRECTED)
+        return search.method_plan(mp.method, mp.max_size, by_size, CONFIRMED)
+    answer, probes = search.run(model.probe_full, (), seed=list(full.values()))
+    return search.method_plan(mp.method, answer, probes, CORRECTED)
 
 
-def _curve(mp: MethodPlan, grid: int, degree: int, fixed: int) -> pd.DataFrame:
+# --- The curve ------------------------------------------------------------------------------
+
+def _curve(mp: MethodPlan, search: _Search, fixed: int) -> pd.DataFrame:
     """~CURVE_POINTS grid sizes up to CURVE_SPAN x the answer (up to the largest probe if
     nothing fits), with the probes in that range: bytes per category, probed or fitted."""
+    grid = search.grid
     top = mp.max_size * CURVE_SPAN if mp.fits else max(_size(p, mp.vary) for p in mp.probes)
     sizes = {max(grid, int(round(top * (i + 1) / CURVE_POINTS / grid)) * grid)
              for i in range(CURVE_POINTS)}
@@ -631,7 +651,7 @@ def _curve(mp: MethodPlan, grid: int, degree: int, fixed: int) -> pd.DataFrame:
     for x in sorted(sizes):
         probed = x in by_size
         breakdown = by_size[x].breakdown if probed else _fit_predict(mp.probes, x, mp.vary,
-                                                                     degree)
+                                                                     search.degree)
         seq, batch = (x, fixed) if mp.vary == "seq" else (fixed, x)
         for category in MEMORY_CATEGORIES:
             rows.append({"method": mp.method, "seq": seq, "batch": batch, "category": category,
@@ -641,18 +661,37 @@ def _curve(mp: MethodPlan, grid: int, degree: int, fixed: int) -> pd.DataFrame:
                                       "probed": "bool"})
 
 
+def _fit_predict(points: list[Point], x: float, vary: str, degree: int) -> dict[str, int]:
+    """Bytes per category at size x, fitted per segment through the degree+1 probes nearest x
+    (fewer if there are fewer), then the largest segment (as _point does)."""
+    chosen = sorted(points, key=lambda p: (abs(_size(p, vary) - x), _size(p, vary)))
+    chosen = chosen[:degree + 1]
+    xs = [float(_size(p, vary)) for p in chosen]
+    best, best_total = None, -math.inf
+    for name in _segment_names(chosen):
+        fitted = {c: _poly_at(xs, [p.segments.get(name, {}).get(c, 0) for p in chosen], x)
+                  for c in MEMORY_CATEGORIES}
+        total = sum(fitted.values())
+        if total > best_total:
+            best, best_total = fitted, total
+    return {c: int(round(v)) for c, v in best.items()}
+
+
+# --- The plan as a trace folder -------------------------------------------------------------
 
 def write_trace(result: PlanResult, spec, out: Path, command: str) -> Path:
     """Write the plan as a trace folder (source simulated): a summary row per method with its
     answer (max_seq or max_batch) and the peak's breakdown there, and the curve as the
-    capacity table, so the analyzer and the dashboard can show it without simulating."""
+    capacity table, so the analyzer and the dashboard can show it without simulating. The GPU
+    planned for is recorded (run.yaml gpu), so the dashboard opens on it."""
     from paca_prof import engines, trace
     from paca_prof.results import summary_row
 
     engines.check_out(out)
-    run = engines.run_metadata(spec, command)
+    run = engines.spec_metadata(spec, command)
     run["device"] = {"type": "meta", "name": f"{result.budget.gpu or 'memory budget'} (planned)",
                      "memory_bytes": result.budget.memory_bytes}
+    run["gpu"] = result.budget.device.to_dict() if result.budget.device else None
     run["plan"] = {key: value for key, value in result.to_dict().items()
                    if key in ("budget_bytes", "headroom", "headroom_bytes", "search", "gpu")}
     run["assumptions"] = {**run["assumptions"], **result.assumptions()}
@@ -663,6 +702,4 @@ def write_trace(result: PlanResult, spec, out: Path, command: str) -> Path:
         rows.append(summary_row(name, "ok" if mp.fits else "oom",
                                 peak_breakdown=best.breakdown if best else None,
                                 **{key: mp.max_size}))
-    capacity = result.curve.drop(columns=["probed"], errors="ignore").assign(
-        probed=result.curve.get("probed", True))
-    return trace.write(out, run, {"summary": pd.DataFrame(rows), "capacity": capacity})
+    return trace.write(out, run, {"summary": pd.DataFrame(rows), "capacity": result.curve})

@@ -1,15 +1,16 @@
 """Model presets (transformers configs, random weights, never downloaded); GPUs are in gpus.py.
 
-The architecture numbers are the published config.json values of each model.
+The architecture numbers are the published config.json values of each model. The tables import
+nothing heavy: transformers and torch load only when a config is read or a model built.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from paca_prof import validate
 
 _LLAMA3 = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
@@ -137,36 +138,94 @@ ATTENTION_REQUIREMENTS: dict[str, tuple[str, str]] = {
                         "SDPA kernels (flash, memory-efficient) cannot apply it"),
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Bounds of a config a user may give: far above any published model, far below what would
+# exhaust this machine before the first line of output.
+_CONFIG_BOUNDS = {"vocab_size": 2**22, "hidden_size": 2**17, "intermediate_size": 2**19,
+                  "num_hidden_layers": 1024, "num_attention_heads": 1024,
+                  "num_key_value_heads": 1024}
 
 
-def load_config(model: str) -> tuple[str, PretrainedConfig]:
+def torch_dtype(name: str):
+    """The torch dtype of a dtype name (fp32, bf16, fp16)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_config(model: str):
     """(display name, transformers config) for a preset name, a config.json or a model folder.
 
-    Reads local files only. Raises ValueError listing the presets for an unknown name.
+    Reads local files only, and only regular files of a few MiB. ValueError (one line) listing
+    the presets for an unknown name, and for a file that is not JSON, not a mapping, not a
+    causal-LM architecture transformers knows, or has sizes no model has (check_config).
     """
     if model in MODEL_PRESETS:
-        values = dict(MODEL_PRESETS[model])
-        return model, AutoConfig.for_model(values.pop("model_type"), **values)
+        values = copy.deepcopy(MODEL_PRESETS[model])
+        return model, _config_from(values, f"preset {model}")
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
-    if path.is_file():
-        try:
-            values = json.loads(path.read_text())
-            model_type = values.pop("model_type")
-            return path.parent.name or path.stem, AutoConfig.for_model(model_type, **values)
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"{path} is not a transformers config.json: {error}") from None
-    raise ValueError(
-        f"unknown model {model!r}: not a preset ({', '.join(MODEL_PRESETS)}) "
-        f"nor a local config.json or model folder"
-    )
+    if not path.exists():
+        raise ValueError(f"unknown model {model!r}: not a preset ({', '.join(MODEL_PRESETS)}) "
+                         f"nor a local config.json or model folder")
+    data = validate.read_small_file(path, "model config")
+    try:
+        values = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a transformers config.json: not JSON "
+                         f"({type(error).__name__})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is not a transformers config.json: a JSON "
+                         f"{type(values).__name__}, not an object")
+    return path.parent.name or path.stem, _config_from(values, str(path))
 
 
-def build_model(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device,
-                attention: str = "sdpa") -> torch.nn.Module:
+def _config_from(values: dict, where: str):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = values.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(f"{where} is not a transformers config.json: no model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{where}: model_type {model_type[:40]!r} is not a causal language "
+                         "model that transformers can build")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except Exception as error:  # transformers raises many types for a bad field
+        reason = (str(error).splitlines() or [""])[0][:200]
+        raise ValueError(f"{where} is not a valid {model_type} config: "
+                         f"{type(error).__name__}: {reason}") from None
+    check_config(config, where)
+    return config
+
+
+def check_config(config, where: str = "config") -> None:
+    """ValueError (one line) for sizes no causal LM has: any size below 1 or above the bounds,
+    heads that do not divide the hidden size (without a head_dim), kv heads that do not divide
+    the heads."""
+    for name, maximum in _CONFIG_BOUNDS.items():
+        value = getattr(config, name, None)
+        if value is not None:
+            validate.number(value, f"{where}: {name}", minimum=1, maximum=maximum, integer=True)
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if getattr(config, name, None) is None:
+            raise ValueError(f"{where}: no {name}")
+    heads = config.num_attention_heads
+    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
+        raise ValueError(f"{where}: hidden_size {config.hidden_size} is not divisible by "
+                         f"num_attention_heads {heads}")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv:
+        raise ValueError(f"{where}: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv}")
+
+
+def build_model(config, dtype, device, attention: str = "sdpa"):
     """A causal LM from `config` with random weights, on `device` (meta allowed), in `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config._attn_implementation = attention
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)

@@ -16,13 +16,19 @@ from paca_prof.trace import MEMORY_CATEGORIES, STATUSES, peak_column
 
 @dataclass
 class MethodResult:
-    """One method's summary row and its rows of the other tables (empty when it failed)."""
+    """One method's summary row and its rows of the other tables (empty when it failed).
+
+    A simulated step also keeps what its memory table was made from, for the planner and the
+    allocator model (not written to the trace): `memory_events` (memory.MemoryEvent, in order)
+    and `start_bytes` (bytes per category alive when the step started)."""
 
     summary: dict
     layers: pd.DataFrame = field(default_factory=pd.DataFrame)
     ops: pd.DataFrame = field(default_factory=pd.DataFrame)
     memory: pd.DataFrame = field(default_factory=pd.DataFrame)
     chrome_trace: Path | None = None
+    memory_events: list = field(default_factory=list)
+    start_bytes: dict = field(default_factory=dict)
 
     @property
     def method(self) -> str:

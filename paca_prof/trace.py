@@ -78,6 +78,8 @@ MEMORY_COLUMNS = {
     "method": "string", "t": "float64", "allocated_bytes": "Int64", "category": "string",
     # the phase of the event, and whether lm_head or the loss made the allocation
     "phase": "string", "logits_scope": "bool",
+    # the event's signed bytes (> 0 allocates, < 0 frees); a start row's is its whole value
+    "delta_bytes": "Int64",
 }
 # A capacity sweep (written by `paca-prof plan --out`): bytes alive at the peak, by category,
 # per method and (seq, batch) probed. Optional: only plan traces have it.
@@ -93,6 +95,24 @@ TABLES = {
 }
 OPTIONAL_TABLES = {"capacity": CAPACITY_COLUMNS}
 ALL_TABLES = {**TABLES, **OPTIONAL_TABLES}
+
+
+# ops.dtype holds torch's names ("bfloat16", "float32", "int64"); the profiler records C++
+# names ("c10::BFloat16", "float", "long int"), normalised when written.
+_PROFILER_DTYPES = {
+    "float": "float32", "double": "float64", "c10::Half": "float16",
+    "c10::BFloat16": "bfloat16", "long int": "int64", "int": "int32", "short int": "int16",
+    "signed char": "int8", "unsigned char": "uint8", "bool": "bool",
+    "c10::complex<float>": "complex64", "c10::complex<double>": "complex128",
+    "c10::Float8_e4m3fn": "float8_e4m3fn", "c10::Float8_e5m2": "float8_e5m2",
+}
+
+
+def normalize_dtype(name: str) -> str:
+    """torch's name of a dtype, from torch's ("torch.bfloat16", "bfloat16") or the profiler's
+    ("c10::BFloat16") spelling; other names are kept as they are."""
+    name = str(name).removeprefix("torch.")
+    return _PROFILER_DTYPES.get(name, name)
 
 
 class TraceError(ValueError):
@@ -119,6 +139,22 @@ class Trace:
     @property
     def methods(self) -> list[str]:
         return list(self.summary["method"])
+
+
+def sources(run: dict) -> dict:
+    """Where a trace's times and bytes come from: {"time": measured|projected|None, "bytes":
+    measured|simulated}; traces written before `sources` existed have one `source` for both."""
+    recorded = run.get("sources")
+    if isinstance(recorded, dict):
+        return recorded
+    return {"time": run.get("source"), "bytes": run.get("source")}
+
+
+def title(run: dict) -> str:
+    """One line naming a run: model, shape, dtype, device."""
+    model = (run.get("model") or {}).get("name", "?")
+    device = (run.get("device") or {}).get("name", "?")
+    return f"{model}, batch {run.get('batch')} x seq {run.get('seq')}, {run.get('dtype')}, {device}"
 
 
 def empty_table(name: str) -> pd.DataFrame:

@@ -24,6 +24,15 @@ def checkout_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
+def run_spec(**kwargs):
+    """A RunSpec from flat keywords: attention, grad_ckpt and targets go to its recipe."""
+    from paca_prof.recipe import Recipe
+    from paca_prof.spec import RunSpec
+
+    recipe = {k: kwargs.pop(k) for k in ("attention", "grad_ckpt", "targets") if k in kwargs}
+    return RunSpec(recipe=Recipe(**recipe), **kwargs)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
@@ -76,10 +85,9 @@ def measured_trace_path(tmp_path_factory):
     read-only (copy it before changing anything).
     """
     from paca_prof import engines
-    from paca_prof.engines.common import RunSpec
 
     out = tmp_path_factory.mktemp("measured") / "tiny-run"
-    spec = RunSpec(**MEASURED_RUN)
+    spec = run_spec(**MEASURED_RUN)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

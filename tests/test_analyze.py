@@ -13,7 +13,7 @@ from paca_prof import engines, trace
 from paca_prof.analyze import TraceAnalysis, analyses, figures
 from paca_prof.analyze.report import write_html
 from paca_prof.cli import main
-from paca_prof.engines.common import RunSpec
+from conftest import run_spec as RunSpec
 from paca_prof.gpus import gpu_spec
 
 SIM = dict(model="tiny", seq=64, batch=2, dtype="bf16", device="meta", attention="flash")
@@ -52,7 +52,7 @@ def test_adapter_overhead_counts_branch_ops_per_method(measured, simulated):
 def test_activation_savings_split_into_floor_and_added(measured):
     savings = measured.activation_savings()
     run = measured.trace.run
-    per_linear = run["batch"] * run["seq"] * run["settings"]["rank"] * 4  # fp32
+    per_linear = run["batch"] * run["seq"] * run["settings"]["r"] * 4  # fp32
     paca = savings[(savings["method"] == "paca") & savings["module"].str.endswith("q_proj")]
     layers = run["model"]["config"]["num_hidden_layers"]
     assert len(paca) == layers and (paca["added_bytes"] == per_linear).all()
@@ -180,7 +180,7 @@ def test_figures_draw_the_analyses_numbers(measured, simulated):
         assert len(branch.x) == int(layer_ops["adapter_branch"].sum()) > 0
         assert sum(len(t.x) for t in kernels.data) == len(layer_ops)
     savings = measured.activation_savings()
-    per_layer = figures.activation_by_layer(savings, "x")
+    per_layer = figures.activation_by_layer(measured.activation_by_layer(), "x")
     added = [t for t in per_layer.data if t.name == "paca adds"][0]
     paca = savings[(savings["method"] == "paca") & savings["module"].str.startswith(
         "model.layers.")]

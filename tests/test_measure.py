@@ -30,7 +30,7 @@ def _under(modules: pd.Series, path: str) -> pd.Series:
 
 def _target_paths(t: trace.Trace, method: str) -> list[str]:
     """The adapted linears' paths (the module tree is the same for every method)."""
-    targets = t.run["methods"][method]["targets"]
+    targets = t.run["recipe"]["targets"]
     n_layers = t.run["model"]["config"]["num_hidden_layers"]
     attention = {"q_proj", "k_proj", "v_proj", "o_proj"}
     return [f"model.layers.{i}.{'self_attn' if name in attention else 'mlp'}.{name}"
@@ -48,7 +48,7 @@ def _latency(t: trace.Trace, method: str, module: str, phase: str) -> float:
 
 def test_paca_linear_saves_only_the_partial_input(measured_trace):
     t = measured_trace
-    rank = t.run["methods"]["paca"]["rank"]
+    rank = t.run["methods"]["paca"]["r"]
     expected = t.run["batch"] * t.run["seq"] * rank * ELEMENT_SIZE[t.run["dtype"]]
     assert expected == 2 * 128 * 8 * 4
     forward = _rows(t, "paca", "forward").set_index("module")
@@ -122,10 +122,11 @@ def test_summary_activation_bytes_is_sum_of_layers(measured_trace):
 @pytest.fixture(scope="module")
 def one_step_trace(tmp_path_factory):
     """One measured step per method (steps=1: each latency is one interval, not a median)."""
-    from paca_prof import engines
-    from paca_prof.engines.common import RunSpec
+    from conftest import run_spec
 
-    spec = RunSpec(model="tiny", seq=32, batch=2, dtype="fp32", device="cpu", steps=1,
+    from paca_prof import engines
+
+    spec = run_spec(model="tiny", seq=32, batch=2, dtype="fp32", device="cpu", steps=1,
                    warmup=1, methods=tuple(METHODS))
     return trace.load(engines.run(spec, tmp_path_factory.mktemp("one-step") / "run", "pytest"))
 
@@ -359,10 +360,11 @@ def _trainable_tensors(method: str) -> int:
     """How many trainable tensors `method` has on the shared run's model (built again)."""
     from conftest import MEASURED_RUN
 
-    from paca_prof.engines.common import RunSpec, build_prepared
+    from conftest import run_spec
 
-    spec = RunSpec(device="cpu", **MEASURED_RUN)
-    model, _ = build_prepared(spec, method, "meta")
+    from paca_prof.engines.step import prepare
+
+    model = prepare(run_spec(device="cpu", **MEASURED_RUN), method, "meta").model
     return sum(1 for p in model.parameters() if p.requires_grad)
 
 
@@ -386,7 +388,7 @@ def test_memory_categories_per_method(measured_trace):
     # (out x r, to unmerge exactly); full trains all of it
     for method in ("lora", "dora"):
         assert s.loc[method, "peak_weights_bytes"] == weights, method
-    config, rank = t.run["model"]["config"], t.run["methods"]["paca"]["rank"]
+    config, rank = t.run["model"]["config"], t.run["methods"]["paca"]["r"]
     kv = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
     outs = {"q_proj": config["hidden_size"], "k_proj": kv, "v_proj": kv,
             "o_proj": config["hidden_size"], "gate_proj": config["intermediate_size"],
@@ -421,9 +423,9 @@ def test_memory_timeline(measured_trace):
 # --- 9: a method that runs out of memory --------------------------------------------------------
 
 def _small_spec(methods):
-    from paca_prof.engines.common import RunSpec
+    from conftest import run_spec
 
-    return RunSpec(model="tiny", seq=16, batch=1, dtype="fp32", steps=1, warmup=0,
+    return run_spec(model="tiny", seq=16, batch=1, dtype="fp32", steps=1, warmup=0,
                    methods=tuple(methods))
 
 

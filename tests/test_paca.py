@@ -891,63 +891,6 @@ def test_empty_targets_raise():
         PacaConfig(target_modules=[])
 
 
-# ---------------------------------------------------------------- 10. paca_prof.methods
-
-
-def test_prepare_every_method(make_llama):
-    from paca_prof.methods import (
-        METHODS,
-        QUANTIZED_METHODS,
-        MethodSettings,
-        prepare,
-        trainable_parameters,
-    )
-
-    settings = MethodSettings(rank=R, alpha=ALPHA)
-    targets = find_targets(make_llama(), list(LLAMA_TARGETS))
-    n_all = sum(p.numel() for p in make_llama().parameters())
-    paca_count = sum(l.out_features * R for l in targets.values())
-    lora_count = sum((l.in_features + l.out_features) * R for l in targets.values())
-    expected = {
-        "frozen": 0,
-        "full": n_all,
-        "paca": paca_count,
-        "lora": lora_count,
-        "dora": lora_count + sum(l.out_features for l in targets.values()),
-    }
-    assert set(METHODS) - set(QUANTIZED_METHODS) == set(expected)
-    counts = {}
-    for method in expected:
-        model = prepare(make_llama(), method, settings)
-        params = trainable_parameters(model)
-        counts[method] = sum(p.numel() for p in params)
-        loss = loss_of(model, batch(0))
-        assert loss.requires_grad, method
-        loss.backward()
-        for p in params:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), method
-        assert counts[method] == expected[method], (method, counts[method], expected[method])
-    assert counts["lora"] > counts["paca"] > counts["frozen"] == 0
-    assert counts["full"] > counts["dora"] > counts["lora"]
-
-
-def test_prepare_rejects_bad_method_and_rank(make_llama):
-    from paca_prof.methods import QUANTIZED_METHODS, MethodSettings, check_method, prepare
-
-    settings = MethodSettings(rank=R, alpha=ALPHA)
-    for bad in ("qdora", "", "PACA"):
-        with pytest.raises(ValueError, match="unknown method"):
-            prepare(make_llama(), bad, settings)
-    for quantized in QUANTIZED_METHODS:  # simulated only: a real model gets a clear error
-        with pytest.raises(ValueError, match="simulated only"):
-            prepare(make_llama(), quantized, settings)
-        with pytest.raises(ValueError, match="unknown method"):
-            check_method(bad)
-    for method in ("paca", "lora"):
-        with pytest.raises(ValueError, match="exceeds"):
-            prepare(make_llama(), method, MethodSettings(rank=200))
-
-
 # ---------------------------------------------------------------- meta device
 
 

@@ -12,10 +12,11 @@ import pytest
 
 from paca_prof import cli
 from paca_prof import plan as planner
+from paca_prof.recipe import Recipe
 from paca_prof.budget import DEFAULT_HEADROOM, make_budget, parse_headroom
 from paca_prof.units import parse_bytes
 from paca_prof.analyze.capacity import max_seq_from_curve
-from paca_prof.engines.common import RunSpec
+from conftest import run_spec as RunSpec
 from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import Simulator
 from paca_prof.trace import MEMORY_CATEGORIES
@@ -24,6 +25,16 @@ GiB, MiB = 2**30, 2**20
 # The tiny preset in fp32 with eager attention: what the CPU measures, so simulation and
 # measurement can be compared; 40 MiB, no headroom, puts the answers near 600 tokens.
 TINY = dict(dtype="fp32", attention="eager")
+
+
+def plan(model: str, budget, methods, seq=None, dtype="bf16", attention=None, grad_ckpt=False,
+         **options):
+    """planner.plan for a model name, its spec made with these recipe settings."""
+    spec = planner.make_spec(model, methods, seq=seq, dtype=dtype,
+                             recipe=Recipe(attention=attention, grad_ckpt=grad_ckpt))
+    return planner.plan(spec, budget, seq=seq, **options)
+
+
 TINY_BUDGET = make_budget(memory="40MiB", headroom="0")
 # A model whose deep peak (gradients + AdamW temporaries) is not where its shallow peak is (the
 # logits): extrapolating the step's peak as a whole is wrong for it, per segment it is exact.
@@ -79,7 +90,7 @@ def test_default_budget_of_an_a100_keeps_back_1gib_plus_5_percent():
 @pytest.mark.parametrize("method", ["lora", "paca"])
 def test_extrapolated_peak_equals_full_depth_simulation_on_llama2_7b(method):
     spec = planner.make_spec("llama2-7b", (method,))
-    model = planner._MethodModel(spec, method, 32, planner.DEPTHS)
+    model = planner._MethodModel(spec, method, planner.DEPTHS)
     extrapolated, full = model.probe(1024, 1), model.probe_full(1024, 1)
     assert extrapolated.extrapolated and not full.extrapolated
     assert extrapolated.breakdown == full.breakdown  # every category, to the byte
@@ -88,8 +99,8 @@ def test_extrapolated_peak_equals_full_depth_simulation_on_llama2_7b(method):
 
 def test_segments_keep_extrapolation_exact_where_the_peak_moves_with_depth(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SWITCHING))
-    spec = planner.make_spec(str(tmp_path), ("full",), grad_ckpt=True)
-    model = planner._MethodModel(spec, "full", 24, planner.DEPTHS)
+    spec = planner.make_spec(str(tmp_path), ("full",), recipe=Recipe(grad_ckpt=True))
+    model = planner._MethodModel(spec, "full", planner.DEPTHS)
     two, three = (model._sims[d].step(2048, 1) for d in planner.DEPTHS)
     full = model.probe_full(2048, 1)
     whole_step = two.peak_bytes + 22 * (three.peak_bytes - two.peak_bytes)
@@ -101,7 +112,7 @@ def test_segments_keep_extrapolation_exact_where_the_peak_moves_with_depth(tmp_p
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return planner.plan("tiny", TINY_BUDGET, ("lora", "paca"), **TINY, granularity=16)
+    return plan("tiny", TINY_BUDGET, ("lora", "paca"), **TINY, granularity=16)
 
 
 def _simulated_peak(method: str, seq: int, batch: int = 1) -> int:
@@ -146,7 +157,7 @@ def test_curve_is_a_capacity_table_up_to_a_quarter_past_the_answer(tiny_plan):
 
 
 def test_largest_batch_at_a_fixed_sequence():
-    result = planner.plan("tiny", TINY_BUDGET, ("paca",), seq=128, **TINY)
+    result = plan("tiny", TINY_BUDGET, ("paca",), seq=128, **TINY)
     mp = result.methods["paca"]
     assert result.vary == "batch" and mp.vary == "batch" and result.granularity == 1
     assert mp.max_size >= 2
@@ -157,7 +168,7 @@ def test_largest_batch_at_a_fixed_sequence():
 
 def test_nothing_fits_gives_zero_and_the_smallest_size_needed():
     budget = make_budget(memory="1MiB", headroom="0")
-    mp = planner.plan("tiny", budget, ("lora",), **TINY).methods["lora"]
+    mp = plan("tiny", budget, ("lora",), **TINY).methods["lora"]
     assert mp.max_size == 0 and not mp.fits and mp.best is None
     assert mp.smallest.seq == planner.DEFAULT_GRANULARITY
     assert mp.smallest.peak_bytes > budget.budget_bytes
@@ -168,7 +179,7 @@ def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(t
     config = {**SWITCHING, "num_hidden_layers": 5}
     (tmp_path / "config.json").write_text(json.dumps(config))
     budget = make_budget(memory="300MiB", headroom="0")
-    confirmed = planner.plan(str(tmp_path), budget, ("paca",), granularity=128,
+    confirmed = plan(str(tmp_path), budget, ("paca",), granularity=128,
                              confirm="always").methods["paca"]
     assert confirmed.confirmation == planner.CONFIRMED and confirmed.fits
     assert not confirmed.best.extrapolated and confirmed.best.depth == 5
@@ -181,7 +192,7 @@ def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(t
         return planner._point(point.seq, point.batch, segments, depth, extrapolated=True)
 
     monkeypatch.setattr(planner, "_extrapolate", optimistic)
-    corrected = planner.plan(str(tmp_path), budget, ("paca",), granularity=128,
+    corrected = plan(str(tmp_path), budget, ("paca",), granularity=128,
                              confirm="always").methods["paca"]
     assert corrected.confirmation == planner.CORRECTED
     assert corrected.max_size == confirmed.max_size
@@ -193,8 +204,8 @@ def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(t
 def test_predicted_peak_equals_the_measured_cpu_peak_to_256_bytes(seq):
     """What the planner predicts is what the CPU measures, to within the few scalars the CPU
     allocator adds (test_simulate.BYTE_TOLERANCE)."""
-    spec = planner.make_spec("tiny", ("lora",), **TINY)
-    predicted = planner._MethodModel(spec, "lora", 2, (2,)).probe(seq, 1).peak_bytes
+    spec = planner.make_spec("tiny", ("lora",), dtype="fp32", recipe=Recipe(attention="eager"))
+    predicted = planner._MethodModel(spec, "lora", (2,)).probe(seq, 1).peak_bytes
     measured_spec = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY)
     measured = measure_method(measured_spec, "lora",
                               Path(tempfile.mkdtemp(prefix="paca-prof-")))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from paca_prof.engines import project
-from paca_prof.engines.common import ancestors
+from paca_prof.modules import ancestors
 from paca_prof.gpus import GpuSpec
 
 # A round device: 100 TFLOP/s bf16, 50 fp16, 10 fp32, 1000 GB/s; matmul efficiency 0.5,

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from conftest import checkout_env
+from conftest import run_spec as RunSpec
 
 from paca_prof import trace
-from paca_prof.engines.common import RunSpec
 from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import simulate_method
 from paca_prof.methods import DEFAULT_METHODS
@@ -83,7 +83,7 @@ def test_fp32_adapters_save_a_copy_of_every_adapted_input_on_a_bf16_model(
     dtype, pairs = measured_and_simulated
     lora, paca = forward_activation(pairs["lora"][0]), forward_activation(pairs["paca"][0])
     spec = RunSpec(device="cpu", **{**TINY, "dtype": dtype})
-    hidden, tokens, r = spec.config.hidden_size, spec.batch * spec.seq, spec.settings.rank
+    hidden, tokens, r = spec.config.hidden_size, spec.batch * spec.seq, spec.settings.r
     element = {"fp32": 4, "bf16": 2}[dtype]
     attention = "model.layers.1.self_attn"
     assert lora[f"{attention}.q_proj.lora_A.default"] == tokens * hidden * 4
@@ -102,9 +102,9 @@ def _independent_saved_bytes(spec: RunSpec, method: str) -> int:
 
     from torch.autograd.graph import saved_tensors_hooks
 
-    from paca_prof.engines.common import build_prepared, make_batch
+    from paca_prof.engines.step import make_batch, prepare
 
-    model, _ = build_prepared(spec, method, "cpu")
+    model = prepare(spec, method, "cpu").model
     ids = make_batch(spec, "cpu")
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     refs: list[weakref.ref] = []
@@ -140,7 +140,7 @@ def test_simulated_paca_linear_saves_exactly_the_partial_input():
     linears = layers[(layers["phase"] == "forward") & layers["module"].str.match(
         r".*\.(q|k|v|o|gate|up|down)_proj$")]
     assert len(linears) == 7 * spec.config.num_hidden_layers
-    expected = spec.batch * spec.seq * spec.settings.rank * 2  # bf16
+    expected = spec.batch * spec.seq * spec.settings.r * 2  # bf16
     assert set(linears["activation_bytes"]) == {expected}
 
 
@@ -230,7 +230,7 @@ def test_llama3_8b_seq4096_cli_simulates_every_default_method(tmp_path):
     loaded = trace.load(out)
     assert loaded.run["source"] == "projected"
     assert loaded.run["sources"] == {"time": "projected", "bytes": "simulated"}
-    assert loaded.run["assumptions"]["attention"] == "flash"
+    assert loaded.run["recipe"]["attention"] == "flash"
     paca, lora = report["methods"]["paca"], report["methods"]["lora"]
     # In every decoder layer past the first (whose input needs no gradient under an adapter
     # method), PaCA saves exactly the frozen floor plus B*L*r bf16 values per projection.

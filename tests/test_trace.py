@@ -109,13 +109,17 @@ def test_run_yaml_records_the_run(measured_trace, measured_trace_path):
     assert list(run["methods"]) == ["frozen", "lora", "dora", "paca", "full"]
     for method in ("lora", "dora", "paca"):
         settings = run["methods"][method]
-        assert settings["rank"] == 8 and settings["alpha"] == 16.0, method
-        assert set(settings["targets"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                            "gate_proj", "up_proj", "down_proj"}, method
-        assert "adapter_dtype" in settings and "seed" in settings, method
+        assert settings["r"] == 8 and settings["alpha"] == 16.0, method
+        assert "adapter_dtype" in settings and "implementation" in settings, method
+    assert run["methods"]["paca"]["seed"] == 0
     assert run["methods"]["lora"]["dropout"] == 0.0
-    assert {"attention", "grad_checkpointing", "optimizer"} <= set(run["assumptions"])
-    assert run["assumptions"]["grad_checkpointing"] is False
+    assert run["methods"]["frozen"] == {"method": "frozen"}
+    recipe = run["recipe"]
+    assert set(recipe["targets"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"}
+    assert recipe["attention"] == "sdpa" and recipe["grad_ckpt"] is False
+    assert recipe["optimizer"] == "adamw" and recipe["loss"] == "hf"
+    assert {"timing", "memory", "ops"} <= set(run["assumptions"])
     assert {"python", "torch", "transformers", "peft", "paca_prof"} <= set(run["versions"])
     assert all(run["versions"].values())
 

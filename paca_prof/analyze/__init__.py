@@ -28,7 +28,12 @@ class TraceAnalysis:
     @property
     def sources(self) -> dict:
         """Where times and bytes come from: {"time": measured|projected|None, "bytes": ...}."""
-        return self.trace.run.get("sources", {"time": self.source, "bytes": self.source})
+        return trace_io.sources(self.trace.run)
+
+    @property
+    def title(self) -> str:
+        """One line naming the run: model, shape, dtype, device."""
+        return trace_io.title(self.trace.run)
 
     def check_methods(self, methods: list[str] | None) -> list[str]:
         """The methods to analyse; ValueError naming the trace's methods for an unknown one."""
@@ -69,16 +74,80 @@ class TraceAnalysis:
         table = analyses.peak_breakdown(self.trace.summary, trace_io.MEMORY_CATEGORIES)
         return table[table["method"].isin(self.check_methods(methods))]
 
-    def memory_timeline(self, method: str) -> pd.DataFrame:
-        """One method's memory over the step: t and bytes per category, plus total."""
+    def peak_breakdown_table(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """The same as one row per method with a `<category>_bytes` column per category, in
+        the order figures stack them."""
+        return analyses.peak_breakdown_wide(self.peak_breakdown(methods),
+                                            trace_io.MEMORY_CATEGORIES)
+
+    def memory_timeline(self, method: str, max_points: int | None = None) -> pd.DataFrame:
+        """One method's memory over the step: t and bytes per category, plus total; with
+        `max_points`, cut to about that many rows for plotting (the peak always kept)."""
         self.check_methods([method])
-        return analyses.memory_timeline(self.trace.memory, method, trace_io.MEMORY_CATEGORIES)
+        timeline = analyses.memory_timeline(self.trace.memory, method,
+                                            trace_io.MEMORY_CATEGORIES)
+        return analyses.downsample_timeline(timeline, max_points) if max_points else timeline
+
+    def memory_time_label(self) -> str:
+        """What the memory timeline's t means in this trace."""
+        return analyses.memory_time_label(self.sources)
+
+    def activation_by_layer(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """Activation bytes per decoder layer and method: the frozen floor and what the method
+        adds (the Activations view's bars)."""
+        return analyses.activation_by_layer(self.activation_savings(methods))
 
     def layer_latency(self, methods: list[str] | None = None, phase: str | None = None,
                       kind: str | None = None, top_k: int | None = None) -> pd.DataFrame:
         """Per-module latency (forward and backward), slowest first; top_k per method."""
         return analyses.layer_latency(self.trace.layers, self.check_methods(methods), phase,
                                       kind, top_k)
+
+    def decoder_layers(self) -> list[str]:
+        """The decoder layers' paths in layer order."""
+        return analyses.decoder_layers(self.trace.layers)
+
+    def drill_targets(self) -> list[str]:
+        """Modules inside decoder layers that have timed children (for drill-down)."""
+        return analyses.drill_targets(self.trace.layers)
+
+    def top_changes(self, other: TraceAnalysis, methods: list[str] | None = None,
+                    n: int = 20) -> pd.DataFrame:
+        """The `n` (method, module, phase) rows whose latency changed most, b - a in absolute
+        terms, from this trace (a) to `other` (b): the one rule of "largest changes"."""
+        diff = self.diff(other)
+        if methods:
+            diff = diff[diff["method"].isin(methods)]
+        return analyses.top_changes(diff, n=n)
+
+    def capacity_curve(self, batch: int | None = None) -> tuple[pd.DataFrame, int] | None:
+        """The capacity sweep at one batch (default: the run's batch if the sweep has it,
+        else its smallest) and that batch; None if the trace has no sweep."""
+        sweep = self.trace.capacity
+        if sweep is None or sweep.empty:
+            return None
+        from paca_prof.analyze import capacity
+
+        return capacity.select_batch(sweep, batch, preferred=self.trace.run.get("batch"))
+
+    def capacity_answers(self, budget_bytes: float, batch: int | None = None,
+                         methods: list[str] | None = None, baseline: str = "lora"):
+        """The longest sequence per method under `budget_bytes`, read from the capacity sweep
+        without simulating (capacity.max_seq_table), with the sweep at that batch: (table,
+        curve, batch), or None without a sweep."""
+        from paca_prof.analyze import capacity
+
+        found = self.capacity_curve(batch)
+        if found is None:
+            return None
+        curve, batch = found
+        curve = curve[curve["method"].isin(self.check_methods(methods))]
+        return capacity.max_seq_table(curve, budget_bytes, baseline), curve, batch
+
+    @staticmethod
+    def drill_up(module: str | None) -> str | None:
+        """The parent to show after `module` when going one level up in the latency view."""
+        return analyses.drill_up(module)
 
     def diff(self, other: TraceAnalysis, level: str = "layers") -> pd.DataFrame:
         """This trace (a) against another (b), matched by method, module path and phase, and

@@ -14,7 +14,6 @@ import pandas as pd
 
 from paca_prof.trace import peak_column
 
-MIB = 2**20
 LAYER_PATTERN = re.compile(r"^(.*\.layers\.\d+)(\.|$)")
 
 # The paper's headline figures for PaCA against LoRA (arXiv 2503.01905, abstract).
@@ -127,6 +126,29 @@ def peak_breakdown(summary: pd.DataFrame, categories: tuple[str, ...]) -> pd.Dat
                         value_name="bytes")
     long["category"] = long["category"].map(columns)
     return long.dropna(subset=["bytes"])
+
+
+def peak_breakdown_wide(breakdown: pd.DataFrame, categories: tuple[str, ...]) -> pd.DataFrame:
+    """peak_breakdown as one row per method and a `<category>_bytes` column per category."""
+    wide = breakdown.pivot(index="method", columns="category", values="bytes")
+    wide = wide.reindex(columns=[c for c in categories if c in wide.columns])
+    methods = list(dict.fromkeys(breakdown["method"]))
+    wide = wide.reindex(methods).rename(columns=lambda c: f"{c}_bytes")
+    return wide.reset_index().rename_axis(columns=None)
+
+
+def activation_by_layer(savings: pd.DataFrame) -> pd.DataFrame:
+    """activation_savings summed per decoder layer: layer, layer_no, method, floor_bytes,
+    added_bytes, in layer order then the methods' order."""
+    rows = savings.assign(layer=savings["module"].map(decoder_layer)).dropna(subset=["layer"])
+    per = rows.groupby(["layer", "method"], sort=False)[["floor_bytes", "added_bytes"]].sum()
+    per = per.reset_index()
+    per["layer_no"] = per["layer"].str.rsplit(".", n=1).str[-1].astype(int)
+    order = {m: i for i, m in enumerate(dict.fromkeys(savings["method"]))}
+    per = per.sort_values(["layer_no", "method"], key=lambda c: c.map(order) if c.name ==
+                          "method" else c, kind="stable")
+    return per[["layer", "layer_no", "method", "floor_bytes", "added_bytes"]].reset_index(
+        drop=True)
 
 
 def memory_timeline(memory: pd.DataFrame, method: str, categories: tuple[str, ...]) -> pd.DataFrame:
@@ -290,43 +312,3 @@ def memory_time_label(sources: dict) -> str:
     if sources.get("bytes") == "measured":
         return "us from the step's start"
     return "allocation event (simulated order)"
-
-
-def fill_container_latency(layers: pd.DataFrame) -> pd.DataFrame:
-    """The layers table with a latency for modules inside decoder layers that are never
-    called themselves, such as PEFT's ModuleDicts (q_proj.lora_A holds lora_A.default, which
-    runs): the sum of their shallowest timed descendants' latency_ms (and n_kernels where
-    the table has no row for them). Rows are added for such modules that the table lacks
-    (lora_dropout), so a drill-down into q_proj shows base_layer, lora_A, lora_B and
-    lora_dropout side by side. Timed rows are unchanged."""
-    timed = layers[layers["latency_ms"].notna()]
-    have = set(zip(timed["method"], timed["module"], timed["phase"]))
-    sums: dict[tuple, list] = {}
-    for method, module, phase, kind, ms, kernels in timed[
-            ["method", "module", "phase", "kind", "latency_ms", "n_kernels"]].itertuples(
-            index=False):
-        layer = decoder_layer(module)
-        if layer is None or module == layer:
-            continue
-        parts, floor = module.split("."), layer.count(".") + 1
-        for end in range(len(parts) - 1, floor, -1):
-            key = (method, ".".join(parts[:end]), phase)
-            if key in have:
-                break
-            entry = sums.setdefault(key, [kind, 0.0, 0])
-            entry[1] += float(ms)
-            entry[2] += 0 if pd.isna(kernels) else int(kernels)
-    if not sums:
-        return layers
-    keys = pd.MultiIndex.from_tuples(list(sums), names=["method", "module", "phase"])
-    filled = pd.DataFrame([v for v in sums.values()], index=keys,
-                          columns=["kind", "latency_ms", "n_kernels"])
-    indexed = layers.set_index(["method", "module", "phase"])
-    present = filled.index.intersection(indexed.index)
-    out = indexed.copy()
-    out.loc[present, "latency_ms"] = filled.loc[present, "latency_ms"].to_numpy()
-    new = filled.loc[filled.index.difference(indexed.index)].reset_index()
-    new["depth"] = new["module"].str.count(r"\.") + 1
-    out = pd.concat([out.reset_index(), new.astype({"n_kernels": "Int64", "depth": "Int64"})],
-                    ignore_index=True)
-    return out[layers.columns]

@@ -43,15 +43,24 @@ def load_capacity(trace_path: str | Path) -> pd.DataFrame | None:
         raise TraceError(f"{path}: bad values ({type(error).__name__})") from None
 
 
-def select_batch(capacity: pd.DataFrame, batch: int | None = None) -> tuple[pd.DataFrame, int]:
-    """The part of a sweep at one batch size (default: the smallest it holds) and that batch.
-    ValueError if the sweep holds no point at `batch`."""
-    batches = sorted(int(b) for b in capacity["batch"].unique())
-    if not batches:
+def batches(capacity: pd.DataFrame) -> list[int]:
+    """The batch sizes a sweep holds, smallest first."""
+    return sorted(int(b) for b in capacity["batch"].unique())
+
+
+def select_batch(capacity: pd.DataFrame, batch: int | None = None,
+                 preferred: int | None = None) -> tuple[pd.DataFrame, int]:
+    """The part of a sweep at one batch size and that batch. Default: `preferred` (the run's
+    batch) if the sweep holds it, else the smallest it holds. ValueError if the sweep holds no
+    point at `batch`."""
+    held = batches(capacity)
+    if not held:
         raise ValueError("the capacity sweep is empty")
-    chosen = batches[0] if batch is None else int(batch)
-    if chosen not in batches:
-        raise ValueError(f"no capacity points at batch {chosen} (have {batches})")
+    if batch is None:
+        batch = preferred if preferred in held else held[0]
+    chosen = int(batch)
+    if chosen not in held:
+        raise ValueError(f"no capacity points at batch {chosen} (have {held})")
     return capacity[capacity["batch"] == chosen], chosen
 
 

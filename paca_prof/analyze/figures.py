@@ -7,10 +7,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from paca_prof.analyze.analyses import decoder_layer
 
-GIB = 2**30
-MIB = 2**20
+from paca_prof.units import GIB, MIB
 METHOD_COLORS = {"frozen": "#9e9e9e", "full": "#6d4c41", "lora": "#1f77b4", "dora": "#9467bd",
                  "paca": "#d62728", "qlora": "#17becf", "qpaca": "#ff7f0e"}
 CATEGORY_COLORS = {"weights": "#90a4ae", "trainable": "#4db6ac", "gradients": "#ffb74d",
@@ -85,20 +83,16 @@ def layer_latency_bars(layers: pd.DataFrame, source: str, parent: str | None = N
     return _layout(fig, f"Latency per module in {where} ({source})")
 
 
-def activation_by_layer(savings: pd.DataFrame, source: str) -> go.Figure:
-    """Activation bytes per decoder layer, one bar per method: the frozen floor (grey) and
-    what the method adds on top."""
-    rows = savings.assign(layer=savings["module"].map(decoder_layer)).dropna(subset=["layer"])
-    per = rows.groupby(["layer", "method"], sort=False)[["floor_bytes", "added_bytes"]].sum()
-    per = per.reset_index()
-    per["layer_no"] = per["layer"].str.rsplit(".", n=1).str[-1].astype(int)
-    per = per.sort_values(["layer_no", "method"])
+def activation_by_layer(per_layer: pd.DataFrame, source: str) -> go.Figure:
+    """Activation bytes per decoder layer (TraceAnalysis.activation_by_layer), one bar per
+    method: the frozen floor (grey) and what the method adds on top."""
     fig = go.Figure()
-    for method, group in per.groupby("method", sort=False):
+    first = per_layer["method"].iloc[0] if len(per_layer) else None
+    for method, group in per_layer.groupby("method", sort=False):
         x = [group["layer_no"].astype(str), [method] * len(group)]
         fig.add_bar(x=x, y=group["floor_bytes"] / MIB, name="frozen floor",
                     marker_color=METHOD_COLORS["frozen"], legendgroup="floor",
-                    showlegend=method == per["method"].iloc[0],
+                    showlegend=method == first,
                     hovertemplate="floor %{y:.2f} MiB<extra></extra>")
         fig.add_bar(x=x, y=group["added_bytes"] / MIB, name=f"{method} adds",
                     marker_color=METHOD_COLORS.get(method), legendgroup=method,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-MIB = 2**20
+from paca_prof.units import MIB
+
 OVERVIEW_COLUMNS = {
     "step_ms": "step_ms", "forward_ms": "forward_ms", "backward_ms": "backward_ms",
     "n_kernels": "ops_per_step", "activation_bytes": "activation_mib", "peak_bytes": "peak_mib",

@@ -24,10 +24,9 @@ def write_html(analysis: TraceAnalysis, path: str | Path, methods: list[str] | N
     time_source = analysis.sources.get("time") or "no times"
     bytes_source = analysis.sources.get("bytes")
     parts = [
-        f"<h1>paca-prof: {html.escape(run['model']['name'])}, batch {run['batch']} x seq "
-        f"{run['seq']}, {html.escape(run['dtype'])}, {html.escape(run['device']['name'])}</h1>",
+        f"<h1>paca-prof: {html.escape(analysis.title)}</h1>",
         f"<p>times: {html.escape(str(time_source))}; bytes: {html.escape(str(bytes_source))}; "
-        f"command: <code>{html.escape(run.get('command', ''))}</code></p>",
+        f"command: <code>{html.escape(str(run.get('command', '')))}</code></p>",
         _table(analysis.summary(methods=methods), "Overview (ratios to lora)"),
         _table(analysis.headline(), "PaCA against LoRA, beside the paper's figures"),
         _table(analysis.adapter_overhead(methods), "Sequential adapter overhead"),
@@ -37,7 +36,7 @@ def write_html(analysis: TraceAnalysis, path: str | Path, methods: list[str] | N
         figures.overview_bars(analysis.trace.summary[analysis.trace.summary["method"]
                                                      .isin(methods)], time_source),
         figures.peak_breakdown_bars(analysis.peak_breakdown(methods), bytes_source),
-        figures.activation_by_layer(analysis.activation_savings(methods), bytes_source),
+        figures.activation_by_layer(analysis.activation_by_layer(methods), bytes_source),
         figures.layer_latency_bars(analysis.trace.layers[analysis.trace.layers["method"]
                                                          .isin(methods)], time_source),
     ]

@@ -9,25 +9,23 @@ memory as status oom and goes on, and writes the trace folder atomically at the 
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from paca_prof import methods as method_registry
-from paca_prof import trace
-from paca_prof.engines.attention import SIMULATED as SIMULATED_ATTENTION
-from paca_prof.engines.common import RunSpec, validate_against_model
+from paca_prof import methods, trace
+from paca_prof.engines.step import validate_against_model
 from paca_prof.gpus import GpuSpec
+from paca_prof.metadata import config_dict, device_info, run_metadata
 from paca_prof.results import MethodResult, failed
+from paca_prof.spec import RunSpec
 
 Progress = Callable[[str, str], None]  # (method, what is happening)
 
@@ -76,9 +74,6 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
     check_out(out)
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
-    if spec.device == "cpu" and spec.attention in SIMULATED_ATTENTION:
-        raise ValueError(f"--attention {spec.attention} runs on CUDA or in simulation "
-                         f"(--device meta), not on the CPU; use sdpa or math")
     simulated = spec.device == "meta"
     workdir = Path(tempfile.mkdtemp(prefix="paca-prof-"))
     results: list[MethodResult] = []
@@ -106,60 +101,37 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
         }
         chrome = {r.summary["method"]: r.chrome_trace for r in results
                   if r.chrome_trace is not None and r.chrome_trace.exists()}
-        return trace.write(out, run_metadata(spec, command, gpu if simulated else None),
+        return trace.write(out, spec_metadata(spec, command, gpu if simulated else None),
                            tables, chrome)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dict:
-    """run.yaml's content for a spec (see DESIGN.md's trace folder). `sources` says where the
-    times and the bytes come from: measured, or simulated bytes with projected (or no) times."""
-    import peft
-    import transformers
-
-    from paca_prof import __version__
-
+def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dict:
+    """run.yaml's content for a run of the engines (metadata.run_metadata). `sources` says where
+    the times and the bytes come from: measured, or simulated bytes with projected (or no)
+    times."""
     if spec.device != "meta":
         sources = {"time": "measured", "bytes": "measured"}
         timing = (f"median of {spec.steps} steps after {spec.warmup} warm-up steps; "
                   + ("CUDA events" if spec.device.startswith("cuda") else "host perf_counter"))
+        memory = "allocator events of the profiled step"
     else:
         sources = {"time": "projected" if gpu else None, "bytes": "simulated"}
         timing = (f"projected for {gpu.name} by the roofline + launch + dispatch cost model "
                   "(paca_prof/engines/project.py)" if gpu else "none (simulated bytes only)")
-    return {
-        "source": sources["time"] or "simulated",
-        "sources": sources,
-        "command": command,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": spec.model_name, "config": spec.config.to_diff_dict()
-                  if hasattr(spec.config, "to_diff_dict") else spec.config.to_dict()},
-        "seq": spec.seq,
-        "batch": spec.batch,
-        "dtype": spec.dtype,
-        "seed": spec.seed,
-        "device": device_info(spec.device, gpu),
-        "gpu": asdict(gpu) if gpu else None,
-        "methods": {m: method_registry.describe(m, spec.settings) for m in spec.methods},
-        "assumptions": {
-            "attention": spec.attention,
-            "grad_checkpointing": spec.grad_ckpt,
-            "optimizer": "torch.optim.AdamW, lr 1e-4, zero_grad(set_to_none); foreach "
-                         + ("off (torch's CPU default)" if spec.device == "cpu" else "on"),
-            "loss": "transformers ForCausalLM loss on the logits, labels = inputs",
-            "timing": timing,
-            "memory": "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
-                      if spec.device == "meta" else "allocator events of the profiled step",
-            "ops": "CUDA: device kernels; CPU: outermost aten ops with a kernel (not views)",
-            **({"paca_autograd_function": paca_autograd_function(spec.device)}
-               if {"paca", "qpaca"} & set(spec.methods) else {}),
-        },
-        "settings": asdict(spec.settings),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "paca_prof": __version__},
-    }
+        memory = "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
+    assumptions = {"timing": timing, "memory": memory}
+    if {"paca", "qpaca"} & set(spec.methods):
+        assumptions["paca_autograd_function"] = paca_autograd_function(spec.device)
+    return run_metadata(
+        command=command, model_name=spec.model_name, model_config=config_dict(spec.config),
+        seq=spec.seq, batch=spec.batch, dtype=spec.dtype, seed=spec.seed,
+        device=device_info(spec.device, gpu), gpu=gpu.to_dict() if gpu else None,
+        sources=sources,
+        methods={m: methods.get(m).describe(spec.settings) for m in spec.methods},
+        recipe=spec.recipe.describe(spec.device), assumptions=assumptions,
+        settings=spec.settings.to_dict())
 
 
 def paca_autograd_function(device: str) -> str:
@@ -169,15 +141,3 @@ def paca_autograd_function(device: str) -> str:
     if device == "cpu" and partial_connection_op() is not None:
         return "compiled (paca/csrc), the CPU default"
     return "python (torch.autograd.Function)"
-
-
-def device_info(device: str, gpu: GpuSpec | None = None) -> dict:
-    if device == "meta":
-        name = f"{gpu.name} (projected)" if gpu else "meta device (simulated)"
-        return {"type": "meta", "name": name, "memory_bytes": gpu.memory_bytes if gpu else None}
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(torch.device(device))
-        return {"type": "cuda", "name": props.name, "memory_bytes": props.total_memory}
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"type": device, "name": platform.processor() or platform.machine(),
-            "memory_bytes": memory, "threads": torch.get_num_threads()}

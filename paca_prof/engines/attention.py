@@ -9,7 +9,8 @@ outputs and saved tensors of the real kernels:
   efficient  aten._scaled_dot_product_efficient_attention (CUDA, any float dtype, fp32
              included): the same saved set; k and v are expanded to all heads first.
   eager      transformers' own eager attention: materialises the L x L scores and softmax.
-Measured runs use `sdpa` (torch picks the kernel) or `eager`.
+Measured runs use `sdpa` (torch picks the kernel) or `eager`; which one a run uses is the
+recipe's (recipe.resolve_attention).
 """
 
 from __future__ import annotations
@@ -18,14 +19,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
-SIMULATED = ("flash", "efficient")
 # Names without "flash" in them: transformers would look for a flash-attn package.
 _REGISTERED = {"flash": "paca_prof_fused_causal", "efficient": "paca_prof_mem_efficient"}
-
-
-def default_attention(dtype: torch.dtype) -> str:
-    """What SDPA picks on a recent NVIDIA GPU for causal training without a mask."""
-    return "flash" if dtype in (torch.bfloat16, torch.float16) else "efficient"
 
 
 def implementation_name(attention: str) -> str:

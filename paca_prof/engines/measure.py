@@ -1,6 +1,7 @@
 """Measure real training steps of one method on a real device (cpu or cuda).
 
-Three passes over one prepared model, so that no instrument's overhead reaches another's result:
+Two passes over one prepared model, each a Capture session around plain training steps, so that
+no instrument's overhead reaches another's result:
   1. timing:   warm-up steps, then `steps` timed steps; module and phase latencies from a
                synchronous clock (CPU) or CUDA events (GPU); the medians are reported.
   2. profiler: one step under torch.profiler with ranges named by module path and phase, the
@@ -12,10 +13,12 @@ latencies.
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,29 +26,17 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from paca_prof import methods as method_registry
+from paca_prof import methods
+from paca_prof.engines.layers import container_paths, layer_table, module_kinds
+from paca_prof.engines.step import Prepared, make_batch, prepare
+from paca_prof.flops import profiled_op_flops
+from paca_prof.ledger import SavedTensorLedger
+from paca_prof.memory import MemoryEvent, memory_timeline, static_bytes
+from paca_prof.modules import ROOT, is_logits_owner, module_depth
+from paca_prof.ops import counts_as_op
 from paca_prof.results import MethodResult, summary_row
-from paca_prof.engines.common import (
-    RunSpec,
-    build_prepared,
-    layer_table,
-    make_batch,
-    module_kinds,
-    training_step,
-)
-from paca_prof.instrument import (
-    LOSS,
-    OPTIMIZER,
-    ROOT,
-    MemoryEvent,
-    ModuleScopes,
-    SavedTensorLedger,
-    counts_as_op,
-    module_depth,
-    matmul_flops,
-    memory_timeline,
-    static_bytes,
-)
+from paca_prof.spec import RunSpec
+from paca_prof.trace import PHASES, normalize_dtype
 
 
 def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
@@ -54,29 +45,30 @@ def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
     Raises torch.OutOfMemoryError (or RuntimeError from the CPU allocator) when it does not fit;
     the caller records that as status oom.
     """
-    device = spec.device
-    model, optimizer = build_prepared(spec, method, device)
-    ids = make_batch(spec, device)
-    latencies, phase_ms = _timing_pass(spec, model, optimizer, ids)
+    run = prepare(spec, method, spec.device)
+    ids = make_batch(spec, spec.device)
+    latencies, phase_ms = timing_pass(run, ids, spec.warmup, spec.steps)
     chrome_path = workdir / f"trace-{method}.json"
-    profiled = _profiler_pass(model, optimizer, ids, method, device, chrome_path)
-
-    kinds = module_kinds(model)
-    layers = layer_table(method, kinds, latencies, profiled["ops"], profiled["ledger"].by_module)
-    trainable = sum(p.numel() for p in method_registry.trainable_parameters(model))
+    profiled = _profiler_pass(run, ids, spec.device, chrome_path,
+                              step_index=spec.warmup + spec.steps)
+    paths = run.capture().paths
+    layers = layer_table(method, module_kinds(paths), latencies, profiled["ops"],
+                         profiled["ledger"].by_module, container_paths(paths))
     summary = summary_row(
         method, times_ms=phase_ms, peak_breakdown=profiled["peak_breakdown"],
         n_kernels=len(profiled["ops"]), activation_bytes=profiled["ledger"].total_bytes,
-        trainable_params=trainable, **profiled["device_peaks"])
-    del model, optimizer
+        trainable_params=run.trainable_params, **profiled["device_peaks"])
+    del run
     return MethodResult(summary, layers, profiled["ops"], profiled["memory"], chrome_path)
 
+
+# --- 1. timing ---------------------------------------------------------------------------------
 
 class _Clock:
     """Host clock on the CPU; CUDA events on the GPU (read after one synchronize per step)."""
 
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
 
     def stamp(self):
         if self.cuda:
@@ -95,12 +87,13 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-def _timing_pass(spec: RunSpec, model, optimizer, ids):
-    """Median latency per (module, phase) and per phase over the measured steps."""
-    clock = _Clock(spec.device)
-    per_step: list[dict] = []
+def timing_pass(run: Prepared, ids: torch.Tensor, warmup: int, steps: int):
+    """Median latency per (module, phase) and per phase over `steps` timed steps after `warmup`
+    untimed ones. Returns ({(path, phase): ms}, {phase: ms, "step": ms})."""
+    clock = _Clock(ids.device.type == "cuda")
     open_scopes: dict[tuple[str, str], list] = defaultdict(list)
     intervals: list[tuple[str, str, object, object]] = []
+    per_step: list[dict] = []
 
     def enter(path, phase):
         open_scopes[(path, phase)].append(clock.stamp())
@@ -110,87 +103,77 @@ def _timing_pass(spec: RunSpec, model, optimizer, ids):
         if starts:
             intervals.append((path, phase, starts.pop(), clock.stamp()))
 
-    class PhaseTimer:
-        def __init__(self, name):
-            self.name = name
-
-        def __enter__(self):
-            enter(f"phase:{self.name}", self.name)
-
-        def __exit__(self, *exc):
-            leave(f"phase:{self.name}", self.name)
-
-    with ModuleScopes(model) as scopes:
-        scopes.on_enter(enter)
-        scopes.on_exit(leave)
-        for step in range(spec.warmup + spec.steps):
-            intervals.clear()
-            open_scopes.clear()
-            training_step(model, optimizer, ids, scopes, PhaseTimer)
-            clock.sync()
-            if step < spec.warmup:
-                continue
+    def step_done(index):
+        clock.sync()
+        if index >= warmup:
             totals: dict[tuple[str, str], float] = defaultdict(float)
             for path, phase, start, end in intervals:
                 totals[(path, phase)] += clock.ms(start, end)
             per_step.append(totals)
+        intervals.clear()
+        open_scopes.clear()
+
+    with run.capture() as capture:
+        capture.on_scope(enter, leave)
+        capture.on_phase(start=lambda phase: enter(f"phase:{phase}", phase),
+                         end=lambda phase: leave(f"phase:{phase}", phase))
+        capture.on_step(step_done)
+        for _ in range(warmup + steps):
+            run.step(ids)
     keys = set().union(*per_step)
     medians = {key: statistics.median(s[key] for s in per_step if key in s) for key in keys}
-    phase_ms = {p: medians.get((f"phase:{p}", p), 0.0) for p in ("forward", "backward", "optimizer")}
+    phase_ms = {p: medians.get((f"phase:{p}", p), 0.0) for p in PHASES}
     phase_ms["step"] = sum(phase_ms.values())
     latencies = {k: v for k, v in medians.items() if not k[0].startswith("phase:")}
     return latencies, phase_ms
 
 
-def _profiler_pass(model, optimizer, ids, method, device, chrome_path: Path) -> dict:
+# --- 2. profiler -------------------------------------------------------------------------------
+
+def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: Path,
+                   step_index: int) -> dict:
     """One profiled step: ops, activation bytes, and the categorised memory timeline."""
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     ranges: dict[tuple[str, str], list] = defaultdict(list)
-    grad_ptrs: dict[int, int] = {}
+    grad_ptrs: set[int] = set()
 
-    def enter(path, phase):
-        scope = record_function(path)
+    def enter(name, phase):
+        scope = record_function(name)
         scope.__enter__()
-        ranges[(path, phase)].append(scope)
+        ranges[(name, phase)].append(scope)
 
-    def leave(path, phase):
-        if ranges.get((path, phase)):
-            ranges[(path, phase)].pop().__exit__(None, None, None)
+    def leave(name, phase):
+        if ranges.get((name, phase)):
+            ranges[(name, phase)].pop().__exit__(None, None, None)
 
-    class PhaseRange:
-        def __init__(self, name):
-            self.scope = record_function(f"phase:{name}")
-            self.name = name
+    def phase_end(phase):
+        leave(f"phase:{phase}", phase)
+        if phase == "backward":  # the pass is over: every gradient is there
+            grad_ptrs.update(p.grad.data_ptr() for p in run.model.parameters()
+                             if p.grad is not None)
 
-        def __enter__(self):
-            if self.name == "optimizer":  # backward is over: the gradients are all there
-                grad_ptrs.update({p.grad.data_ptr(): p.grad.untyped_storage().nbytes()
-                                  for p in model.parameters() if p.grad is not None})
-            self.scope.__enter__()
-
-        def __exit__(self, *exc):
-            self.scope.__exit__(*exc)
-
-    static = static_bytes(model, optimizer)
+    static = static_bytes(run.model, run.optimizer)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         static["rest"] = torch.cuda.memory_allocated() - sum(static.values())
-    with ModuleScopes(model) as scopes, SavedTensorLedger(scopes) as ledger:
-        scopes.on_enter(enter)
-        scopes.on_exit(leave)
+    with run.capture() as capture, SavedTensorLedger(capture) as ledger:
+        capture.on_scope(enter, leave)
+        capture.on_phase(start=lambda phase: enter(f"phase:{phase}", phase), end=phase_end)
         with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
-            training_step(model, optimizer, ids, scopes, PhaseRange)
+            run.step(ids)
             if cuda:
                 torch.cuda.synchronize()
+        module_paths = set(capture.paths.values())
     prof.export_chrome_trace(str(chrome_path))
     events = json.loads(chrome_path.read_text())["traceEvents"]
-    module_paths = set(scopes.paths.values()) | {LOSS, OPTIMIZER}
-    wrappers = method_registry.wrapper_paths(model, method)
-    ops = _op_table(events, method, module_paths, wrappers, cuda)
-    memory, _, breakdown = _memory_timeline(events, method, static, ledger, grad_ptrs, cuda)
-    return {"ops": ops, "ledger": ledger, "memory": memory, "peak_breakdown": breakdown,
+    method = methods.get(run.method)
+    wrappers = method.wrapper_paths(run.model)
+    ops = _op_table(events, run.method, method, module_paths, wrappers, cuda, step_index)
+    timeline = _memory_timeline(events, static, ledger, grad_ptrs, cuda)
+    return {"ops": ops, "ledger": ledger, "peak_breakdown": timeline.breakdown,
+            "memory": pd.DataFrame(timeline.rows).assign(method=run.method),
             "device_peaks": cuda_memory_peaks() if cuda else {}}
 
 
@@ -202,25 +185,87 @@ def cuda_memory_peaks() -> dict[str, int]:
             "reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
-def _phase_windows(events) -> dict[str, tuple[float, float]]:
-    return {e["name"].removeprefix("phase:"): (e["ts"], e["ts"] + e["dur"]) for e in events
-            if e.get("cat") == "user_annotation" and e["name"].startswith("phase:")}
+@dataclass
+class _Op:
+    """One counted op of the profiled step (instrument's definition: ops.counts_as_op)."""
+
+    name: str
+    tid: object
+    ts: float
+    dur: float
+    module: str
+    phase: str
+    shapes: list
+    dtype: str
+
+    @property
+    def end(self) -> float:
+        return self.ts + self.dur
 
 
-def _phase_at(windows: dict[str, tuple[float, float]], ts: float) -> str | None:
-    for phase, (start, end) in windows.items():
-        if start <= ts <= end:
-            return phase
-    return None
+class _Windows:
+    """The phase ranges of the profiled step, and its start."""
+
+    def __init__(self, events):
+        self.spans = {e["name"].removeprefix("phase:"): (e["ts"], e["ts"] + e["dur"])
+                      for e in events if e.get("cat") == "user_annotation"
+                      and e["name"].startswith("phase:")}
+        self.start = min(start for start, _ in self.spans.values())
+
+    def phase_at(self, ts: float) -> str | None:
+        for phase, (start, end) in self.spans.items():
+            if start <= ts <= end:
+                return phase
+        return None
 
 
-def _op_table(events, method, module_paths, wrappers, cuda) -> pd.DataFrame:
-    """One row per op (see instrument.counts_as_op) on the CPU, or per device kernel on CUDA."""
-    windows = _phase_windows(events)
-    t0 = min(start for start, _ in windows.values())
+def _op_table(events, method_name, method, module_paths, wrappers, cuda,
+              step_index) -> pd.DataFrame:
+    """One row per op on the CPU, or per device kernel on CUDA (each kernel charged to the op
+    that launched it; the op's FLOPs to its first kernel)."""
+    windows = _Windows(events)
+    ops = _counted_ops(events, windows, module_paths)
+    rows = []
+    if cuda:
+        launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
+                    and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+        by_tid: dict[object, list[_Op]] = defaultdict(list)
+        for op in ops:
+            by_tid[op.tid].append(op)
+        starts = {tid: [op.ts for op in tid_ops] for tid, tid_ops in by_tid.items()}
+        charged: set[int] = set()
+        kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in
+                   ("kernel", "gpu_memcpy", "gpu_memset")]
+        for kernel in sorted(kernels, key=lambda e: e["ts"]):
+            launch = launches.get(kernel.get("args", {}).get("correlation"))
+            op = None
+            if launch is not None and launch["tid"] in by_tid:
+                i = bisect.bisect_right(starts[launch["tid"]], launch["ts"]) - 1
+                candidate = by_tid[launch["tid"]][i] if i >= 0 else None
+                if candidate is not None and candidate.end >= launch["ts"]:
+                    op = candidate
+            first = op is not None and id(op) not in charged
+            if op is not None:
+                charged.add(id(op))
+            rows.append(_op_row(method_name, method, kernel["name"], op,
+                                kernel["ts"] - windows.start, kernel["dur"], wrappers, "cuda",
+                                count_flops=first))
+    else:
+        for op in ops:
+            rows.append(_op_row(method_name, method, op.name, op, op.ts - windows.start, op.dur,
+                                wrappers, "cpu", count_flops=True))
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["seq_no"] = range(len(table))
+        table["step"] = step_index
+    return table
+
+
+def _counted_ops(events, windows: _Windows, module_paths: set[str]) -> list[_Op]:
+    """The outermost ops with a kernel of their own, in time order, each with its innermost
+    module and its phase."""
     by_tid: dict[object, list] = defaultdict(list)
-    modules_by_tid: dict[object, list] = defaultdict(list)
-    runtime = {}
+    scopes_by_tid: dict[object, list] = defaultdict(list)
     for e in events:
         if e.get("ph") != "X":
             continue
@@ -229,52 +274,28 @@ def _op_table(events, method, module_paths, wrappers, cuda) -> pd.DataFrame:
                 ("autograd::", "torch::autograd")):
             by_tid[e["tid"]].append(e)
         elif cat == "user_annotation" and e["name"] in module_paths:
-            modules_by_tid[e["tid"]].append(e)
-        elif cat == "cuda_runtime" and "correlation" in e.get("args", {}):
-            runtime[e["args"]["correlation"]] = e
-
-    leaves = []
-    for tid, ops in by_tid.items():
-        ops.sort(key=lambda e: (e["ts"], -e["dur"]))
-        scopes = sorted(modules_by_tid.get(tid, []), key=lambda e: e["ts"])
-        stack: list[dict] = []  # enclosing aten ops
-        for op in ops:
-            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= op["ts"]:
+            scopes_by_tid[e["tid"]].append(e)
+    counted: list[_Op] = []
+    for tid, tid_ops in by_tid.items():
+        tid_ops.sort(key=lambda e: (e["ts"], -e["dur"]))
+        scopes = sorted(scopes_by_tid.get(tid, []), key=lambda e: e["ts"])
+        stack: list[tuple[dict, bool]] = []  # enclosing ops, and whether each was counted
+        for e in tid_ops:
+            while stack and stack[-1][0]["ts"] + stack[-1][0]["dur"] <= e["ts"]:
                 stack.pop()
-            counted = counts_as_op(op["name"]) and not any(p["_counted"] for p in stack)
-            op["_counted"] = counted
-            stack.append(op)
-            phase = _phase_at(windows, op["ts"])
-            if not counted or phase is None:
+            is_counted = counts_as_op(e["name"]) and not any(c for _, c in stack)
+            stack.append((e, is_counted))
+            phase = windows.phase_at(e["ts"])
+            if not is_counted or phase is None:
                 continue
-            op["_module"] = _innermost(scopes, op["ts"], op["ts"] + op["dur"])
-            op["_phase"] = phase
-            leaves.append(op)
-
-    rows = []
-    if cuda:
-        leaf_by_tid = defaultdict(list)
-        for op in leaves:
-            leaf_by_tid[op["tid"]].append(op)
-        kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in
-                   ("kernel", "gpu_memcpy", "gpu_memset")]
-        for kernel in sorted(kernels, key=lambda e: e["ts"]):
-            launch = runtime.get(kernel.get("args", {}).get("correlation"))
-            op = None
-            if launch is not None:
-                candidates = [o for o in leaf_by_tid.get(launch["tid"], [])
-                              if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
-                op = candidates[-1] if candidates else None
-            rows.append(_op_row(method, kernel["name"], op, kernel["ts"] - t0, kernel["dur"],
-                                wrappers, "cuda"))
-    else:
-        for op in sorted(leaves, key=lambda e: e["ts"]):
-            rows.append(_op_row(method, op["name"], op, op["ts"] - t0, op["dur"], wrappers, "cpu"))
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        table["seq_no"] = range(len(table))
-        table["step"] = 0
-    return table
+            args = e.get("args", {})
+            dtypes = [t for t in args.get("Input type", []) if t and t != "Scalar"]
+            counted.append(_Op(e["name"], tid, e["ts"], e["dur"],
+                               _innermost(scopes, e["ts"], e["ts"] + e["dur"]), phase,
+                               args.get("Input Dims", []),
+                               normalize_dtype(dtypes[0]) if dtypes else ""))
+    counted.sort(key=lambda op: op.ts)
+    return counted
 
 
 def _innermost(scopes: list[dict], start: float, end: float) -> str:
@@ -295,42 +316,37 @@ def _innermost(scopes: list[dict], start: float, end: float) -> str:
     return best["name"] if best else ROOT
 
 
-def _op_row(method, name, op, start_us, dur_us, wrappers, device) -> dict:
-    args = op.get("args", {}) if op else {}
-    shapes = args.get("Input Dims", [])
-    module = op["_module"] if op else ROOT
-    phase = op["_phase"] if op else None
-    op_name = op["name"] if op else name
-    dtypes = [t for t in args.get("Input type", []) if t and t != "Scalar"]
+def _op_row(method_name, method, name, op: _Op | None, start_us, dur_us, wrappers, device,
+            count_flops: bool) -> dict:
+    module = op.module if op else ROOT
+    phase = op.phase if op else None
+    op_name = op.name if op else name
     return {
-        "method": method, "module": module, "phase": phase, "name": name,
-        "shapes": json.dumps(shapes), "dtype": dtypes[0] if dtypes else "",
+        "method": method_name, "module": module, "phase": phase, "name": name,
+        "shapes": json.dumps(op.shapes if op else []), "dtype": op.dtype if op else "",
         "start_us": start_us, "dur_us": dur_us,
-        "flops": matmul_flops(op_name, shapes), "bytes": float("nan"),
-        "adapter_branch": method_registry.is_adapter_op(method, module, op_name, phase or "",
-                                                        wrappers),
+        "flops": profiled_op_flops(op_name, op.shapes) if op and count_flops else 0.0,
+        "bytes": float("nan"),
+        "adapter_branch": method.is_branch_op(module, op_name, phase or "", wrappers),
         "device": device,
     }
 
 
-def _memory_timeline(events, method, static, ledger, grad_ptrs, cuda):
-    """The profiler's allocation events of the step's device, categorised (see
-    instrument.memory_timeline); keys are addresses."""
+def _memory_timeline(events, static, ledger, grad_ptrs, cuda):
+    """The profiler's allocation events of the step's device, categorised (memory.
+    memory_timeline); keys are addresses."""
     device_type = 1 if cuda else 0
-    windows = _phase_windows(events)
-    t0 = min(start for start, _ in windows.values())
+    windows = _Windows(events)
     logits_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events
                       if e.get("cat") == "user_annotation" and e.get("ph") == "X"
-                      and (e["name"] == LOSS or e["name"].endswith("lm_head"))]
+                      and is_logits_owner(e["name"])]
     memory_events = []
     for e in sorted((e for e in events if e.get("name") == "[memory]"
                      and e.get("args", {}).get("Device Type") == device_type),
                     key=lambda e: e["ts"]):
         nbytes = e["args"]["Bytes"]
         memory_events.append(MemoryEvent(
-            t=e["ts"] - t0, key=e["args"]["Addr"], nbytes=nbytes,
-            phase=_phase_at(windows, e["ts"]),
+            t=e["ts"] - windows.start, key=e["args"]["Addr"], nbytes=nbytes,
+            phase=windows.phase_at(e["ts"]),
             logits_scope=nbytes > 0 and any(s <= e["ts"] <= f for s, f in logits_windows)))
-    rows, peak, breakdown = memory_timeline(memory_events, static, ledger.ptr_owner,
-                                            set(grad_ptrs))
-    return pd.DataFrame(rows).assign(method=method), peak, breakdown
+    return memory_timeline(memory_events, static, ledger.ptr_owner, grad_ptrs)

@@ -1,16 +1,16 @@
 """Simulate a training step of one method on the meta device: exact bytes, every op, no time.
 
-The model is built on the meta device with random-free (shape-only) weights and prepared exactly
-as a measured run prepares it. One step runs first without instruments so that AdamW creates
-its state; the next runs under OpRecorder, a TorchDispatchMode that sees every aten op with its
-module (ModuleScopes), phase, shapes, dtype, FLOPs (torch.utils.flop_counter) and bytes moved,
-and tracks storage lifetimes by weak reference, so that the memory timeline, its peak and the
-peak's breakdown come out as on a real device's allocator, without its block rounding and
-without kernels' internal workspaces.
+The model is built on the meta device (shapes only) and prepared exactly as a measured run
+prepares it. One step runs first without instruments so that the optimizer creates its state;
+the next runs in a Capture session under OpRecorder, a TorchDispatchMode that sees every aten op
+with its module, phase and step, shapes, dtype, FLOPs (flops.py) and bytes moved, and tracks
+storage lifetimes by weak reference, so that the memory timeline, its peak and the peak's
+breakdown come out as on a real device's allocator, without its block rounding and without
+kernels' internal workspaces.
 
-Limits: no time (see engines/project.py); CUDA caching-allocator fragmentation and reserved
-memory are not modelled (the planner adds an explicit headroom instead); CPU-only kernels'
-internal scratch buffers are invisible to a dispatch mode.
+Limits: no time (see engines/project.py); CUDA caching-allocator rounding and reserved memory
+are not modelled here; CPU-only kernels' internal scratch buffers are invisible to a dispatch
+mode.
 """
 
 from __future__ import annotations
@@ -23,42 +23,33 @@ import pandas as pd
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
 
-from paca_prof import methods as method_registry
+from paca_prof import methods
+from paca_prof.capture import Capture
 from paca_prof.engines import project
-from paca_prof.engines.common import (
-    RunSpec,
-    ancestors,
-    build_prepared,
-    layer_table,
-    module_kinds,
-    training_step,
-)
-from paca_prof.instrument import (
-    LOSS,
-    MemoryEvent,
-    ModuleScopes,
-    SavedTensorLedger,
-    counts_as_op,
-    memory_timeline,
-    static_bytes,
-    storage_key,
-)
+from paca_prof.engines.layers import container_paths, layer_table, module_kinds
+from paca_prof.engines.step import prepare
+from paca_prof.flops import op_flops
 from paca_prof.gpus import GpuSpec
+from paca_prof.ledger import SavedTensorLedger, storage_key
+from paca_prof.memory import MemoryEvent, memory_timeline, static_bytes
+from paca_prof.modules import ancestors, is_logits_owner
+from paca_prof.ops import counts_as_op
 from paca_prof.results import MethodResult, summary_row
+from paca_prof.spec import RunSpec
 
 
 @dataclass
 class OpRecorder(TorchDispatchMode):
-    """Records each op (instrument.counts_as_op) and each storage allocation and free.
+    """Records each op (ops.counts_as_op) and each storage allocation and free, with the
+    Capture session's module, phase and step.
 
     Ops are numbered in issue order; memory events carry the op index as their time.
     Storages that exist before the mode starts (weights, optimizer state) are not tracked.
     """
 
-    scopes: ModuleScopes
-    method: str
+    capture: Capture
+    method: methods.registry.Method
     wrappers: set[str]
     ops: list[dict] = field(default_factory=list)
     events: list[MemoryEvent] = field(default_factory=list)
@@ -72,24 +63,23 @@ class OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func._schema.name
-        phase = self.scopes.phase
-        module = self.scopes.current
+        phase = self.capture.phase
+        module = self.capture.current
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         input_storages = {storage_key(t) for t in inputs}
         for tensor in outputs:  # an output sharing an input's storage is a view or in place
             if storage_key(tensor) not in input_storages:
                 self._track(tensor, phase, module)
-        if counts_as_op(name):
+        if counts_as_op(name) and phase != "idle":
             self.ops.append({
-                "method": self.method, "module": module, "phase": phase, "name": name,
+                "method": self.method.name, "module": module, "phase": phase, "name": name,
                 "shapes": json.dumps([list(t.shape) for t in inputs]),
                 "dtype": str(inputs[0].dtype).removeprefix("torch.") if inputs else "",
-                "flops": _flops(func, args, kwargs, out),
+                "flops": op_flops(func, args, kwargs, out),
                 "bytes": float(sum(_nbytes(t) for t in inputs + outputs)),
-                "adapter_branch": method_registry.is_adapter_op(
-                    self.method, module, name, phase, self.wrappers),
-                "device": "meta", "seq_no": len(self.ops), "step": 0,
+                "adapter_branch": self.method.is_branch_op(module, name, phase, self.wrappers),
+                "device": "meta", "seq_no": len(self.ops), "step": self.capture.step_index,
             })
         self._tick += 1
         return out
@@ -102,27 +92,21 @@ class OpRecorder(TorchDispatchMode):
         nbytes = storage.nbytes()
         self._live[key] = weakref.ref(storage, lambda _, key=key, n=nbytes: self._free(key, n))
         self.events.append(MemoryEvent(
-            t=float(self._tick), key=key, nbytes=nbytes, phase=phase,
-            logits_scope=module == LOSS or module.endswith("lm_head")))
+            t=float(self._tick), key=key, nbytes=nbytes, phase=_phase_or_none(phase),
+            logits_scope=is_logits_owner(module)))
 
     def _free(self, key: int, nbytes: int) -> None:
         if self._live.pop(key, None) is not None:
             self.events.append(MemoryEvent(t=float(self._tick), key=key, nbytes=-nbytes,
-                                           phase=self.scopes.phase))
+                                           phase=_phase_or_none(self.capture.phase)))
+
+
+def _phase_or_none(phase: str) -> str | None:
+    return None if phase == "idle" else phase
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _flops(func, args, kwargs, out) -> float:
-    counter = flop_registry.get(func._overloadpacket)
-    if counter is None:
-        return 0.0
-    try:
-        return float(counter(*args, **kwargs, out_val=out))
-    except (TypeError, ValueError, RuntimeError):
-        return 0.0
 
 
 class Simulator:
@@ -133,57 +117,54 @@ class Simulator:
     """
 
     def __init__(self, spec: RunSpec, method: str):
-        self.spec, self.method = spec, method
-        self.model, self.optimizer = build_prepared(spec, method, "meta")
-        if self.optimizer is not None:  # let AdamW create its state, as after any first step
-            for param in method_registry.trainable_parameters(self.model):
+        self.spec, self.method = spec, methods.get(method)
+        self.run = prepare(spec, method, "meta")
+        optimizer = self.run.optimizer
+        if optimizer is not None:  # let the optimizer create its state, as after any first step
+            for param in methods.registry.trainable_parameters(self.run.model):
                 param.grad = torch.empty_like(param)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.trainable = sum(p.numel() for p in method_registry.trainable_parameters(self.model))
-        self.wrappers = method_registry.wrapper_paths(self.model, method)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.trainable = self.run.trainable_params
+        self.wrappers = self.method.wrapper_paths(self.run.model)
 
     def step(self, seq: int, batch: int, gpu: GpuSpec | None = None) -> MethodResult:
         """Simulate one training step on a batch x seq input. With `gpu`, times are projected
         onto it (engines/project.py) and a peak above its memory gives status oom; without,
-        every time column is NaN."""
-        model, optimizer = self.model, self.optimizer
+        every time column is NaN. The result's `memory_events` are the step's events."""
+        run = self.run
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
-        static = static_bytes(model, optimizer)
+        static = static_bytes(run.model, run.optimizer)
         grad_keys: set[int] = set()
 
-        class GradWatch:
-            """At the optimizer phase, backward is over: note which storages are gradients."""
+        def backward_done(phase):
+            if phase == "backward":  # the pass is over: every gradient is there
+                grad_keys.update(storage_key(p.grad) for p in run.model.parameters()
+                                 if p.grad is not None)
 
-            def __init__(self, name):
-                self.name = name
-
-            def __enter__(self):
-                if self.name == "optimizer":
-                    grad_keys.update(storage_key(p.grad) for p in model.parameters()
-                                     if p.grad is not None)
-
-            def __exit__(self, *exc):
-                pass
-
-        with ModuleScopes(model) as scopes, SavedTensorLedger(scopes) as ledger:
-            recorder = OpRecorder(scopes, self.method, self.wrappers)
+        with run.capture() as capture, SavedTensorLedger(capture) as ledger:
+            capture.on_phase(end=backward_done)
+            recorder = OpRecorder(capture, self.method, self.wrappers)
             with recorder:
-                training_step(model, optimizer, ids, scopes, GradWatch)
-        rows, peak, breakdown = memory_timeline(recorder.events, static, ledger.keys, grad_keys)
+                run.step(ids)
+            paths = capture.paths
+        timeline = memory_timeline(recorder.events, static, ledger.keys, grad_keys)
         ops = pd.DataFrame(recorder.ops)
         latencies, times = {}, {}
         if gpu is not None:
             ops = project.project_ops(ops, gpu)
             latencies = project.module_latencies_ms(ops, ancestors)
             times = project.phase_times_ms(ops)
-        layers = layer_table(self.method, module_kinds(model), latencies, ops, ledger.by_module)
-        fits = gpu is None or peak <= gpu.memory_bytes
+        layers = layer_table(self.method.name, module_kinds(paths), latencies, ops,
+                             ledger.by_module, container_paths(paths))
+        fits = gpu is None or timeline.peak_bytes <= gpu.memory_bytes
         summary = summary_row(
-            self.method, "ok" if fits else "oom", times_ms=times, peak_breakdown=breakdown,
-            n_kernels=len(ops), activation_bytes=ledger.total_bytes,
-            trainable_params=self.trainable)
-        return MethodResult(summary, layers, ops, pd.DataFrame(rows).assign(method=self.method))
+            self.method.name, "ok" if fits else "oom", times_ms=times,
+            peak_breakdown=timeline.breakdown, n_kernels=len(ops),
+            activation_bytes=ledger.total_bytes, trainable_params=self.trainable)
+        memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
+        return MethodResult(summary, layers, ops, memory, memory_events=recorder.events,
+                            start_bytes=static)
 
 
 def simulate_method(spec: RunSpec, method: str, gpu: GpuSpec | None = None) -> MethodResult:

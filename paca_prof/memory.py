@@ -1,0 +1,115 @@
+"""Memory events and the categorised timeline they make; torch-free.
+
+Engines record a step's allocations and frees as MemoryEvents (the profiler's allocator events
+when measured, storage lifetimes when simulated). memory_timeline replays them into running
+totals per category (trace.MEMORY_CATEGORIES), finds the peak and its breakdown; the planner
+cuts the same events into segments, and the allocator model replays them into reserved bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paca_prof.modules import is_logits_owner
+from paca_prof.trace import MEMORY_CATEGORIES
+
+
+@dataclass
+class MemoryEvent:
+    """One allocation (nbytes > 0) or free (nbytes < 0) of a storage identified by `key`
+    (an address when measured, a storage key when simulated), at time t, in a phase.
+    `logits_scope` is True for allocations made inside lm_head or the loss."""
+
+    t: float
+    key: int
+    nbytes: int
+    phase: str | None
+    logits_scope: bool = False
+
+
+@dataclass
+class Timeline:
+    """A replayed step: rows (trace.MEMORY_COLUMNS; the first rows hold each category at the
+    start), the peak of the total, and each category at the peak."""
+
+    rows: list[dict]
+    peak_bytes: int
+    breakdown: dict[str, int]
+
+
+def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
+                    saved_owner: dict[int, str], grad_keys: set[int]) -> Timeline:
+    """Replay allocation events into running totals per memory category.
+
+    `static` holds the bytes alive when the step starts, by category. An allocation is an
+    activation if a saved tensor lives at its key (the last allocation there during forward:
+    saved tensors stay alive until backward), a gradient likewise for the gradients alive
+    after backward. Saved tensors of lm_head and the loss, and whatever those two allocate,
+    are logits_loss. Everything else is rest (temporaries, optimizer scratch).
+    """
+    last_alloc: dict[tuple[int, str | None], int] = {}
+    for i, e in enumerate(events):
+        if e.nbytes > 0:
+            last_alloc[(e.key, e.phase)] = i
+    category_of: dict[int, str] = {}
+    for key, owner in saved_owner.items():
+        index = last_alloc.get((key, "forward"))
+        if index is not None:
+            category_of[index] = "logits_loss" if is_logits_owner(owner) else "activations"
+    for key in grad_keys:
+        index = last_alloc.get((key, "backward"))
+        if index is not None:
+            category_of[index] = "gradients"
+
+    totals = {c: static.get(c, 0) for c in MEMORY_CATEGORIES}
+    rows = [{"t": 0.0, "category": c, "allocated_bytes": b, "phase": None,
+             "logits_scope": False, "delta_bytes": b} for c, b in totals.items()]
+    live: dict[int, str] = {}
+    peak, breakdown = sum(totals.values()), dict(totals)
+    total = peak
+    for i, e in enumerate(events):
+        if e.nbytes > 0:
+            category = category_of.get(i, "logits_loss" if e.logits_scope else "rest")
+            live[e.key] = category
+        else:
+            category = live.pop(e.key, "rest")
+        totals[category] += e.nbytes
+        total += e.nbytes
+        rows.append({"t": e.t, "category": category, "allocated_bytes": totals[category],
+                     "phase": e.phase, "logits_scope": e.logits_scope, "delta_bytes": e.nbytes})
+        if total > peak:
+            peak, breakdown = total, dict(totals)
+    return Timeline(rows, peak, breakdown)
+
+
+def static_storages(model, optimizer) -> list[tuple[int, int, str]]:
+    """(storage key, bytes, category) of every storage alive before the step starts: frozen
+    weights and buffers, trainable parameters, and optimizer state (gradients are None after
+    zero_grad(set_to_none=True)), each storage once (tied weights, views), in that order."""
+    seen: set[int] = set()
+    found = []
+
+    def add(tensor, category: str) -> None:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            found.append((storage._cdata, storage.nbytes(), category))
+
+    for p in model.parameters():
+        add(p, "trainable" if p.requires_grad else "weights")
+    for b in model.buffers():
+        add(b, "weights")
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if hasattr(value, "untyped_storage"):
+                    add(value, "optimizer")
+    return found
+
+
+def static_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes per category alive before the step starts (static_storages, summed)."""
+    static = {c: 0 for c in MEMORY_CATEGORIES}
+    for _, nbytes, category in static_storages(model, optimizer):
+        static[category] += nbytes
+    return static

@@ -1,0 +1,268 @@
+"""The registry: one record per method, with everything the profiler knows of it.
+
+A record says how the method prepares a model, which module types wrap a target linear, which
+ops are its adapter branch (DESIGN.md's definition), how it checks r against a linear, and how
+it describes itself in run.yaml. Adding a method is adding one record here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from paca_prof.methods import ADAPTER_MODULE_PARTS, QUANTIZED, MethodSettings, is_adapter_path
+from paca_prof.recipe import Recipe
+
+Prepare = Callable[[nn.Module, MethodSettings, Recipe], nn.Module]
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the profiler knows of one fine-tuning method.
+
+    prepare: turns a transformers model into this method's model, in place; the returned module
+        keeps the base model's module paths (PEFT's wrapper is unwrapped), so traces of
+        different methods match module by module.
+    wrapper_types: the module types that wrap a target linear (PEFT's LoraLayer, PacaLinear).
+    adapter_parts: module-path components of the adapter branch's own modules (LoRA's A, B
+        and dropout, DoRA's magnitude): every op inside them is a branch op.
+    branch_ops: ops, by phase, that are the adapter branch when they run directly in a wrapper
+        (PaCA's gather and grad GEMM); None: every op run directly in a wrapper (outside its
+        base layer: LoRA's input cast, scaling and add) is.
+    r_rule: (in_features, out_features, r) -> why r does not fit, or None.
+    settings: the MethodSettings fields that apply.
+    quantization: "nf4" for a method over 4-bit bases (qlora, qpaca).
+    implementation, extra: what run.yaml says of it beside its settings.
+    """
+
+    name: str
+    prepare: Prepare
+    wrapper_types: Callable[[], tuple[type, ...]] = lambda: ()
+    adapter_parts: tuple[str, ...] = ()
+    branch_ops: dict[str, frozenset[str]] | None = None
+    r_rule: Callable[[int, int, int], str | None] | None = None
+    settings: tuple[str, ...] = ()
+    quantization: str | None = None
+    implementation: Callable[[], str] | None = None
+    extra: Callable[[MethodSettings], dict] = lambda settings: {}
+
+    def check_r(self, name: str, linear: nn.Linear, r: int) -> None:
+        """ValueError naming the layer if r does not fit it by this method's rule."""
+        why = self.r_rule(linear.in_features, linear.out_features, r) if self.r_rule else None
+        if why:
+            raise ValueError(f"--r (--rank) {r} does not fit {name} ({linear.out_features} x "
+                             f"{linear.in_features}) for {self.name}: {why}")
+
+    def describe(self, settings: MethodSettings) -> dict:
+        """The settings that matter for this method, as run.yaml records them."""
+        described = {"method": self.name}
+        values = settings.to_dict()
+        described.update({k: values[k] for k in self.settings})
+        if self.implementation is not None:
+            described["implementation"] = self.implementation()
+        described.update(self.extra(settings))
+        return described
+
+    def is_branch_op(self, module: str, op: str, phase: str, wrappers: set[str]) -> bool:
+        """Whether an op run in `module` during `phase` belongs to this method's adapter branch
+        (`wrappers`: the paths of this model's wrapper modules, wrapper_paths())."""
+        if self.branch_ops is not None:
+            return module in wrappers and op in self.branch_ops.get(phase, ())
+        if module in wrappers:
+            return True
+        return bool(self.adapter_parts) and any(
+            part in self.adapter_parts for part in module.split("."))
+
+    def wrapper_paths(self, model: nn.Module) -> set[str]:
+        kinds = self.wrapper_types()
+        if not kinds:
+            return set()
+        return {name for name, module in model.named_modules() if isinstance(module, kinds)}
+
+
+# --- How each method prepares a model ------------------------------------------------------------
+
+def _prepare_full(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def _prepare_frozen(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
+
+
+def _prepare_peft(use_dora: bool) -> Prepare:
+    def prepare(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
+                            lora_dropout=settings.dropout, target_modules=list(recipe.targets),
+                            use_dora=use_dora, bias="none")
+        peft_model = get_peft_model(model, config,
+                                    autocast_adapter_dtype=settings.adapter_dtype == "fp32")
+        # PEFT skips its adapter cast on the meta device; apply the dtype it would have chosen.
+        model_dtype = next(p.dtype for n, p in model.named_parameters()
+                           if not is_adapter_path(n) and p.is_floating_point())
+        adapter_dtype = torch.float32 if settings.adapter_dtype == "fp32" else model_dtype
+        for name, param in peft_model.named_parameters():
+            if is_adapter_path(name) and param.dtype != adapter_dtype:
+                param.data = param.data.to(adapter_dtype)
+        return peft_model.get_base_model()
+
+    return prepare
+
+
+def _prepare_paca(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+    from paca import PacaConfig, get_paca_model
+
+    config = PacaConfig(r=settings.r, alpha=settings.alpha, target_modules=list(recipe.targets),
+                        seed=settings.seed)
+    return get_paca_model(model, config)
+
+
+def _prepare_qpaca(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+    from paca.model import select_indices
+
+    from paca_prof.methods.nf4 import Nf4Linear, QPacaLinear
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    generator = torch.Generator().manual_seed(settings.seed)
+    quantized = {path: m for path, m in model.named_modules() if isinstance(m, Nf4Linear)
+                 and path.rsplit(".", 1)[-1] in recipe.targets}
+    for path, layer in quantized.items():
+        indices = select_indices(layer.in_features, settings.r, generator)
+        parent_path, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), leaf,
+                QPacaLinear(layer, settings.r, settings.alpha, indices))
+    return model
+
+
+def _paca_r_rule(in_features: int, out_features: int, r: int) -> str | None:
+    return f"PaCA trains r of the {in_features} input columns" if r > in_features else None
+
+
+def _lora_layer_types() -> tuple[type, ...]:
+    from peft.tuners.lora import LoraLayer
+
+    return (LoraLayer,)
+
+
+def _paca_layer_types() -> tuple[type, ...]:
+    from paca import PacaLinear
+
+    return (PacaLinear,)
+
+
+def _qpaca_layer_types() -> tuple[type, ...]:
+    from paca_prof.methods.nf4 import QPacaLinear
+
+    return (QPacaLinear,)
+
+
+def _peft_version() -> str:
+    import peft
+
+    return f"peft {peft.__version__}"
+
+
+# PaCA's own ops inside PacaLinear: the gather of x[..., indices] (forward), the column write
+# after an optimizer step (forward), and the grad GEMM of the columns (backward, an addmm; the
+# input-gradient GEMM of the frozen weight is an mm).
+PACA_BRANCH_OPS = {
+    "forward": frozenset({"aten::index_select", "aten::index_copy_", "aten::mul",
+                          "aten::_to_copy", "aten::copy_"}),
+    "backward": frozenset({"aten::addmm"}),
+}
+# QPaCA also overwrites the columns of the dequantized weight in backward.
+QPACA_BRANCH_OPS = {
+    "forward": PACA_BRANCH_OPS["forward"],
+    "backward": frozenset({"aten::addmm", "aten::index_copy_", "aten::mul", "aten::_to_copy"}),
+}
+_LORA_SETTINGS = ("r", "alpha", "dropout", "adapter_dtype")
+_PACA_SETTINGS = ("r", "alpha", "seed")
+_LORA_PARTS = ADAPTER_MODULE_PARTS[:3]  # lora_A, lora_B, lora_dropout
+_DORA_PARTS = ADAPTER_MODULE_PARTS[:4]  # and DoRA's lora_magnitude_vector
+_NF4 = "nf4, bitsandbytes layout (blocksize 64, double quantisation), targets only; simulated"
+
+
+def _peft_extra(settings: MethodSettings) -> dict:
+    return {"autocast_adapter_dtype": settings.adapter_dtype == "fp32"}
+
+
+def _paca_extra(settings: MethodSettings) -> dict:
+    return {"adapter_dtype": "model"}  # the columns have the weight's dtype
+
+
+def _with_nf4(extra: Callable[[MethodSettings], dict]) -> Callable[[MethodSettings], dict]:
+    return lambda settings: {**extra(settings), "base_weights": _NF4}
+
+
+def _paca_implementation() -> str:
+    return "paca (this project)"
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in [
+    Method("frozen", _prepare_frozen),
+    Method("full", _prepare_full),
+    Method("lora", _prepare_peft(use_dora=False), _lora_layer_types, _LORA_PARTS,
+           settings=_LORA_SETTINGS, implementation=_peft_version, extra=_peft_extra),
+    Method("dora", _prepare_peft(use_dora=True), _lora_layer_types, _DORA_PARTS,
+           settings=_LORA_SETTINGS, implementation=_peft_version, extra=_peft_extra),
+    Method("paca", _prepare_paca, _paca_layer_types, branch_ops=PACA_BRANCH_OPS,
+           r_rule=_paca_r_rule, settings=_PACA_SETTINGS, implementation=_paca_implementation,
+           extra=_paca_extra),
+    Method("qlora", _prepare_peft(use_dora=False), _lora_layer_types, _LORA_PARTS,
+           settings=_LORA_SETTINGS, quantization="nf4", implementation=_peft_version,
+           extra=_with_nf4(_peft_extra)),
+    Method("qpaca", _prepare_qpaca, _qpaca_layer_types, branch_ops=QPACA_BRANCH_OPS,
+           r_rule=_paca_r_rule, settings=_PACA_SETTINGS, quantization="nf4",
+           implementation=_paca_implementation, extra=_with_nf4(_paca_extra)),
+]}
+assert set(QUANTIZED) == {name for name, m in REGISTRY.items() if m.quantization}
+
+
+# --- Preparing a model -------------------------------------------------------------------------
+
+def prepare(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+    """Prepare a transformers model for method `name` (quantizing its bases first where the
+    method says so), in place, and return the model to train. ValueError for targets that
+    match nothing or an r that does not fit a target (check_settings)."""
+    from paca.model import find_targets
+
+    method = REGISTRY[name]
+    targets = find_targets(model, list(recipe.targets))
+    for path, linear in targets.items():
+        method.check_r(path, linear, settings.r)
+    if method.quantization == "nf4":
+        if next(model.parameters()).device.type != "meta":
+            raise ValueError(f"{name} is simulated only (--device meta): the NF4 model holds "
+                             "no values")
+        from paca_prof.methods.nf4 import quantize_targets
+
+        quantize_targets(model, targets)
+    return method.prepare(model, settings, recipe)
+
+
+def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Recipe) -> None:
+    """ValueError (one line) before anything is built at full size: targets that match no
+    linear of `model` (naming the linears it has), or an r that a method's rule refuses for a
+    target. `model` may be on the meta device."""
+    from paca.model import find_targets
+
+    targets = find_targets(model, list(recipe.targets))
+    for name in names:
+        method = REGISTRY[name]
+        for path, linear in targets.items():
+            method.check_r(path, linear, settings.r)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

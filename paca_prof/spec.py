@@ -1,0 +1,62 @@
+"""RunSpec: what a run of the engines is: the model, the shape, the device, the methods with their
+settings, the recipe, and how many steps. Recorded in run.yaml (metadata.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from paca_prof import validate
+from paca_prof.methods import DEFAULT_METHODS, MethodSettings, check_methods
+from paca_prof.recipe import Recipe, resolve_attention
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda", "meta")
+MAX_TOKENS = 2**26  # batch x seq: a bound on what any device here could hold
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run. The recipe's attention is resolved for the device and
+    dtype here (recipe.resolve_attention), so `spec.recipe` says what really runs.
+
+    ValueError (one line) for a bad size, dtype, device or method, or a model that is not a
+    preset nor a valid local causal-LM config (presets.load_config)."""
+
+    model: str
+    seq: int
+    batch: int = 1
+    dtype: str = "bf16"
+    device: str = "cpu"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    recipe: Recipe = field(default_factory=Recipe)
+    steps: int = 5
+    warmup: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        from paca_prof import presets
+
+        validate.number(self.seq, "--seq", minimum=1, maximum=MAX_TOKENS, integer=True)
+        validate.number(self.batch, "--batch", minimum=1, maximum=MAX_TOKENS, integer=True)
+        validate.number(self.batch * self.seq, "--batch x --seq", maximum=MAX_TOKENS)
+        validate.number(self.steps, "--steps", minimum=1, maximum=10_000, integer=True)
+        validate.number(self.warmup, "--warmup", minimum=0, maximum=10_000, integer=True)
+        validate.number(self.seed, "--seed", minimum=0, maximum=2**63 - 1, integer=True)
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
+        device_type = self.device.split(":")[0]
+        if device_type not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        self.methods = check_methods(self.methods)
+        self.model_name, self.config = presets.load_config(self.model)
+        attention = resolve_attention(
+            self.recipe.attention, device_type, self.dtype in ("bf16", "fp16"),
+            required=presets.ATTENTION_REQUIREMENTS.get(self.config.model_type))
+        self.recipe = replace(self.recipe, attention=attention)
+
+    @property
+    def torch_dtype(self):
+        from paca_prof import presets
+
+        return presets.torch_dtype(self.dtype)

@@ -1,0 +1,110 @@
+"""The method registry (paca_prof/methods): each record prepares its model, checks r by its own
+rule, names its adapter branch and describes itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paca.model import find_targets
+from paca_prof import methods
+from paca_prof.methods import METHODS, QUANTIZED, MethodSettings, check_methods
+from paca_prof.methods.registry import REGISTRY, prepare, trainable_parameters
+from paca_prof.recipe import Recipe
+
+R, ALPHA = 4, 12.0
+RECIPE = Recipe()
+
+
+def test_every_method_has_one_record():
+    assert set(REGISTRY) == set(METHODS)
+    assert {name for name, m in REGISTRY.items() if m.quantization} == set(QUANTIZED)
+    for name in METHODS:
+        assert methods.get(name).name == name
+
+
+def test_prepare_every_method_trains_what_it_should(make_llama):
+    settings = MethodSettings(r=R, alpha=ALPHA)
+    targets = find_targets(make_llama(), list(RECIPE.targets))
+    n_all = sum(p.numel() for p in make_llama().parameters())
+    lora = sum((t.in_features + t.out_features) * R for t in targets.values())
+    expected = {
+        "frozen": 0, "full": n_all,
+        "paca": sum(t.out_features * R for t in targets.values()),
+        "lora": lora, "dora": lora + sum(t.out_features for t in targets.values()),
+    }
+    for name, count in expected.items():
+        model = prepare(make_llama(), name, settings, RECIPE)
+        params = trainable_parameters(model)
+        assert sum(p.numel() for p in params) == count, name
+        ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params), name
+        # the module paths stay the base model's (PEFT's wrapper is unwrapped)
+        assert "model.layers.0.self_attn.q_proj" in dict(model.named_modules()), name
+
+
+def test_each_method_checks_r_by_its_own_rule(make_llama):
+    # PaCA trains r of a linear's input columns: r above in_features (64 here) is refused;
+    # PEFT's LoRA accepts any positive r (its rank is not bounded by the layer's size)
+    with pytest.raises(ValueError, match=r"--r \(--rank\) 65 does not fit .*q_proj.*paca"):
+        prepare(make_llama(), "paca", MethodSettings(r=65), RECIPE)
+    model = prepare(make_llama(), "lora", MethodSettings(r=65), RECIPE)
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].out_features == 65
+
+
+def test_quantized_methods_are_simulated_only(make_llama):
+    for name in QUANTIZED:
+        with pytest.raises(ValueError, match="simulated only"):
+            prepare(make_llama(), name, MethodSettings(r=R), RECIPE)
+
+
+def test_method_names_are_checked_once_each():
+    assert check_methods(["lora", "paca"]) == ("lora", "paca")
+    with pytest.raises(ValueError, match="unknown method 'qdora'"):
+        check_methods(["qdora"])
+    with pytest.raises(ValueError, match="named twice: lora"):
+        check_methods(["lora", "paca", "lora"])
+    with pytest.raises(ValueError, match="no method"):
+        check_methods([])
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(r=0), "r"), (dict(r=2.5), "whole"), (dict(alpha=float("nan")), "finite"),
+    (dict(alpha=float("inf")), "finite"), (dict(alpha=0), "above 0"),
+    (dict(dropout=1.0), "dropout"), (dict(dropout=float("nan")), "finite"),
+    (dict(seed=2**64), "seed"), (dict(adapter_dtype="fp8"), "adapter_dtype"),
+])
+def test_settings_refuse_bad_values_in_one_line(values, message):
+    with pytest.raises(ValueError, match=message) as error:
+        MethodSettings(**values)
+    assert "\n" not in str(error.value)
+
+
+def test_adapter_branch_rules():
+    lora, paca, full = methods.get("lora"), methods.get("paca"), methods.get("full")
+    q = "model.layers.0.self_attn.q_proj"
+    wrappers = {q}
+    # LoRA: everything in its own modules, and what runs in the wrapper itself (cast, add)
+    assert lora.is_branch_op(f"{q}.lora_A.default", "aten::mm", "forward", wrappers)
+    assert lora.is_branch_op(q, "aten::add", "forward", wrappers)
+    assert not lora.is_branch_op(f"{q}.base_layer", "aten::mm", "forward", wrappers)
+    # PaCA: its gather and grad GEMM in PacaLinear, not the frozen GEMM
+    assert paca.is_branch_op(q, "aten::index_select", "forward", wrappers)
+    assert paca.is_branch_op(q, "aten::addmm", "backward", wrappers)
+    assert not paca.is_branch_op(q, "aten::mm", "backward", wrappers)
+    assert not paca.is_branch_op("model.layers.0.mlp", "aten::index_select", "forward",
+                                 wrappers)
+    assert not full.is_branch_op(q, "aten::mm", "forward", set())
+
+
+def test_describe_names_the_settings_that_matter():
+    settings = MethodSettings(r=16, alpha=32.0, dropout=0.1)
+    assert methods.get("frozen").describe(settings) == {"method": "frozen"}
+    lora = methods.get("lora").describe(settings)
+    assert lora["r"] == 16 and lora["dropout"] == 0.1 and lora["autocast_adapter_dtype"]
+    assert lora["implementation"].startswith("peft ")
+    paca = methods.get("paca").describe(settings)
+    assert paca["r"] == 16 and "dropout" not in paca and paca["adapter_dtype"] == "model"
+    assert "nf4" in methods.get("qlora").describe(settings)["base_weights"]
