@@ -108,7 +108,7 @@ def describe(traces_dir: str | Path, name: str) -> RunInfo:
             name=name, model=str(run["model"]["name"]), seq=int(run["seq"]),
             batch=int(run["batch"]), device=str(run["device"]["name"]),
             source=str(run["source"]),
-            sources=dict(run.get("sources") or {"time": run["source"], "bytes": run["source"]}),
+            sources=trace_io.sources(run),
             methods=list(run.get("methods") or {}), created=str(run.get("created", "")))
     except (RunPathError, trace_io.TraceError) as error:
         return RunInfo(name=name, error=str(error).replace(str(Path(traces_dir).resolve()), "")

@@ -106,6 +106,11 @@ class Capture:
         self._step_end.append(fn)
 
     @property
+    def scope_names(self) -> set[str]:
+        """Every scope this session can open: the modules' paths and the optimizer's."""
+        return set(self.paths.values()) | {OPTIMIZER}
+
+    @property
     def current(self) -> str:
         """The innermost open scope (the root when none is)."""
         return self.stack[-1] if self.stack else ROOT

@@ -1,4 +1,5 @@
-"""Memory events and the categorised timeline they make; torch-free.
+"""Memory categories, memory events and the categorised timeline they make; torch-free and
+pandas-free.
 
 Engines record a step's allocations and frees as MemoryEvents (the profiler's allocator events
 when measured, storage lifetimes when simulated). memory_timeline replays them into running
@@ -11,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paca_prof.modules import is_logits_owner
-from paca_prof.trace import MEMORY_CATEGORIES
+
+# Memory categories, in the order figures stack them.
+MEMORY_CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations",
+                     "logits_loss", "rest")
 
 
 @dataclass

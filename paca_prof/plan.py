@@ -62,12 +62,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING, Budget
+from paca_prof.memory import MEMORY_CATEGORIES
 from paca_prof.recipe import Recipe
-from paca_prof.trace import MEMORY_CATEGORIES
+
+# pandas is imported where a plan is made or written, not here: `paca-prof --help` reads this
+# module's defaults and stays fast.
+if TYPE_CHECKING:
+    import pandas as pd
 
 PLAN_METHODS = ("lora", "dora", "paca", "full")  # frozen trains nothing: ask for it explicitly
 DEFAULT_GRANULARITY = 64  # tokens
@@ -302,6 +306,8 @@ def plan(spec, budget: Budget, *, seq: int | None = None,
         remaining = None if confirm == "always" else time_budget_s - (time.perf_counter()
                                                                       - started)
         plans = _confirm_all(plans, models, search, remaining, progress)
+    import pandas as pd
+
     curve = pd.concat([_curve(plans[m], search, spec.batch if vary == "seq" else seq)
                        for m in spec.methods], ignore_index=True)
     from paca_prof import methods
@@ -641,6 +647,8 @@ def _confirm(mp: MethodPlan, model: _MethodModel, search: _Search) -> MethodPlan
 def _curve(mp: MethodPlan, search: _Search, fixed: int) -> pd.DataFrame:
     """~CURVE_POINTS grid sizes up to CURVE_SPAN x the answer (up to the largest probe if
     nothing fits), with the probes in that range: bytes per category, probed or fitted."""
+    import pandas as pd
+
     grid = search.grid
     top = mp.max_size * CURVE_SPAN if mp.fits else max(_size(p, mp.vary) for p in mp.probes)
     sizes = {max(grid, int(round(top * (i + 1) / CURVE_POINTS / grid)) * grid)
@@ -684,6 +692,8 @@ def write_trace(result: PlanResult, spec, out: Path, command: str) -> Path:
     answer (max_seq or max_batch) and the peak's breakdown there, and the curve as the
     capacity table, so the analyzer and the dashboard can show it without simulating. The GPU
     planned for is recorded (run.yaml gpu), so the dashboard opens on it."""
+    import pandas as pd
+
     from paca_prof import engines, trace
     from paca_prof.results import summary_row
 

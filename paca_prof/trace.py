@@ -26,15 +26,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from paca_prof.memory import MEMORY_CATEGORIES
+
 SCHEMA_VERSION = 1
 SOURCES = ("measured", "simulated", "projected")
 STATUSES = ("ok", "oom", "error")
 PHASES = ("forward", "backward", "optimizer")
-
-# Memory categories, in the order figures stack them.
-MEMORY_CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations",
-                     "logits_loss", "rest")
-
 
 def peak_column(category: str) -> str:
     """The summary column holding a memory category's bytes at the peak."""

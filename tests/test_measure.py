@@ -489,3 +489,20 @@ def test_run_where_every_method_runs_out_of_memory_still_writes_its_trace(tmp_pa
     assert list(t.summary["status"]) == ["oom", "oom"]
     assert t.summary["step_ms"].isna().all() and t.summary["peak_bytes"].isna().all()
     assert t.layers.empty and t.ops.empty and t.memory.empty
+
+
+@pytest.mark.parametrize("method", ["lora", "paca", "full"])
+def test_optimizer_ops_belong_to_the_optimizer_scope(measured_trace, method):
+    """Every op of the optimizer phase runs in the [optimizer] scope (torch.optim's step
+    hooks open it), and the step index of the profiled step is recorded on every op."""
+    t = measured_trace
+    ops = t.ops[t.ops["method"] == method]
+    optimizer = ops[ops["phase"] == "optimizer"]
+    assert len(optimizer) > 0 and (optimizer["module"] == "[optimizer]").all()
+    rows = _rows(t, method, "optimizer").set_index("module")
+    assert rows.loc["[optimizer]", "n_kernels"] == len(optimizer)
+    assert ops["step"].nunique() == 1
+    # the profiled step comes after the timing pass's warm-up and timed steps
+    from conftest import MEASURED_RUN
+
+    assert ops["step"].iloc[0] == MEASURED_RUN["warmup"] + MEASURED_RUN["steps"]

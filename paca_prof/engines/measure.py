@@ -165,7 +165,7 @@ def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: P
             run.step(ids)
             if cuda:
                 torch.cuda.synchronize()
-        module_paths = set(capture.paths.values())
+        module_paths = capture.scope_names
     prof.export_chrome_trace(str(chrome_path))
     events = json.loads(chrome_path.read_text())["traceEvents"]
     method = methods.get(run.method)
