@@ -71,9 +71,10 @@ class Budget:
                 f"{format_bytes(self.budget_bytes)}")
 
 
-def make_budget(gpu: str | None = None, memory: str | int | None = None,
+def make_budget(gpu=None, memory: str | int | None = None,
                 headroom: str | int = DEFAULT_HEADROOM) -> Budget:
-    """The budget for a GPU (gpus.gpu_spec: a name or a spec file) or a plain memory size, less
+    """The budget for a GPU (a gpus.GpuSpec, or a name or spec file for gpus.gpu_spec) or a
+    plain memory size, less
     `headroom` (parse_headroom). Exactly one of gpu and memory. ValueError (one line) otherwise,
     for an unknown GPU, or for a size that does not parse."""
     from paca_prof.gpus import gpu_spec
@@ -82,7 +83,7 @@ def make_budget(gpu: str | None = None, memory: str | int | None = None,
         raise ValueError("give exactly one of a GPU and a memory size")
     spec = None
     if gpu is not None:
-        spec = gpu_spec(gpu)
+        spec = gpu if hasattr(gpu, "memory_bytes") else gpu_spec(gpu)
         memory_bytes, name = spec.memory_bytes, spec.name
     else:
         memory_bytes, name = parse_bytes(memory), None

@@ -41,6 +41,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
 def _method_list(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     try:
@@ -54,9 +71,9 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method settings (PEFT's meaning)")
     group.add_argument("--r", "--rank", dest="r", type=_positive_int, default=8,
                        help="LoRA/DoRA rank and PaCA's trained columns per linear (default 8)")
-    group.add_argument("--alpha", type=float, default=16.0,
+    group.add_argument("--alpha", type=_finite, default=16.0,
                        help="scaling = alpha / r for every adapter method (default 16)")
-    group.add_argument("--dropout", type=float, default=0.0,
+    group.add_argument("--dropout", type=_finite, default=0.0,
                        help="LoRA/DoRA dropout (default 0, PEFT's)")
     group.add_argument("--adapter-dtype", choices=method_names.ADAPTER_DTYPES, default="fp32",
                        help="LoRA/DoRA weights: fp32 (PEFT's autocast default) or the model's "
@@ -103,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", default="a100-80gb",
                      help=f"GPU to project simulated runs onto: {', '.join(GPUS)}, or a device "
                           "spec file (PATH.yaml); default a100-80gb, the paper's")
+    run.add_argument("--headroom", default=DEFAULT_HEADROOM,
+                     help=("simulated runs: a method whose peak exceeds the GPU's memory less "
+                           f"this is oom, the planner's budget (default {DEFAULT_HEADROOM})"
+                           ).replace("%", "%%"))
     run.add_argument("--steps", type=_positive_int, default=5,
                      help="measured steps (default 5)")
     run.add_argument("--warmup", type=int, default=2,
@@ -129,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("traces", nargs="?", type=Path, default=Path("traces"),
                       help="folder of trace folders (default traces/)")
     dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    dash.add_argument("--port", type=_positive_int, default=8050, help="port (default 8050)")
+    dash.add_argument("--port", type=_port, default=8050, help="port (default 8050)")
     dash.add_argument("--debug", action="store_true",
                       help="Dash debug mode (never for sharing; loopback only)")
     dash.set_defaults(handler=_cmd_dash)
@@ -165,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--confirm", choices=["auto", "always", "never"], default="auto",
                       help="simulate each answer again at full depth: auto (while the plan stays "
                            "within --time-budget), always, never (default auto)")
-    plan.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S,
+    plan.add_argument("--time-budget", type=_finite, default=DEFAULT_TIME_BUDGET_S,
                       help="--confirm auto confirms while the whole command (imports included) "
                            f"stays within this many seconds (default {DEFAULT_TIME_BUDGET_S:g})")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -195,6 +216,7 @@ def _cmd_run(args) -> int:
 
     from paca_prof import engines
     from paca_prof.analyze import TraceAnalysis
+    from paca_prof.budget import make_budget
     from paca_prof.gpus import gpu_spec
     from paca_prof.spec import RunSpec
 
@@ -202,6 +224,7 @@ def _cmd_run(args) -> int:
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     try:
         gpu = gpu_spec(args.gpu)
+        budget = make_budget(gpu=gpu, headroom=args.headroom)
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
                        device=device, methods=args.methods, settings=_settings(args),
                        recipe=_recipe(args), steps=args.steps, warmup=args.warmup,
@@ -212,7 +235,7 @@ def _cmd_run(args) -> int:
     command = "paca-prof " + shlex.join(sys.argv[1:])
     bar, progress = _progress_bar("paca-prof run", len(spec.methods), finished="done")
     try:
-        path = engines.run(spec, out, command, progress, gpu=gpu)
+        path = engines.run(spec, out, command, progress, gpu=gpu, budget=budget)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -284,6 +307,9 @@ def _cmd_analyze(args) -> int:
 def _cmd_dash(args) -> int:
     if not args.traces.is_dir():
         raise UsageError(f"{args.traces}: no such traces folder")
+    if args.debug and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise UsageError(f"--debug serves the Werkzeug debugger, which runs code sent to it: "
+                         f"only on loopback (127.0.0.1), not {args.host}")
     from dashboards.app import serve
 
     serve(args.traces, host=args.host, port=args.port, debug=args.debug)
@@ -471,10 +497,31 @@ def _jsonable(row) -> dict:
     return out
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, so that every cleanup runs as for
+    Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     # transformers' own deprecation notices, raised from inside its and PEFT's code: nothing a
     # user of this command can act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    import threading
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread
+        previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM,
+                                                                    signal.SIGHUP)}
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -485,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paca-prof: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except _Terminated as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"paca-prof: stopped by {name}; nothing was written", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@
       capacity.parquet    optional: peak bytes by category over probed sequence lengths (plan)
       trace-<method>.json Chrome trace events (opens in Perfetto), measured runs only
 
-Writes are atomic: everything goes to a hidden temporary folder beside the target, which is
+Writes are atomic: everything goes to a hidden staging folder beside the target, which is
 renamed into place only when complete, so an interrupted run leaves no half-written trace and
-never touches an existing one. This module imports no torch: the analyzer reads traces with it.
+never touches an existing one; one writer holds an output name at a time (Reservation). Reads
+treat a folder as data from outside: regular files inside it only, size caps, schema checks
+(load). This module imports no torch: the analyzer reads traces with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from paca_prof import validate
 from paca_prof.memory import MEMORY_CATEGORIES
 
 SCHEMA_VERSION = 1
@@ -177,70 +181,294 @@ def conform(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     return frame[list(columns) + extra].reset_index(drop=True)
 
 
-def write(path: str | Path, run: dict, tables: dict[str, pd.DataFrame],
-          chrome_traces: dict[str, Path] | None = None) -> Path:
-    """Write a complete trace folder at `path` atomically; returns the path.
+# --- Writing -----------------------------------------------------------------------------------
 
-    `run` must hold at least `source`; schema_version is added. `chrome_traces` maps a method to
-    a Chrome-trace JSON file that is moved into the folder. Raises TraceError if `path` exists.
-    """
+STAGING_PREFIX = ".paca-prof-staging-"  # a trace being written; hidden, never listed or loaded
+_LOCK_PREFIX = ".paca-prof-lock-"
+
+
+def check_name(path: str | Path) -> None:
+    """TraceError if a trace folder's name is longer than the file system allows: found before
+    a run starts, not at the rename that ends it."""
     path = Path(path)
-    if path.exists():
-        raise TraceError(f"{path} already exists; choose another --out")
-    if run.get("source") not in SOURCES:
-        raise TraceError(f"run source must be one of {SOURCES}, got {run.get('source')!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    limit = 255
     try:
+        limit = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        pass
+    if len(path.name.encode()) > limit:
+        raise TraceError(f"output name {path.name[:40]}... is {len(path.name.encode())} bytes; "
+                         f"this file system allows {limit}")
+
+
+class Reservation:
+    """An output trace folder reserved for one writer, from the start of a run to its end.
+
+        with trace.Reservation(out) as reserved:
+            ...                                   # files may be put in reserved.staging
+            reserved.commit(run, tables)          # renamed into place, atomically
+
+    Entering checks that `path` does not exist and that its name fits the file system, takes
+    an exclusive lock on the name (a second writer to the same folder gets a TraceError at
+    once, not at the end) and makes a hidden staging folder beside it. Leaving without a
+    commit (an error, Ctrl-C, SIGTERM) removes the staging folder; an existing folder is never
+    touched. Limits: a killed process (SIGKILL) leaves its hidden staging folder behind; it is
+    never listed by the dashboard, and load() refuses it as an unfinished write.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.staging: Path | None = None
+        self._lock_fd: int | None = None
+        self._lock_path = self.path.parent / (
+            _LOCK_PREFIX + hashlib.sha1(self.path.name.encode()).hexdigest()[:16])
+
+    def __enter__(self) -> Reservation:
+        check_name(self.path)
+        if self.path.exists():
+            raise TraceError(f"{self.path} already exists; choose another --out")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TraceError(f"cannot create output folder {self.path.parent}: "
+                             f"{error.strerror}") from None
+        self._lock()
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path.parent))
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._unlock()
+
+    def commit(self, run: dict, tables: dict[str, pd.DataFrame]) -> Path:
+        """Write run.yaml and the tables into the staging folder, then rename it to the path.
+        `run` must hold at least `source`; schema_version is added."""
+        if run.get("source") not in SOURCES:
+            raise TraceError(f"run source must be one of {SOURCES}, got {run.get('source')!r}")
         plain = json.loads(json.dumps(run, default=str))  # str subclasses, tuples, paths
-        with open(staging / "run.yaml", "w") as f:
+        with open(self.staging / "run.yaml", "w") as f:
             yaml.safe_dump({"schema_version": SCHEMA_VERSION, **plain}, f, sort_keys=False)
         for name in TABLES:
             table = conform(tables.get(name, pd.DataFrame()), name)
-            table.to_parquet(staging / f"{name}.parquet", index=False)
+            table.to_parquet(self.staging / f"{name}.parquet", index=False)
         for name in OPTIONAL_TABLES:
             if tables.get(name) is not None:
-                conform(tables[name], name).to_parquet(staging / f"{name}.parquet", index=False)
+                conform(tables[name], name).to_parquet(self.staging / f"{name}.parquet",
+                                                       index=False)
+        if self.path.exists():  # cannot happen while we hold the lock, unless made by hand
+            raise TraceError(f"{self.path} appeared while this run was writing it")
+        os.rename(self.staging, self.path)
+        self.staging = None
+        return self.path
+
+    def _lock(self) -> None:
+        import fcntl
+
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise TraceError(f"another paca-prof is writing {self.path}; wait for it or "
+                                 "choose another --out") from None
+            # the file may have been unlinked by its last holder between open and flock
+            try:
+                if os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino:
+                    self._lock_fd = fd
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        try:
+            os.unlink(self._lock_path)
+        except OSError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def write(path: str | Path, run: dict, tables: dict[str, pd.DataFrame],
+          chrome_traces: dict[str, Path] | None = None) -> Path:
+    """Write a complete trace folder at `path` atomically (a Reservation from start to end);
+    returns the path. `chrome_traces` maps a method to a Chrome-trace JSON file that is moved
+    into the folder. Raises TraceError if `path` exists or another writer holds it."""
+    with Reservation(path) as reserved:
         for method, source in (chrome_traces or {}).items():
-            shutil.move(str(source), staging / f"trace-{method}.json")
-        os.rename(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+            shutil.move(str(source), reserved.staging / f"trace-{method}.json")
+        return reserved.commit(run, tables)
+
+
+# --- Reading: a trace folder is data from outside, checked before it is used --------------------
+
+RUN_FILE_LIMIT = 4 * 2**20
+TABLE_FILE_LIMIT = 2**30
+TABLE_ROWS_LIMIT = 50_000_000
+TABLE_BYTES_LIMIT = 8 * 2**30  # uncompressed, as the parquet footer states it
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: run.yaml never has them, and a crafted file could use
+    them to make a tiny file expand without bound when its values are printed."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not allowed in run.yaml")
+        return super().compose_node(parent, index)
+
+
+def _optional(kind):
+    return (kind, type(None))
+
+
+# run.yaml's keys: (the types a value may have, required)
+RUN_KEYS = {
+    "schema_version": (int, True), "source": (str, True), "sources": (dict, False),
+    "command": (str, False), "created": (str, False), "model": (dict, True),
+    "seq": (_optional(int), True), "batch": (_optional(int), True), "dtype": (str, False),
+    "seed": (_optional(int), False), "device": (dict, True), "gpu": (_optional(dict), False),
+    "methods": (dict, False), "recipe": (dict, False), "assumptions": (dict, False),
+    "settings": (dict, False), "versions": (dict, False), "plan": (dict, False),
+}
+_NESTED_STRINGS = {"model": ("name",), "device": ("type", "name")}
+
+
+def validate_run(run, where: str = "run.yaml") -> dict:
+    """Check run.yaml's keys and types (RUN_KEYS): TraceError naming the first bad one. Values
+    the views show as text must be text, so that no value can become markup."""
+    if not isinstance(run, dict):
+        raise TraceError(f"{where} is not a mapping")
+    version = run.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise TraceError(f"{where}: schema_version {version!r} is not supported (this tool "
+                         f"reads {SCHEMA_VERSION})")
+    for key, (kinds, required) in RUN_KEYS.items():
+        if key not in run:
+            if required:
+                raise TraceError(f"{where}: no {key}")
+            continue
+        value = run[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise TraceError(f"{where}: {key} is a {type(value).__name__}, not "
+                             f"{' or '.join(k.__name__ for k in _as_tuple(kinds))}")
+    if run["source"] not in SOURCES:
+        raise TraceError(f"{where}: source {run['source'][:40]!r} is not one of {SOURCES}")
+    for key, fields in _NESTED_STRINGS.items():
+        for name in fields:
+            if not isinstance(run[key].get(name), str):
+                raise TraceError(f"{where}: {key}.{name} must be a string")
+    memory = run["device"].get("memory_bytes")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int)):
+        raise TraceError(f"{where}: device.memory_bytes must be an integer")
+    recorded = run.get("sources", {})
+    for name, value in recorded.items():
+        if value is not None and value not in SOURCES:
+            raise TraceError(f"{where}: sources.{name} {str(value)[:40]!r} is not one of "
+                             f"{SOURCES}")
+    for name, value in run.get("methods", {}).items():
+        if not isinstance(name, str) or not isinstance(value, dict):
+            raise TraceError(f"{where}: methods must map method names to their settings")
+    for name, value in (run.get("gpu") or {}).items():
+        if name == "name" and not isinstance(value, str):
+            raise TraceError(f"{where}: gpu.name must be a string")
+    return run
+
+
+def _as_tuple(kinds) -> tuple:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _read_table(path: Path, name: str) -> pd.DataFrame:
+    import io
+
+    import pyarrow.parquet as pq
+
+    file = path / f"{name}.parquet"
+    try:
+        data = validate.read_small_file(file, f"{name}.parquet", TABLE_FILE_LIMIT, inside=path)
+    except ValueError as error:
+        raise TraceError(f"{path}: {error}") from None
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        meta = parquet.metadata
+        expanded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if meta.num_rows > TABLE_ROWS_LIMIT or expanded > TABLE_BYTES_LIMIT:
+            raise TraceError(f"{path}: {name}.parquet is too large to load ({meta.num_rows:,} "
+                             f"rows, {expanded / 2**30:.1f} GiB uncompressed)")
+        frame = parquet.read().to_pandas()
+    except TraceError:
         raise
-    return path
+    except Exception as error:  # pyarrow raises several types for a broken file
+        raise TraceError(f"{path}: unreadable {name}.parquet ({type(error).__name__})") from None
+    return frame
+
+
+def _check_table(frame: pd.DataFrame, name: str, path: Path) -> pd.DataFrame:
+    """The schema's dtypes on a read table; TraceError for a value that cannot take them or,
+    in the summary, no rows, no status column, or a method named twice."""
+    if name == "summary":
+        for column in ("method", "status"):
+            if column not in frame:
+                raise TraceError(f"{path}: summary.parquet has no {column} column")
+        if frame.empty:
+            raise TraceError(f"{path}: summary.parquet has no rows")
+    try:
+        frame = conform(frame, name)
+    except (TypeError, ValueError) as error:
+        reason = (str(error).splitlines() or [""])[0][:120]
+        raise TraceError(f"{path}: {name}.parquet has values of the wrong type ({reason})") \
+            from None
+    if name == "summary":
+        repeated = sorted(set(frame.loc[frame["method"].duplicated(), "method"].astype(str)))
+        if repeated:
+            raise TraceError(f"{path}: summary.parquet names method(s) twice: "
+                             f"{', '.join(repeated)}")
+        bad = sorted(set(frame["status"].astype(str)) - set(STATUSES))
+        if bad:
+            raise TraceError(f"{path}: summary.parquet has unknown status(es) {bad[:3]}")
+    return frame
 
 
 def load(path: str | Path) -> Trace:
     """Read a trace folder into typed tables.
 
-    Raises TraceError (one line) for a missing folder, a missing or unreadable file, or a
-    schema version other than SCHEMA_VERSION.
+    A trace folder is data from outside. Only regular files inside the folder are read (a link
+    that leaves it, a FIFO or a device is refused without being opened), each within a size
+    cap; run.yaml is checked against RUN_KEYS and the tables against their schema. Raises
+    TraceError (one line) for a missing folder, an unfinished write, a missing, unreadable,
+    oversized or malformed file, or another schema version.
     """
     path = Path(path)
+    if path.name.startswith(STAGING_PREFIX):
+        raise TraceError(f"{path}: an unfinished write (its run was interrupted), not a trace")
     if not path.is_dir():
         raise TraceError(f"{path}: no such trace folder")
-    run_file = path / "run.yaml"
     try:
-        run = yaml.safe_load(run_file.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise TraceError(f"{path}: unreadable run.yaml ({type(error).__name__})") from None
-    if not isinstance(run, dict):
-        raise TraceError(f"{path}: run.yaml is not a mapping")
-    version = run.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise TraceError(
-            f"{path}: schema_version {version!r} is not supported (this tool reads {SCHEMA_VERSION})"
-        )
-    if run.get("source") not in SOURCES:
-        raise TraceError(f"{path}: run.yaml source {run.get('source')!r} is not one of {SOURCES}")
+        data = validate.read_small_file(path / "run.yaml", "run.yaml", RUN_FILE_LIMIT,
+                                        inside=path)
+        run = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe)
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as error:
+        detail = str(error) if isinstance(error, ValueError) and not isinstance(
+            error, UnicodeDecodeError) else type(error).__name__
+        raise TraceError(f"{path}: unreadable run.yaml ({detail})") from None
+    validate_run(run, f"{path}: run.yaml")
     tables = {}
     for name in ALL_TABLES:
-        file = path / f"{name}.parquet"
-        if name in OPTIONAL_TABLES and not file.exists():
+        if name in OPTIONAL_TABLES and not os.path.lexists(path / f"{name}.parquet"):
             continue
-        try:
-            tables[name] = conform(pd.read_parquet(file), name)
-        except Exception as error:  # pyarrow raises several types for a truncated file
-            raise TraceError(f"{path}: unreadable {name}.parquet ({type(error).__name__})") from None
-    chrome = {p.stem.removeprefix("trace-"): p for p in sorted(path.glob("trace-*.json"))}
+        tables[name] = _check_table(_read_table(path, name), name, path)
+    chrome = {}
+    for file in sorted(path.glob("trace-*.json")):
+        resolved = file.resolve()
+        if resolved.parent == path.resolve() and resolved.is_file():
+            chrome[file.stem.removeprefix("trace-")] = file
     return Trace(path=path, run=run, chrome_traces=chrome, **tables)

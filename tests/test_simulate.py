@@ -18,6 +18,7 @@ from paca_prof import trace
 from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import simulate_method
 from paca_prof.methods import DEFAULT_METHODS
+from paca_prof.budget import make_budget
 from paca_prof.gpus import gpu_spec
 
 TINY = dict(model="tiny", seq=64, batch=2, dtype="fp32", steps=1, warmup=1, attention="eager")
@@ -184,7 +185,12 @@ def test_projection_labels_times_and_marks_oom():
     assert ops["start_us"].is_monotonic_increasing and (ops["dur_us"] > 0).all()
     big = RunSpec(model="llama3-8b", seq=512, batch=1, dtype="bf16", device="meta",
                   attention="flash")
-    assert simulate_method(big, "full", gpu).summary["status"] == "oom"
+    budget = make_budget(gpu=gpu)  # the planner's budget: the GPU's memory less headroom
+    result = simulate_method(big, "full", gpu, budget)
+    assert result.summary["status"] == "oom"
+    assert result.summary["peak_bytes"] > budget.budget_bytes  # its numbers are kept
+    small = simulate_method(RunSpec(**{**TINY, "device": "meta"}), "full", gpu, budget)
+    assert small.summary["status"] == "ok"
 
 
 def test_quantized_methods_store_four_bit_weights_and_dequantize():
@@ -207,14 +213,13 @@ def test_quantized_methods_store_four_bit_weights_and_dequantize():
     assert qpaca.summary["activation_bytes"] < quantized.summary["activation_bytes"]
 
 
-def test_quantized_methods_refuse_measured_runs(tmp_path):
+def test_quantized_methods_refuse_measured_runs_before_anything_runs(tmp_path):
     spec = RunSpec(model="tiny", seq=16, batch=1, dtype="fp32", device="cpu", methods=("qlora",))
     from paca_prof import engines
 
-    path = engines.run(spec, tmp_path / "t", "test")
-    summary = trace.load(path).summary
-    assert summary.loc[0, "status"] == "error"
-    assert "simulated only" in summary.loc[0, "error"]
+    with pytest.raises(ValueError, match="qlora is simulated only"):
+        engines.run(spec, tmp_path / "t", "test")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_llama3_8b_seq4096_cli_simulates_every_default_method(tmp_path):

@@ -32,6 +32,11 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+# The least run.yaml that load() accepts (validate_run's required keys).
+MINIMAL_RUN = {"source": "simulated", "model": {"name": "m"}, "seq": 7, "batch": 1,
+               "device": {"type": "meta", "name": "meta device"}}
+
+
 def _one_line(error: BaseException) -> str:
     message = str(error)
     assert message.strip(), "empty message"
@@ -66,7 +71,7 @@ def test_round_trip_of_missing_columns_na_and_extra_columns(tmp_path):
     })
     ops = pd.DataFrame({"method": ["lora"], "name": ["aten::mm"], "adapter_branch": [True],
                         "dur_us": [3.25]})
-    written = trace.write(tmp_path / "t", {"source": "simulated", "seq": 7},
+    written = trace.write(tmp_path / "t", MINIMAL_RUN,
                           {"summary": summary, "ops": ops})
     loaded = trace.load(written)
     for name in trace.TABLES:
@@ -257,7 +262,8 @@ def test_write_rejects_unknown_source_and_writes_nothing(tmp_path):
 def test_write_moves_chrome_traces_into_folder(tmp_path):
     source = tmp_path / "paca.json"
     source.write_text('{"traceEvents": []}')
-    out = trace.write(tmp_path / "run", {"source": "measured"}, {},
+    out = trace.write(tmp_path / "run", {**MINIMAL_RUN, "source": "measured"},
+                      {"summary": pd.DataFrame({"method": ["paca"], "status": ["ok"]})},
                       chrome_traces={"paca": source})
     loaded = trace.load(out)
     assert loaded.chrome_traces == {"paca": out / "trace-paca.json"}

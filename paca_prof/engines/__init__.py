@@ -9,9 +9,7 @@ memory as status oom and goes on, and writes the trace folder atomically at the 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 from datetime import datetime
@@ -22,6 +20,7 @@ import torch
 
 from paca_prof import methods, trace
 from paca_prof.engines.step import validate_against_model
+from paca_prof.budget import Budget, make_budget
 from paca_prof.gpus import GpuSpec
 from paca_prof.metadata import config_dict, device_info, run_metadata
 from paca_prof.results import MethodResult, failed
@@ -36,9 +35,11 @@ def default_out(spec: RunSpec, root: str | Path = "traces") -> Path:
 
 
 def check_out(out: Path) -> None:
-    """Raise ValueError if `out` exists or its parent cannot be created or written."""
+    """Raise ValueError if `out` exists, its name is too long for the file system, or its
+    parent cannot be created or written: the checks a run makes before any work."""
     if out.exists():
         raise ValueError(f"output folder {out} already exists")
+    trace.check_name(out)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -58,14 +59,15 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s: None,
-        gpu: GpuSpec | None = None) -> Path:
+        gpu: GpuSpec | None = None, budget: Budget | None = None) -> Path:
     """Run every method of `spec` and write the trace folder `out`; returns its path.
 
     On cpu or cuda the methods are measured. On the meta device they are simulated and, with
-    `gpu`, their times projected onto it (a method whose simulated peak exceeds the GPU's memory
-    gets status oom, with its numbers kept). A measured method that runs out of memory gets
-    status oom, one that fails otherwise status error (with the message); the others still run.
-    Nothing is written to `out` until all are done.
+    `gpu`, their times projected onto it; a method whose simulated peak exceeds `budget` (by
+    default the GPU's memory less budget.DEFAULT_HEADROOM, the planner's budget) gets status
+    oom, with its numbers kept. A measured method that runs out of memory gets status oom, one
+    that fails otherwise status error (with the message); the others still run. The output is
+    reserved from the start (trace.Reservation) and written only when all are done.
     """
     from paca_prof.engines.measure import measure_method
     from paca_prof.engines.simulate import simulate_method
@@ -75,21 +77,28 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     simulated = spec.device == "meta"
-    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-"))
+    if simulated and gpu is not None and budget is None:
+        budget = make_budget(gpu=gpu)
     results: list[MethodResult] = []
+    try:
+        reservation = trace.Reservation(out)
+        reserved = reservation.__enter__()
+    except trace.TraceError as error:
+        raise ValueError(str(error)) from None
     try:
         for method in spec.methods:
             progress(method, "simulating" if simulated else "measuring")
             try:
                 if simulated:
-                    results.append(simulate_method(spec, method, gpu))
+                    results.append(simulate_method(spec, method, gpu, budget))
                 else:
-                    results.append(measure_method(spec, method, workdir))
+                    results.append(measure_method(spec, method, reserved.staging))
             except Exception as error:  # recorded in the trace and reported, never dropped
                 status = "oom" if is_out_of_memory(error) else "error"
                 if status == "error":
                     traceback.print_exc(file=sys.stderr)
                 results.append(failed(method, status, error))
+                (reserved.staging / f"trace-{method}.json").unlink(missing_ok=True)
                 if spec.device.startswith("cuda"):
                     torch.cuda.empty_cache()
             progress(method, "done")
@@ -99,15 +108,14 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
             "ops": pd.concat([r.ops for r in results], ignore_index=True),
             "memory": pd.concat([r.memory for r in results], ignore_index=True),
         }
-        chrome = {r.summary["method"]: r.chrome_trace for r in results
-                  if r.chrome_trace is not None and r.chrome_trace.exists()}
-        return trace.write(out, spec_metadata(spec, command, gpu if simulated else None),
-                           tables, chrome)
+        metadata = spec_metadata(spec, command, gpu if simulated else None, budget)
+        return reserved.commit(metadata, tables)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        reservation.__exit__(None, None, None)
 
 
-def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> dict:
+def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
+                  budget: Budget | None = None) -> dict:
     """run.yaml's content for a run of the engines (metadata.run_metadata). `sources` says where
     the times and the bytes come from: measured, or simulated bytes with projected (or no)
     times."""
@@ -122,6 +130,9 @@ def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None) -> di
                   "(paca_prof/engines/project.py)" if gpu else "none (simulated bytes only)")
         memory = "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
     assumptions = {"timing": timing, "memory": memory}
+    if budget is not None:
+        assumptions["oom_limit"] = (f"simulated peak against the budget {budget.describe()}; "
+                                    "the same budget as paca-prof plan")
     if {"paca", "qpaca"} & set(spec.methods):
         assumptions["paca_autograd_function"] = paca_autograd_function(spec.device)
     return run_metadata(

@@ -128,10 +128,12 @@ class Simulator:
         self.trainable = self.run.trainable_params
         self.wrappers = self.method.wrapper_paths(self.run.model)
 
-    def step(self, seq: int, batch: int, gpu: GpuSpec | None = None) -> MethodResult:
+    def step(self, seq: int, batch: int, gpu: GpuSpec | None = None,
+             budget=None) -> MethodResult:
         """Simulate one training step on a batch x seq input. With `gpu`, times are projected
-        onto it (engines/project.py) and a peak above its memory gives status oom; without,
-        every time column is NaN. The result's `memory_events` are the step's events."""
+        onto it (engines/project.py); without, every time column is NaN. A peak above
+        `budget` (a budget.Budget) gives status oom. The result's `memory_events` are the
+        step's events."""
         run = self.run
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         static = static_bytes(run.model, run.optimizer)
@@ -157,7 +159,7 @@ class Simulator:
             times = project.phase_times_ms(ops)
         layers = layer_table(self.method.name, module_kinds(paths), latencies, ops,
                              ledger.by_module, container_paths(paths))
-        fits = gpu is None or timeline.peak_bytes <= gpu.memory_bytes
+        fits = budget is None or timeline.peak_bytes <= budget.budget_bytes
         summary = summary_row(
             self.method.name, "ok" if fits else "oom", times_ms=times,
             peak_breakdown=timeline.breakdown, n_kernels=len(ops),
@@ -167,6 +169,7 @@ class Simulator:
                             start_bytes=static)
 
 
-def simulate_method(spec: RunSpec, method: str, gpu: GpuSpec | None = None) -> MethodResult:
+def simulate_method(spec: RunSpec, method: str, gpu: GpuSpec | None = None,
+                    budget=None) -> MethodResult:
     """Simulate one step of `method` at spec's batch and seq (see Simulator.step)."""
-    return Simulator(spec, method).step(spec.seq, spec.batch, gpu)
+    return Simulator(spec, method).step(spec.seq, spec.batch, gpu, budget)

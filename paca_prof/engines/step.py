@@ -106,4 +106,4 @@ def validate_against_model(spec: RunSpec) -> None:
 
     model = presets.build_model(spec.config, spec.torch_dtype, "meta",
                                 implementation_name(spec.recipe.attention))
-    registry.check_settings(model, spec.methods, spec.settings, spec.recipe)
+    registry.check_settings(model, spec.methods, spec.settings, spec.recipe, spec.device)

@@ -251,15 +251,19 @@ def prepare(model: nn.Module, name: str, settings: MethodSettings, recipe: Recip
     return method.prepare(model, settings, recipe)
 
 
-def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Recipe) -> None:
+def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Recipe,
+                   device: str = "meta") -> None:
     """ValueError (one line) before anything is built at full size: targets that match no
-    linear of `model` (naming the linears it has), or an r that a method's rule refuses for a
-    target. `model` may be on the meta device."""
+    linear of `model` (naming the linears it has), an r that a method's rule refuses for a
+    target, or a simulated-only method on a real `device`. `model` may be on meta."""
     from paca.model import find_targets
 
     targets = find_targets(model, list(recipe.targets))
     for name in names:
         method = REGISTRY[name]
+        if method.quantization == "nf4" and device != "meta":
+            raise ValueError(f"{name} is simulated only (--device meta): the NF4 model holds "
+                             "no values")
         for path, linear in targets.items():
             method.check_r(path, linear, settings.r)
 
