@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--top", type=_positive_int, default=5,
                          help="slowest modules shown per method (default 5)")
     analyze.add_argument("--html", type=Path, default=None, help="write a self-contained report")
+    analyze.add_argument("--force", action="store_true",
+                         help="overwrite an existing report file (never inside a trace folder)")
     analyze.add_argument("--json", action="store_true", help="print the analyses as JSON")
     analyze.set_defaults(handler=_cmd_analyze)
 
@@ -254,9 +256,11 @@ def _cmd_run(args) -> int:
 
 def _cmd_analyze(args) -> int:
     from paca_prof.analyze import TraceAnalysis
-    from paca_prof.analyze.report import write_html
+    from paca_prof.analyze.report import check_report_path, write_html
 
     try:
+        if args.html is not None:
+            check_report_path(args.html, args.force)
         analysis = TraceAnalysis(args.trace)
         methods = analysis.check_methods(list(args.methods) if args.methods else None)
         other = TraceAnalysis(args.vs) if args.vs else None

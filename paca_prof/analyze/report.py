@@ -53,6 +53,36 @@ def write_html(analysis: TraceAnalysis, path: str | Path, methods: list[str] | N
              "td,th{padding:2px 8px;text-align:right}th{border-bottom:1px solid #999}</style>")
     document = f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>" \
                + "\n".join(parts) + "</body></html>"
+    return _write_atomically(Path(path), document)
+
+
+def check_report_path(path: str | Path, force: bool = False) -> Path:
+    """ValueError (one line) for a report path that would overwrite a trace's own files (inside
+    a trace folder: one holding run.yaml) or an existing file without `force`."""
     path = Path(path)
-    path.write_text(document)
+    parent = path.resolve().parent
+    if (parent / "run.yaml").exists() or path.name == "run.yaml":
+        raise ValueError(f"{path} is inside a trace folder ({parent}); write the report "
+                         "elsewhere")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name such as report.html")
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; pass --force to overwrite it")
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    """Write to a temporary file beside `path`, then rename it: a reader never sees half a
+    report, and a failed write leaves the old file as it was."""
+    import os
+    import tempfile
+
+    fd, staging = tempfile.mkstemp(prefix=".paca-prof-report-", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
     return path

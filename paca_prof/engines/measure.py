@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -37,6 +38,10 @@ from paca_prof.ops import counts_as_op
 from paca_prof.results import MethodResult, summary_row
 from paca_prof.spec import RunSpec
 from paca_prof.trace import PHASES, normalize_dtype
+
+# Kineto writes "USDT ... profiler_start/stop" lines to stderr at every profiled step; they say
+# nothing a user can act on. Read when the profiler first starts; a user's own setting wins.
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
 
 
 def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
