@@ -190,14 +190,30 @@ def _config_from(values: dict, where: str):
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{where}: model_type {model_type[:40]!r} is not a causal language "
                          "model that transformers can build")
+    from transformers.utils import logging as hf_logging
+
+    # transformers logs its own doubts about odd fields; check_config says what is wrong in
+    # one line instead.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.for_model(model_type, **values)
     except Exception as error:  # transformers raises many types for a bad field
-        reason = (str(error).splitlines() or [""])[0][:200]
         raise ValueError(f"{where} is not a valid {model_type} config: "
-                         f"{type(error).__name__}: {reason}") from None
+                         f"{_first_line(error)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     check_config(config, where)
     return config
+
+
+def _first_line(error: Exception) -> str:
+    """The first informative line of a transformers error (its validators wrap the reason)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines[1:]:
+        if not line.startswith(("Class validation error", "For further")):
+            return line[:200]
+    return (lines[0] if lines else type(error).__name__)[:200]
 
 
 def check_config(config, where: str = "config") -> None:

@@ -316,13 +316,17 @@ TABLE_ROWS_LIMIT = 50_000_000
 TABLE_BYTES_LIMIT = 8 * 2**30  # uncompressed, as the parquet footer states it
 
 
+class _AliasRefused(yaml.YAMLError):
+    pass
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without anchors and aliases: run.yaml never has them, and a crafted file could use
     them to make a tiny file expand without bound when its values are printed."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("aliases are not allowed in run.yaml")
+            raise _AliasRefused("aliases are not allowed in run.yaml")
         return super().compose_node(parent, index)
 
 
@@ -457,8 +461,9 @@ def load(path: str | Path) -> Trace:
                                         inside=path)
         run = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe)
     except (ValueError, yaml.YAMLError, UnicodeDecodeError) as error:
-        detail = str(error) if isinstance(error, ValueError) and not isinstance(
-            error, UnicodeDecodeError) else type(error).__name__
+        readable = isinstance(error, _AliasRefused) or (
+            isinstance(error, ValueError) and not isinstance(error, UnicodeDecodeError))
+        detail = str(error) if readable else type(error).__name__
         raise TraceError(f"{path}: unreadable run.yaml ({detail})") from None
     validate_run(run, f"{path}: run.yaml")
     tables = {}

@@ -269,3 +269,50 @@ def test_write_moves_chrome_traces_into_folder(tmp_path):
     assert loaded.chrome_traces == {"paca": out / "trace-paca.json"}
     assert (out / "trace-paca.json").read_text() == '{"traceEvents": []}'
     assert not source.exists()
+
+
+# --- one writer per output, and signals --------------------------------------------------------
+
+def test_a_second_writer_to_the_same_output_is_refused_at_once(tmp_path):
+    out = tmp_path / "run"
+    with trace.Reservation(out) as first:
+        with pytest.raises(trace.TraceError, match="another paca-prof is writing") as info:
+            trace.Reservation(out).__enter__()
+        _one_line(info.value)
+        first.commit(MINIMAL_RUN, {"summary": pd.DataFrame({"method": ["paca"],
+                                                            "status": ["ok"]})})
+    assert trace.load(out).methods == ["paca"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock, no staging left
+
+
+def test_an_output_name_too_long_is_refused_before_anything_is_made(tmp_path):
+    with pytest.raises(trace.TraceError, match="bytes"):
+        trace.Reservation(tmp_path / ("x" * 256)).__enter__()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_a_run_cleans_up_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import checkout_env
+
+    out = tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "paca_prof.cli", "run", "--model", "tiny", "--seq", "256",
+         "--device", "cpu", "--steps", "400", "--methods", "lora", "--out", str(out)],
+        env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not any(p.name.startswith(trace.STAGING_PREFIX) for p in tmp_path.iterdir()):
+        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()[-2000:]
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the measured steps
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("paca-prof: stopped by SIGTERM; nothing was "
+                                            "written")
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no trace, no staging folder, no lock

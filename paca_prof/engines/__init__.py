@@ -37,9 +37,9 @@ def default_out(spec: RunSpec, root: str | Path = "traces") -> Path:
 def check_out(out: Path) -> None:
     """Raise ValueError if `out` exists, its name is too long for the file system, or its
     parent cannot be created or written: the checks a run makes before any work."""
+    trace.check_name(out)
     if out.exists():
         raise ValueError(f"output folder {out} already exists")
-    trace.check_name(out)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
