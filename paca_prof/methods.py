@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from paca import LLAMA_TARGETS, PacaConfig, get_paca_model
+from paca import LLAMA_TARGETS, PacaConfig, inject_paca
 
 METHODS = ("frozen", "full", "lora", "dora", "paca", "qlora", "qpaca")
 QUANTIZED_METHODS = ("qlora", "qpaca")
@@ -95,7 +95,7 @@ def prepare(model: nn.Module, method: str, settings: MethodSettings) -> nn.Modul
     if method == "paca":
         config = PacaConfig(r=settings.rank, alpha=settings.alpha, target_modules=settings.targets,
                             seed=settings.seed)
-        return get_paca_model(model, config)
+        return inject_paca(model, config)  # in place: the model's own module paths
     if method in QUANTIZED_METHODS:
         return _prepare_quantized(model, method, settings)
     return _prepare_peft(model, method, settings)
