@@ -35,7 +35,7 @@ from torch import nn
 
 from paca.config import PacaConfig
 from paca.layer import check_indices
-from paca.model import find_modules_to_save, inject_paca, paca_layers, unwrap
+from paca.model import check_injectable, find_modules_to_save, inject_paca, paca_layers, unwrap
 from paca.targets import select_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -208,6 +208,7 @@ def apply_adapter(model: nn.Module, config: PacaConfig, tensors: dict[str, torch
                   source: str, is_trainable: bool = True) -> nn.Module:
     """Inject PaCA with `config` and copy `tensors` in: the authors' key names without their
     "base_model.model." prefix, i.e. module paths of the plain model (see load_adapter)."""
+    check_injectable(model)
     columns, indices, others = {}, {}, {}
     for path, tensor in tensors.items():
         if path.endswith(".paca_w"):

@@ -22,7 +22,7 @@ from paca.layer import PacaLayer, PacaLinear, check_indices, check_layer_state
 from paca.targets import draw_indices, find_targets, matches, select_indices, select_targets
 
 __all__ = [
-    "PacaModel", "disable_adapter", "find_targets", "get_nb_trainable_parameters",
+    "PacaModel", "check_injectable", "disable_adapter", "find_targets", "get_nb_trainable_parameters",
     "get_paca_model", "inject_paca", "merge_and_unload", "paca_layers",
     "print_trainable_parameters", "select_indices", "sync_columns", "unload", "unwrap",
 ]
@@ -47,7 +47,7 @@ def inject_paca(
     if not isinstance(config, PacaConfig):
         raise ValueError(f"config must be a PacaConfig, got {type(config).__name__}")
     model = unwrap(model)
-    _refuse_stacking(model)
+    check_injectable(model)
     targets = select_targets(model, config)
     if indices is None:
         indices = draw_indices(targets, config.seed)
@@ -125,7 +125,10 @@ class PacaModel(nn.Module):
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         full = super().state_dict(*args, destination=None, prefix=prefix, keep_vars=keep_vars)
-        adapter = {k: v for k, v in full.items() if k in self._adapter_keys(prefix)}
+        keys = self._adapter_keys(prefix)
+        # Contiguous (paca_weight is column-major), as safetensors, which Trainer uses, needs;
+        # a copy of out x r values per layer at most.
+        adapter = {k: v if keep_vars else v.contiguous() for k, v in full.items() if k in keys}
         if destination is not None:
             destination.update(adapter)
             return destination
@@ -305,7 +308,9 @@ def _paca_layer(linear: nn.Linear, r: int, alpha: float, indices: torch.Tensor) 
     return PacaLinear(linear, r, alpha, indices)
 
 
-def _refuse_stacking(model: nn.Module) -> None:
+def check_injectable(model: nn.Module) -> None:
+    """Raise ValueError if PaCA cannot go into `model`: it has PaCA layers already, or a PEFT
+    adapter (which PaCA's freezing would silently freeze)."""
     if getattr(model, "paca_config", None) is not None or paca_layers(model):
         raise ValueError(
             f"{type(model).__name__} already has PaCA layers: unload() or merge_and_unload() "
