@@ -79,6 +79,10 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
         raise ValueError(f"--attention {spec.attention} runs on CUDA or in simulation "
                          f"(--device meta), not on the CPU; use sdpa or math")
     simulated = spec.device == "meta"
+    if spec.device == "cpu" and "paca" in spec.methods:
+        from paca.compiled import ensure_built
+
+        ensure_built()  # a first build (about 30 s, once per machine) never lands in a timing
     workdir = Path(tempfile.mkdtemp(prefix="paca-prof-"))
     results: list[MethodResult] = []
     try:
