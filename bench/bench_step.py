@@ -14,19 +14,25 @@ each round visits every method once, in a freshly shuffled order; a visit runs `
 steps and then times `reps` steps one by one with time.perf_counter (and time.process_time). The
 garbage collector is frozen after setup and disabled inside timed regions. The statistic is the
 median wall time per method; ratios are ratios of medians, with a 95% bootstrap interval over
-whole rounds. As robustness checks the same ratios are also shown per round (median over rounds
-of the within-round ratio), from the minima, and from the CPU-time medians: on a busy machine,
-trust a result only where they agree.
+whole rounds (bench/verdicts.py). As robustness checks the same ratios are also shown per round
+(median over rounds of the within-round ratio), from the minima, and from the CPU-time medians:
+on a busy machine, trust a result only where they agree.
+
+Verdicts (config A's targets; config B reports only), by the rule of bench/verdicts.py: PASS when
+the whole 95% interval is within the target, FAIL when all of it is beyond, INCONCLUSIVE
+otherwise; no verdict under --quick or with fewer than verdicts.MIN_ROUNDS (9) rounds; a target
+whose methods are not all in --methods is "not checked".
 
 Run from the repository root:
 
     python bench/bench_step.py               # configs A and B (~5 min quiet, ~8 min under load)
     python bench/bench_step.py --config A    # only the small config, with its pass/fail targets
-    python bench/bench_step.py --quick       # few rounds, a smoke run
+    python bench/bench_step.py --quick       # few rounds, a smoke run (no verdict)
     python bench/bench_step.py --threads 2   # torch.set_num_threads for the whole run (default 1)
     python bench/bench_step.py --adam fused  # AdamW implementation (default: torch's default)
 
-Exit status is 1 when a config-A target fails, 0 otherwise (config B reports, never fails).
+Exit status: 1 when a target FAILED, 3 when none failed and one was INCONCLUSIVE, 0 otherwise
+(also when nothing was judged: the last line says so); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sys.path)
 
 import paca.layer  # noqa: E402
 from paca import LLAMA_TARGETS, PacaConfig  # noqa: E402
@@ -241,7 +249,7 @@ def run_config(cfg: BenchConfig, methods: list[str], rounds: int, adam: str, see
 
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
-    per_round: list[dict[str, float]] = []
+    per_round: list[dict[str, list[float]]] = []  # each round's wall times, per method
     rng = random.Random(seed)
     order = list(methods)
     t0 = time.perf_counter()
@@ -265,7 +273,7 @@ def run_config(cfg: BenchConfig, methods: list[str], rounds: int, adam: str, see
             finally:
                 gc.enable()
             wall[method].extend(times)
-            this_round[method] = statistics.median(times)
+            this_round[method] = times
         per_round.append(this_round)
     timed_s = time.perf_counter() - t0
     del runners
@@ -274,46 +282,34 @@ def run_config(cfg: BenchConfig, methods: list[str], rounds: int, adam: str, see
     return dict(wall=wall, cpu=cpu, per_round=per_round, info=info, build_s=build_s, timed_s=timed_s)
 
 
+# Each ratio: the methods it needs, and how it is computed from per-method times.
+RATIOS = {
+    "paca/lora": (("paca", "lora"), lambda t: t["paca"] / t["lora"]),
+    "(paca-frozen)/(lora-frozen)": (
+        ("paca", "lora", "frozen"),
+        lambda t: (t["paca"] - t["frozen"]) / (t["lora"] - t["frozen"]),
+    ),
+    "paca/authors": (("paca", "authors"), lambda t: t["paca"] / t["authors"]),
+    "paca/paca-python": (("paca", "paca-python"), lambda t: t["paca"] / t["paca-python"]),
+}
+
+
 def derived(t: dict[str, float]) -> dict[str, float]:
-    out = {}
-    if "paca" in t and "lora" in t:
-        out["paca/lora"] = t["paca"] / t["lora"]
-        if "frozen" in t:
-            out["(paca-frozen)/(lora-frozen)"] = (t["paca"] - t["frozen"]) / (t["lora"] - t["frozen"])
-    if "paca" in t and "authors" in t:
-        out["paca/authors"] = t["paca"] / t["authors"]
-    if "paca" in t and "paca-python" in t:
-        out["paca/paca-python"] = t["paca"] / t["paca-python"]
-    return out
+    """Every ratio whose methods all have a time in t."""
+    return {name: ratio(t) for name, (needs, ratio) in RATIOS.items() if set(needs) <= t.keys()}
 
 
-def bootstrap_interval(
-    wall: dict[str, list[float]], reps: int, name: str, resamples: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% interval of one derived ratio, resampling whole rounds (all methods of a round stay
-    together, so the pairing that interleaving buys is kept)."""
-    n_rounds = len(next(iter(wall.values()))) // reps
-    rng = random.Random(seed)
-    values = []
-    for _ in range(resamples):
-        rounds = [rng.randrange(n_rounds) for _ in range(n_rounds)]
-        med = {
-            m: statistics.median(t for r in rounds for t in times[r * reps : (r + 1) * reps])
-            for m, times in wall.items()
-        }
-        values.append(derived(med)[name])
-    return quantile(values, 0.025), quantile(values, 0.975)
+def ratios_of_medians(rounds: list[dict[str, list[float]]]) -> dict[str, float]:
+    """The ratios of the per-method median wall times over the given rounds (the bootstrap's
+    statistic: it receives whole rounds, so each round's methods stay paired)."""
+    methods = rounds[0].keys()
+    return derived({m: statistics.median(t for r in rounds for t in r[m]) for m in methods})
 
 
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str, check: bool) -> bool:
+def report(
+    cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str, quick: bool, seed: int
+) -> dict[str, verdicts.Judgement]:
+    """Print the config's table and ratios; return the judgement of each of its targets."""
     wall, cpu, info = result["wall"], result["cpu"], result["info"]
     med = {m: statistics.median(v) for m, v in wall.items()}
     mins = {m: min(v) for m, v in wall.items()}
@@ -344,8 +340,8 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str,
         ratio = med[method] / med["lora"] if "lora" in med else float("nan")
         n_train, n_tensors, loss0 = info[method]
         print(
-            f"    {method:<11} {1e3 * med[method]:>10.2f} {quantile(xs, .25):>9.2f} "
-            f"{quantile(xs, .75):>9.2f} {min(xs):>9.2f} {1e3 * cpu_med[method]:>9.2f} "
+            f"    {method:<11} {1e3 * med[method]:>10.2f} {verdicts.quantile(xs, .25):>9.2f} "
+            f"{verdicts.quantile(xs, .75):>9.2f} {min(xs):>9.2f} {1e3 * cpu_med[method]:>9.2f} "
             f"{ratio:>7.3f} {n_train:>11,} {n_tensors:>7} {loss0:>8.4f}"
         )
     print(
@@ -354,35 +350,52 @@ def report(cfg: BenchConfig, result: dict, rounds: int, threads: int, adam: str,
     )
     print()
     ratios = derived(med)
-    paired = [derived(r) for r in result["per_round"]]
+    intervals = verdicts.bootstrap_intervals(result["per_round"], ratios_of_medians, seed=seed)
+    paired = [ratios_of_medians([r]) for r in result["per_round"]]
     from_min = derived(mins)
     from_cpu = derived(cpu_med)
     print(
         f"    {'ratio (wall medians)':<28}   {'value':>6}   {'95% interval':>14}   "
         f"{'per-round':>9} {'mins':>6} {'cpu':>6}"
     )
-    ok = True
+    judgements = {}
     for name, value in ratios.items():
         per_round_med = statistics.median(p[name] for p in paired)
-        low, high = bootstrap_interval(wall, cfg.reps, name)
         line = (
-            f"    {name:<28} = {value:6.3f}   [{low:5.3f}, {high:5.3f}]   {per_round_med:9.3f} "
-            f"{from_min[name]:6.3f} {from_cpu[name]:6.3f}"
+            f"    {name:<28} = {value:6.3f}   {intervals[name].format('5.3f')}   "
+            f"{per_round_med:9.3f} {from_min[name]:6.3f} {from_cpu[name]:6.3f}"
         )
-        if check and name in cfg.targets:
+        if name in cfg.targets:
             limit = cfg.targets[name]
-            passed = value <= limit
-            ok &= passed
-            line += f"   target <= {limit:g}: {'PASS' if passed else 'FAIL'}"
+            judgement = verdicts.judge(
+                intervals[name], limit, n=rounds, minimum=verdicts.MIN_ROUNDS, quick=quick
+            )
+            judgements[f"{cfg.name}: {name}"] = judgement
+            line += f"   target <= {limit:g}: {judgement}"
         print(line)
+    for name in cfg.targets:
+        if name not in ratios:
+            needs = ", ".join(RATIOS[name][0])
+            judgement = verdicts.not_checked(f"needs {needs} in --methods")
+            judgements[f"{cfg.name}: {name}"] = judgement
+            print(f"    {name:<28}   target <= {cfg.targets[name]:g}: {judgement}")
     print(
-        "    (95% interval: bootstrap over whole rounds; per-round: median over rounds of the ratio"
-        " within each round; mins: the ratio of the per-method minima; cpu: of the CPU-time"
-        " medians. PASS/FAIL uses the wall medians.)"
+        "    (value: the ratio of wall medians; 95% interval: bootstrap over whole rounds, so each"
+        " round's methods stay paired; per-round: median over rounds of the ratio within each"
+        " round; mins: the ratio of the per-method minima; cpu: of the CPU-time medians.)"
     )
+    if cfg.targets:
+        print(
+            "    (verdict: PASS when the whole 95% interval is within the target, FAIL when all of"
+            " it is beyond, INCONCLUSIVE otherwise; no verdict under --quick or with fewer than"
+            f" {verdicts.MIN_ROUNDS} rounds: see bench/verdicts.py.)"
+        )
+    elif rounds < verdicts.MIN_ROUNDS:
+        print(f"    (intervals from {rounds} round(s), fewer than the {verdicts.MIN_ROUNDS} a verdict"
+              " needs: not to be trusted)")
     if cfg.footnote:
         print("    note: " + cfg.footnote)
-    return ok
+    return judgements
 
 
 def main(argv=None) -> int:
@@ -409,13 +422,17 @@ def main(argv=None) -> int:
         help="AdamW implementation, the same for every method: torch's default (a per-tensor "
         "loop on the CPU), foreach=True, or fused=True",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders and bootstrap")
     args = parser.parse_args(argv)
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS + OPTIONAL_METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS + OPTIONAL_METHODS}")
+    if not methods:
+        parser.error("--methods names no method")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
     print(
         f"bench_step: python {platform.python_version()}, torch {torch.__version__}, "
@@ -429,23 +446,19 @@ def main(argv=None) -> int:
     print(f"paca runs its autograd function {where}")
 
     names = ["A", "B"] if args.config == "both" else [args.config]
-    all_ok = True
+    judgements: dict[str, verdicts.Judgement] = {}
     for name in names:
         cfg = CONFIGS[name]
         rounds = args.rounds or (cfg.quick_rounds if args.quick else cfg.rounds)
         result = run_config(cfg, methods, rounds, args.adam, args.seed)
-        ok = report(cfg, result, rounds, torch.get_num_threads(), args.adam, check=(name == "A"))
-        if name == "A":
-            all_ok &= ok
+        judgements |= report(
+            cfg, result, rounds, torch.get_num_threads(), args.adam, args.quick, args.seed
+        )
         sys.stdout.flush()
     print()
     print(f"load average at end {os.getloadavg()[0]:.2f}")
-    if "A" in names:
-        if not {"frozen", "lora", "paca", "authors"} <= set(methods):
-            print("config A targets: not checked (needs frozen, lora, paca, authors)")
-            return 0
-        print(f"config A targets: {'all PASS' if all_ok else 'FAIL'}")
-    return 0 if all_ok else 1
+    print(verdicts.summary(judgements))
+    return verdicts.exit_status(judgements.values())
 
 
 def transformers_version() -> str:

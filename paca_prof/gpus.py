@@ -14,7 +14,7 @@ A device spec is one GpuSpec. Built-in specs come from datasheets (each names it
     launch_us: 4.0             # device-side gap between back-to-back small kernels
     dispatch_us: 12.0          # host time eager PyTorch spends to issue one op
     cuda_context_bytes: 536870912   # held by the CUDA context, outside PyTorch's allocator
-    interconnect: pcie         # nvlink | pcie | infiniband | none
+    interconnect: pcie         # nvlink | pcie | infinity-fabric | infiniband | none
     interconnect_gbps: 32      # per GPU and direction, GB/s
     matmul_efficiency: 0.70    # fractions of the peaks that kernels reach
     attention_efficiency: 0.50
@@ -30,7 +30,7 @@ from pathlib import Path
 from paca_prof import validate
 from paca_prof.units import GIB, MIB
 
-INTERCONNECTS = ("nvlink", "pcie", "infiniband", "none")
+INTERCONNECTS = ("nvlink", "pcie", "infinity-fabric", "infiniband", "none")
 # Typical CUDA context of eager PyTorch with cuBLAS loaded (CUDA 12, lazy module loading):
 # what nvidia-smi shows beyond max_memory_reserved. An estimate until measured on the card.
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * MIB
@@ -102,23 +102,111 @@ class GpuSpec:
         return cls(**checked)
 
 
+# memory_bytes: the total nvidia-smi (rocm-smi for the MI300X) shows for the card, in MiB as
+# printed, times 2**20; each entry says where that figure was seen. GDDR6 cards with ECC on
+# (data-center parts, the default there) show 1/16 less than their marketing size.
+# torch.cuda.mem_get_info's total is a few hundred MiB lower than nvidia-smi's on recent
+# NVIDIA cards (79.35 GiB on an A100 80GB, 79.15 GiB on an H100 SXM, 182633 MiB on a B200):
+# the driver keeps that part.
+# cuda_context_bytes: no per-card measurement was found except the B200's; the others keep
+# the default, against published totals of 274-400 MiB for PyTorch's context with lazy
+# loading (pytorch/pytorch PR #86509: 287,047,680 bytes; issues #107667, #109888: ~300 and
+# ~400 MB), which exclude cuBLAS/cuDNN kernels loaded later.
+_CONTEXT_DEFAULT = ("CUDA context: the 512 MiB default (no measurement on this card found; "
+                    "PyTorch reports 274-400 MiB with lazy loading, pytorch#86509, #109888)")
+# interconnect_gbps is per GPU and direction: half the bidirectional figures datasheets give.
+_PCIE3, _PCIE4 = 16.0, 32.0  # x16 links, GB/s per direction
+
 GPUS: dict[str, GpuSpec] = {g.name: g for g in [
     GpuSpec("a100-40gb", 40960 * MIB, 312.0, 312.0, 19.5, 1555.0,
             interconnect="nvlink", interconnect_gbps=300.0,
-            source="NVIDIA A100 datasheet (SXM); " + _OVERHEAD_SOURCE),
+            source="NVIDIA A100 datasheet (SXM4; NVLink 3, 600 GB/s bidirectional); "
+                   + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
     GpuSpec("a100-80gb", 81920 * MIB, 312.0, 312.0, 19.5, 2039.0,
             interconnect="nvlink", interconnect_gbps=300.0,
-            source="NVIDIA A100 datasheet (SXM); " + _OVERHEAD_SOURCE),
+            source="NVIDIA A100 datasheet (SXM4; NVLink 3, 600 GB/s bidirectional); "
+                   + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
     GpuSpec("h100-80gb", 81559 * MIB, 989.0, 989.0, 67.0, 3350.0,
             interconnect="nvlink", interconnect_gbps=450.0,
-            source="NVIDIA H100 datasheet (SXM); " + _OVERHEAD_SOURCE),
+            source="NVIDIA H100 datasheet (SXM5; NVLink 4, 900 GB/s bidirectional); "
+                   + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
+    # 143771 MiB: nvidia-smi on this project's H200 device machine (.library/device/KINDS.md).
     GpuSpec("h200", 143771 * MIB, 989.0, 989.0, 67.0, 4800.0,
             interconnect="nvlink", interconnect_gbps=450.0,
-            source="NVIDIA H200 datasheet (SXM); " + _OVERHEAD_SOURCE),
-    GpuSpec("l4", 23034 * MIB, 121.0, 121.0, 30.3, 300.0, interconnect_gbps=32.0,
-            source="NVIDIA L4 datasheet; " + _OVERHEAD_SOURCE),
-    GpuSpec("rtx-4090", 24564 * MIB, 165.2, 165.2, 82.6, 1008.0, interconnect_gbps=32.0,
-            source="NVIDIA Ada whitepaper (RTX 4090, fp32 accumulate); " + _OVERHEAD_SOURCE),
+            source="NVIDIA H200 datasheet (SXM; NVLink 4, 900 GB/s bidirectional); "
+                   + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
+    GpuSpec("l4", 23034 * MIB, 121.0, 121.0, 30.3, 300.0,
+            interconnect="pcie", interconnect_gbps=_PCIE4,
+            source="NVIDIA L4 datasheet (PCIe Gen4 x16); " + _CONTEXT_DEFAULT + "; "
+                   + _OVERHEAD_SOURCE),
+    GpuSpec("rtx-4090", 24564 * MIB, 165.2, 165.2, 82.6, 1008.0,
+            interconnect="pcie", interconnect_gbps=_PCIE4,
+            source="NVIDIA Ada whitepaper (RTX 4090, fp32 accumulate; PCIe Gen4 x16); "
+                   + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
+    # 46068 MiB (48 GB GDDR6, ECC on): nvidia-smi on AWS and other L40S hosts.
+    GpuSpec("l40s", 46068 * MIB, 362.05, 362.05, 91.6, 864.0,
+            interconnect="pcie", interconnect_gbps=_PCIE4,
+            source="NVIDIA L40S datasheet (dense tensor figures; PCIe Gen4 x16); "
+                   + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
+    # 49140 MiB: nvidia-smi with ECC off, the workstation default (46068 MiB with ECC on).
+    # The optional NVLink bridge (112.5 GB/s bidirectional) joins two cards; PCIe is modelled.
+    GpuSpec("a6000", 49140 * MIB, 154.8, 154.8, 38.7, 768.0,
+            interconnect="pcie", interconnect_gbps=_PCIE4,
+            source="NVIDIA RTX A6000 datasheet and Ampere GA102 whitepaper (tensor with fp32 "
+                   "accumulate, dense; PCIe Gen4 x16); " + _CONTEXT_DEFAULT + "; "
+                   + _OVERHEAD_SOURCE),
+    # 23028 MiB (24 GB GDDR6, ECC on): nvidia-smi on AWS g5 instances.
+    GpuSpec("a10g", 23028 * MIB, 70.0, 70.0, 35.0, 600.0,
+            interconnect="pcie", interconnect_gbps=_PCIE4,
+            source="NVIDIA A10G datasheet for AWS (Feb 2022: fp32 35, bf16/fp16 tensor 70 dense; "
+                   "not the A10's 125); PCIe Gen4 x16; " + _CONTEXT_DEFAULT + "; "
+                   + _OVERHEAD_SOURCE),
+    # 24576 MiB: nvidia-smi on an RTX 3090. Optional NVLink bridge not modelled.
+    GpuSpec("rtx-3090", 24576 * MIB, 71.0, 71.0, 35.6, 936.0,
+            interconnect="pcie", interconnect_gbps=_PCIE4,
+            source="NVIDIA Ampere GA102 whitepaper (RTX 3090: tensor with fp32 accumulate 71 "
+                   "dense, half the fp16-accumulate rate; PCIe Gen4 x16); " + _CONTEXT_DEFAULT
+                   + "; " + _OVERHEAD_SOURCE),
+    # 15360 MiB (16 GB GDDR6, ECC on): nvidia-smi on a T4 (Colab, AWS g4dn, GCP).
+    # Turing has no bf16 tensor cores: bf16 matmuls run emulated on the fp32 units. No PyTorch
+    # measurement on a T4 was found; bf16 = fp32 peak x 0.69, the bf16/fp32 ratio measured with
+    # cuBLAS on a V100 (lablup/mlxcel#1654: 9.6 vs 14.0 TFLOP/s), an estimate.
+    GpuSpec("t4", 15360 * MIB, 5.6, 65.0, 8.1, 320.0,
+            interconnect="pcie", interconnect_gbps=_PCIE3,
+            source="NVIDIA T4 datasheet (fp16 65 mixed precision, fp32 8.1; PCIe Gen3 x16); "
+                   "bf16 estimated: no bf16 tensor cores, fp32 peak x 0.69 (ratio measured on a "
+                   "V100, lablup/mlxcel#1654); " + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
+    # 32510 MiB: nvidia-smi on V100-SXM2-32GB (and PCIe 32 GB) cards.
+    # Volta has no bf16: cuBLAS bf16 GEMMs measured 9.6 TFLOP/s where fp32 reached 14.0 on a
+    # V100 (lablup/mlxcel#1654); bf16 = datasheet fp32 15.7 x 9.6 / 14.0.
+    GpuSpec("v100-32gb", 32510 * MIB, 10.8, 125.0, 15.7, 900.0,
+            interconnect="nvlink", interconnect_gbps=150.0,
+            source="NVIDIA V100 datasheet (SXM2 32GB: tensor 125, fp32 15.7; NVLink 2, 300 GB/s "
+                   "bidirectional); bf16 from a measured bf16/fp32 ratio (lablup/mlxcel#1654), "
+                   "no bf16 hardware; " + _CONTEXT_DEFAULT + "; " + _OVERHEAD_SOURCE),
+    # 95830 MiB (94 GB HBM3): nvidia-smi on H100 NVL cards. NVLink bridges join pairs.
+    GpuSpec("h100-nvl", 95830 * MIB, 835.5, 835.5, 60.0, 3900.0,
+            interconnect="nvlink", interconnect_gbps=300.0,
+            source="NVIDIA H100 datasheet (H100 NVL: bf16/fp16 1671 with sparsity, 835.5 dense; "
+                   "NVLink bridge 600 GB/s bidirectional, PCIe Gen5 x16); " + _CONTEXT_DEFAULT
+                   + "; " + _OVERHEAD_SOURCE),
+    # 183359 MiB: nvidia-smi on HGX B200 nodes (marketed 180 GB per GPU).
+    GpuSpec("b200", 183359 * MIB, 2250.0, 2250.0, 75.0, 8000.0,
+            cuda_context_bytes=612 * MIB, interconnect="nvlink", interconnect_gbps=900.0,
+            source="NVIDIA HGX B200 datasheet (8 GPUs: bf16/fp16 36 PFLOPS with sparsity, fp32 "
+                   "600 TFLOPS, 64 TB/s; per GPU dense 2250, 75, 8000; NVLink 5, 1.8 TB/s "
+                   "bidirectional); CUDA context: 612 MiB measured on a B200 after "
+                   "torch.cuda.mem_get_info (unslothai/unsloth PR #8669), before cuBLAS loads, "
+                   "a floor; " + _OVERHEAD_SOURCE),
+    # 196288 MiB = 205,822,885,888 bytes (192 GB HBM3): rocm-smi's VRAM total and
+    # torch.cuda.mem_get_info on MI300X hosts (MI300X VF in clouds).
+    # ROCm's caching allocator is PyTorch's; its HIP context is not measured here.
+    GpuSpec("mi300x", 196288 * MIB, 1307.4, 1307.4, 163.4, 5300.0,
+            interconnect="infinity-fabric", interconnect_gbps=448.0,
+            source="AMD Instinct MI300X datasheet (bf16/fp16 1307.4 dense, fp32 163.4, 5.3 TB/s; "
+                   "7 Infinity Fabric links, 128 GB/s bidirectional each, 448 GB/s per "
+                   "direction); HIP context: the 512 MiB default, not measured (vLLM PR #43236 "
+                   "finds ROCm's larger than CUDA's); " + _OVERHEAD_SOURCE),
 ]}
 
 

@@ -647,6 +647,7 @@ def write_trace(result: PlanResult, spec, out: Path, command: str) -> Path:
     answer (max_seq or max_batch) and the peak's breakdown there, and the curve as the
     capacity table, so the analyzer and the dashboard can show it without simulating."""
     from paca_prof import engines, trace
+    from paca_prof.results import summary_row
 
     engines.check_out(out)
     run = engines.run_metadata(spec, command)
@@ -659,9 +660,9 @@ def write_trace(result: PlanResult, spec, out: Path, command: str) -> Path:
     rows = []
     for name, mp in result.methods.items():
         best = mp.best
-        rows.append({"method": name, "status": "ok" if mp.fits else "oom", key: mp.max_size,
-                     "peak_bytes": best.peak_bytes if best else None,
-                     **{f"peak_{c}_bytes": b for c, b in (best.breakdown if best else {}).items()}})
+        rows.append(summary_row(name, "ok" if mp.fits else "oom",
+                                peak_breakdown=best.breakdown if best else None,
+                                **{key: mp.max_size}))
     capacity = result.curve.drop(columns=["probed"], errors="ignore").assign(
         probed=result.curve.get("probed", True))
     return trace.write(out, run, {"summary": pd.DataFrame(rows), "capacity": capacity})

@@ -31,17 +31,31 @@ SOURCES = ("measured", "simulated", "projected")
 STATUSES = ("ok", "oom", "error")
 PHASES = ("forward", "backward", "optimizer")
 
+# Memory categories, in the order figures stack them.
+MEMORY_CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations",
+                     "logits_loss", "rest")
+
+
+def peak_column(category: str) -> str:
+    """The summary column holding a memory category's bytes at the peak."""
+    return f"peak_{category}_bytes"
+
+
+PEAK_COLUMNS = tuple(peak_column(c) for c in MEMORY_CATEGORIES)
+
 # Column -> pandas dtype. Columns may be added; none may change meaning without a version bump.
 SUMMARY_COLUMNS = {
     "method": "string", "status": "string", "error": "string",
     "step_ms": "float64", "forward_ms": "float64", "backward_ms": "float64",
     "optimizer_ms": "float64", "n_kernels": "Int64", "activation_bytes": "Int64",
-    "peak_bytes": "Int64", "reserved_bytes": "Int64", "trainable_params": "Int64",
+    # peak_bytes: live tensor bytes at the step's peak, the sum of the breakdown below.
+    # allocator_peak_bytes: what torch.cuda.max_memory_allocated reports (blocks rounded up,
+    # kernel workspaces included): measured on CUDA, or the allocator model's in simulation.
+    # reserved_bytes: what the caching allocator holds from the device (max_memory_reserved).
+    "peak_bytes": "Int64", "allocator_peak_bytes": "Int64", "reserved_bytes": "Int64",
+    "trainable_params": "Int64",
     # The peak's breakdown: bytes of each memory category alive at the peak.
-    "peak_weights_bytes": "Int64", "peak_trainable_bytes": "Int64",
-    "peak_gradients_bytes": "Int64", "peak_optimizer_bytes": "Int64",
-    "peak_activations_bytes": "Int64", "peak_logits_loss_bytes": "Int64",
-    "peak_rest_bytes": "Int64",
+    **{column: "Int64" for column in PEAK_COLUMNS},
     # Plan traces only: the longest sequence (or largest batch) that fits the budget.
     "max_seq": "Int64", "max_batch": "Int64",
 }
@@ -79,9 +93,6 @@ TABLES = {
 }
 OPTIONAL_TABLES = {"capacity": CAPACITY_COLUMNS}
 ALL_TABLES = {**TABLES, **OPTIONAL_TABLES}
-# Memory categories, in the order figures stack them.
-MEMORY_CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activations",
-                     "logits_loss", "rest")
 
 
 class TraceError(ValueError):

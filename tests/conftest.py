@@ -14,6 +14,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that must run THIS checkout's code: the repository
+    first on PYTHONPATH, ahead of any editable install of another checkout (whose finder or
+    path entry comes after PYTHONPATH), and one OpenMP thread."""
+    import os
+
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pandas as pd
-import plotly.graph_objects as go
 import pytest
 import yaml
 
@@ -120,24 +119,78 @@ def test_projection_error_needs_measured_and_projected(measured, simulated):
     assert (same["error"].dropna() == 0).all()
 
 
-def test_figures_have_data(measured, simulated):
+def test_adapter_overhead_on_a_hand_made_ops_table():
+    """Busy and idle time of adapter-branch ops, worked out by hand: a base op 0-10 us, an
+    adapter op 12-15 (2 us idle before it), a base op 15-20, an adapter op 25-27 (5 us idle)."""
+    ops = trace.conform(pd.DataFrame({
+        "method": ["lora"] * 4 + ["frozen"],
+        "module": ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.up_proj.lora_A.default",
+                   "model.layers.1.mlp", "model.layers.1.mlp.up_proj.lora_B.default",
+                   "model.layers.0.mlp"],
+        "phase": ["forward"] * 5, "name": ["aten::mm"] * 5,
+        "start_us": [0.0, 12.0, 15.0, 25.0, 0.0], "dur_us": [10.0, 3.0, 5.0, 2.0, 20.0],
+        "adapter_branch": [False, True, False, True, False], "seq_no": [0, 1, 2, 3, 0],
+    }), "ops")
+    summary = pd.DataFrame({"method": ["lora", "frozen"], "step_ms": [0.027, 0.020]})
+    table = analyses.adapter_overhead(summary, ops, ["lora", "frozen"]).set_index("method")
+    assert table.loc["lora", "adapter_ops"] == 2 and table.loc["frozen", "adapter_ops"] == 0
+    assert table.loc["lora", "adapter_busy_ms"] == pytest.approx(0.005)
+    assert table.loc["lora", "adapter_idle_ms"] == pytest.approx(0.007)
+    assert table.loc["lora", "adapter_share"] == pytest.approx(12 / 27)
+    assert table.loc["lora", "step_vs_frozen"] == pytest.approx(27 / 20)
+    by_layer = analyses.adapter_overhead_by_layer(ops, ["lora"]).set_index("layer")
+    assert by_layer.loc["model.layers.0", "adapter_busy_ms"] == pytest.approx(0.003)
+    assert by_layer.loc["model.layers.0", "adapter_idle_ms"] == pytest.approx(0.002)
+    assert by_layer.loc["model.layers.1", "adapter_busy_ms"] == pytest.approx(0.002)
+    assert by_layer.loc["model.layers.1", "adapter_idle_ms"] == pytest.approx(0.005)
+
+
+def _bars(fig, name: str):
+    return {x: y for trace_ in fig.data if trace_.name == name
+            for x, y in zip(trace_.x, trace_.y)}
+
+
+def test_figures_draw_the_analyses_numbers(measured, simulated):
+    """Every figure shows the values of the analysis it is built from, not just something."""
     for analysis in (measured, simulated):
         source = analysis.sources["time"]
-        built = [
-            figures.overview_bars(analysis.trace.summary, source),
-            figures.peak_breakdown_bars(analysis.peak_breakdown(), "x", 80 * 2**30),
-            figures.activation_by_layer(analysis.activation_savings(), "x"),
-            figures.layer_latency_bars(analysis.trace.layers, source),
-            figures.layer_latency_bars(analysis.trace.layers, source, parent="model.layers.0"),
-            figures.kernel_timeline(analysis.trace.ops, "lora", "model.layers.1", source),
-            figures.memory_timeline_area(analysis.memory_timeline("paca"), "paca", "x", "t"),
-        ]
-        for fig in built:
-            assert isinstance(fig, go.Figure) and len(fig.data) > 0
-            assert any(len(d.x if d.x is not None else []) > 0 for d in fig.data)
-    timeline = figures.kernel_timeline(simulated.trace.ops, "lora", "model.layers.1", "p")
-    branch = [d for d in timeline.data if d.name == "adapter branch"][0]
-    assert len(branch.x) > 0
+        summary = analysis.trace.summary.set_index("method")
+        overview = figures.overview_bars(analysis.trace.summary, source)
+        for phase in ("forward", "backward", "optimizer"):
+            drawn = _bars(overview, phase)
+            assert set(drawn) == set(summary.index)
+            for method, ms in drawn.items():
+                assert ms == pytest.approx(summary.loc[method, f"{phase}_ms"]), (phase, method)
+        breakdown = analysis.peak_breakdown()
+        peak = figures.peak_breakdown_bars(breakdown, "x", 80 * 2**30)
+        for category, group in breakdown.groupby("category"):
+            drawn = _bars(peak, category)
+            for method, gib in drawn.items():
+                expected = group.set_index("method").loc[method, "bytes"] / 2**30
+                assert gib == pytest.approx(expected), (category, method)
+        timeline = analysis.memory_timeline("paca")
+        area = figures.memory_timeline_area(timeline, "paca", "x", "t")
+        drawn = {t.name: list(t.y) for t in area.data}
+        assert drawn["activations"] == pytest.approx(list(timeline["activations"] / 2**30))
+        ops = analysis.trace.ops
+        layer_ops = ops[(ops["method"] == "lora") & ops["module"].str.startswith(
+            "model.layers.1.")]
+        kernels = figures.kernel_timeline(ops, "lora", "model.layers.1", source)
+        branch = [t for t in kernels.data if t.name == "adapter branch"][0]
+        assert len(branch.x) == int(layer_ops["adapter_branch"].sum()) > 0
+        assert sum(len(t.x) for t in kernels.data) == len(layer_ops)
+    savings = measured.activation_savings()
+    per_layer = figures.activation_by_layer(savings, "x")
+    added = [t for t in per_layer.data if t.name == "paca adds"][0]
+    paca = savings[(savings["method"] == "paca") & savings["module"].str.startswith(
+        "model.layers.")]
+    assert sum(added.y) * 2**20 == pytest.approx(paca["added_bytes"].sum())
+    latency = figures.layer_latency_bars(measured.trace.layers, "measured")
+    layers = measured.trace.layers
+    rows = layers[(layers["kind"] == "decoder_layer") & layers["phase"].isin(
+        ["forward", "backward"]) & (layers["method"] == "lora")]
+    drawn = [y for t in latency.data if t.name == "lora" for y in t.y]  # one trace per phase
+    assert sorted(drawn) == pytest.approx(sorted(rows["latency_ms"]))
 
 
 def test_html_report_is_self_contained(simulated, tmp_path):

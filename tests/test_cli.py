@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+from conftest import ROOT, checkout_env
 
 from paca_prof import trace
 from paca_prof.cli import main
@@ -19,15 +20,23 @@ SMALL = ["--device", "cpu", "--seq", "8", "--batch", "1", "--steps", "1", "--war
 
 
 def _console_script() -> str:
+    """The installed paca-prof script, checked to run this checkout's code: it runs this
+    interpreter, and under checkout_env() this interpreter imports paca_prof from here (not
+    from another checkout's editable install)."""
     script = Path(sysconfig.get_path("scripts")) / "paca-prof"
     if not script.exists():
         script = Path(sys.executable).parent / "paca-prof"
     assert script.exists(), "the paca-prof console script is not installed (pip install -e .)"
+    shebang = script.read_text().splitlines()[0].removeprefix("#!").strip()
+    assert Path(shebang).resolve() == Path(sys.executable).resolve(), shebang
+    where = subprocess.run([sys.executable, "-c", "import paca_prof; print(paca_prof.__file__)"],
+                           capture_output=True, text=True, env=_env(), check=True).stdout
+    assert Path(where.strip()).resolve().is_relative_to(ROOT), where
     return str(script)
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    return checkout_env()
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, float]]:

@@ -23,8 +23,11 @@ import pandas as pd
 import pytest
 import requests
 
+from conftest import checkout_env
+
 from dashboards import runs
 from paca_prof.analyze import TraceAnalysis, analyses, capacity
+from paca_prof.budget import make_budget
 from paca_prof import trace as trace_io
 from paca_prof.trace import TraceError
 
@@ -41,7 +44,7 @@ GIB = 2**30
 # --- Sample traces ---------------------------------------------------------------------------
 
 def _paca_prof(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = checkout_env(PYTHONWARNINGS="ignore")
     return subprocess.Popen([sys.executable, "-m", "paca_prof.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -110,6 +113,7 @@ class Served:
 
         from dashboards.app import create_app
 
+        self.root = traces_dir
         self.app = create_app(traces_dir)
         self.server = make_server("127.0.0.1", 0, self.app.server, threaded=True,
                                   request_handler=_quiet_handler())
@@ -250,6 +254,20 @@ def view_errors(driver) -> list[str]:
         "return Array.from(document.querySelectorAll('.view-error')).map(e => e.textContent)")
 
 
+def table_rows(driver, table_id: str) -> list[dict[str, str]]:
+    """A rendered analyzer table as a list of {column header: cell text}."""
+    return driver.execute_script("""
+        const table = document.getElementById(arguments[0]);
+        if (!table) return [];
+        const heads = Array.from(table.querySelectorAll('thead th')).map(h => h.textContent);
+        return Array.from(table.querySelectorAll('tbody tr')).map(r => Object.fromEntries(
+            Array.from(r.cells).map((c, i) => [heads[i], c.textContent])));""", table_id)
+
+
+def as_number(cell: str) -> float:
+    return float("nan") if cell in ("–", "") else float(cell.replace(",", ""))
+
+
 def max_seq(driver) -> dict[str, int]:
     """The capacity view's table: method -> max_seq."""
     rows = driver.execute_script("""
@@ -320,7 +338,8 @@ def test_downsample_timeline_keeps_the_peak():
     small = analyses.downsample_timeline(timeline, max_points=500)
     assert len(small) <= 500 and small["total"].max() == timeline["total"].max()
     assert small.index[0] == 0 and small.index[-1] == 9_999
-    assert analyses.downsample_timeline(timeline.head(100), 500) is not None
+    short = timeline.head(100)
+    assert analyses.downsample_timeline(short, 500).equals(short)  # returned as is
 
 
 def test_listing_and_navigation_helpers(traces_dir):
@@ -393,8 +412,14 @@ def test_every_view_renders_with_data(served, driver):
     assert "projected" in info and "simulated" in info and "llama3-8b" in info
     wait_graph(driver, "overview-bars", lambda g: set(g["xs"]) == set(METHODS))
     wait_graph(driver, "overview-ratios")
-    summary = text(driver, "summary-table")
-    assert all(method in summary for method in METHODS) and "step_ms_vs_lora" in summary
+    # the overview table shows the analyzer's numbers for the trace (3 decimals on screen)
+    shown = {row["method"]: row for row in table_rows(driver, "summary-table")}
+    expected = runs.analysis(served.root, LLAMA).summary(baseline="lora").set_index("method")
+    assert set(shown) == set(METHODS)
+    for method in METHODS:
+        for column in ("step_ms", "forward_ms", "ops_per_step", "peak_mib", "step_ms_vs_lora"):
+            assert as_number(shown[method][column]) == pytest.approx(
+                float(expected.loc[method, column]), abs=1e-3), (method, column)
     screenshot(driver, "overview", 1300)
 
     open_tab(driver, "Layer latency")
@@ -411,7 +436,11 @@ def test_every_view_renders_with_data(served, driver):
     open_tab(driver, "Activations")
     activations = wait_graph(driver, "activation-bars")
     assert "frozen floor" in activations["names"]
-    assert "paca" in text(driver, "activation-totals")
+    totals = {row["method"]: row for row in table_rows(driver, "activation-totals")}
+    expected = runs.analysis(served.root, LLAMA).activation_totals().set_index("method")
+    for method in METHODS:  # shown in MiB
+        assert as_number(totals[method]["MiB"]) == pytest.approx(
+            expected.loc[method, "bytes"] / 2**20, abs=0.01), method
     screenshot(driver, "activations")
 
     open_tab(driver, "Memory")
@@ -423,7 +452,11 @@ def test_every_view_renders_with_data(served, driver):
     open_tab(driver, "Capacity")
     wait_graph(driver, "capacity-graph", lambda g: "Peak memory vs sequence" in g["title"])
     wait(driver, lambda d: max_seq(d), "capacity table")
-    assert set(max_seq(driver)) == set(METHODS)
+    sweep = runs.analysis(served.root, LLAMA).trace.capacity
+    budget = make_budget(gpu="a100-80gb")  # the run's GPU, with the default headroom
+    curve, _ = capacity.select_batch(sweep)
+    expected = capacity.max_seq_table(curve, budget.budget_bytes).set_index("method")
+    assert max_seq(driver) == {m: int(expected.loc[m, "max_seq"]) for m in METHODS}
     screenshot(driver, "capacity")
 
     open_tab(driver, "Compare runs")

@@ -44,17 +44,6 @@ def _latency(t: trace.Trace, method: str, module: str, phase: str) -> float:
     return float(rows["latency_ms"].iloc[0]) if len(rows) else float("nan")
 
 
-def _top_level(t: trace.Trace) -> list[str]:
-    """The top-level scopes: the children of the decoder model (embed_tokens, rotary_emb,
-    each decoder layer via model.layers, norm), lm_head and the loss."""
-    modules = set(t.layers["module"])
-    n_layers = t.run["model"]["config"]["num_hidden_layers"]
-    children = {m for m in modules if m.startswith("model.") and m.count(".") == 1}
-    children.discard("model.layers")
-    return sorted(children) + [f"model.layers.{i}" for i in range(n_layers)] + ["lm_head",
-                                                                             "[loss]"]
-
-
 # --- 2, 3: activation bytes ---------------------------------------------------------------------
 
 def test_paca_linear_saves_only_the_partial_input(measured_trace):
@@ -125,67 +114,99 @@ def test_summary_activation_bytes_is_sum_of_layers(measured_trace):
 
 # --- 4: latencies -------------------------------------------------------------------------------
 
-def _coverage(t: trace.Trace, method: str, modules: list[str]) -> float:
-    rows = _rows(t, method)
-    rows = rows[rows["module"].isin(modules) & rows["phase"].isin(["forward", "backward"])]
-    summary = t.summary.set_index("method").loc[method]
-    return rows["latency_ms"].fillna(0).sum() / (summary["forward_ms"] + summary["backward_ms"])
+# No test here asserts a share or a ratio of measured times: on a shared machine those move
+# with the load. The share of the step that the decoder layers carry is a benchmark
+# (bench/bench_attribution.py). These tests check properties that hold on any load: scopes nest
+# on one clock, and every op lies inside the scope it is attributed to.
 
-
-@pytest.mark.parametrize("method", METHODS)
-def test_forward_time_is_spent_inside_the_model_and_the_loss(measured_trace, method):
-    t = measured_trace
-    inside = _latency(t, method, "[root]", "forward") + _latency(t, method, "[loss]", "forward")
-    forward_ms = t.summary.set_index("method").loc[method, "forward_ms"]
-    assert 0.8 * forward_ms <= inside <= 1.05 * forward_ms, (method, inside, forward_ms)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_top_level_latencies_account_for_forward_and_backward(measured_trace, method):
-    """The top-level scopes' (embed_tokens, rotary_emb, each decoder layer, norm, lm_head,
-    [loss]) forward + backward latencies add up to most of the measured forward + backward
-    time, and to more than the decoder layers alone.
-
-    Not 90%: on the tiny model the decoder model's own forward code outside its submodules
-    (the causal mask) is 15-30% of a cheap method's forward, hooks cost time between scopes,
-    and other processes on the CPU add noise to the medians; observed 0.68-0.94 per method
-    (see the report), so the bound is 60%.
-    """
-    t = measured_trace
-    top = _top_level(t)
-    fraction = _coverage(t, method, top)
-    decoder_only = _coverage(t, method, [m for m in top if m.startswith("model.layers.")])
-    assert decoder_only < fraction <= 1.1, (method, decoder_only, fraction)
-    assert fraction >= 0.6, (method, round(decoder_only, 3), round(fraction, 3))
-
-
-def test_decoder_layers_carry_ninety_percent_of_a_decoder_dominated_step(tmp_path):
-    """On a model whose layers carry the step, as a real LLM's do (the tiny preset's shape with
-    6 layers, hidden 256 and a 256-token vocabulary, given as a local config.json), the decoder
-    layers' forward + backward latencies add up to at least 90% of the measured forward +
-    backward time: the module hooks miss nothing. (On the 2-layer tiny preset the embedding,
-    head, loss and the model's mask code take 15-30%; the test above covers it.)"""
+@pytest.fixture(scope="module")
+def one_step_trace(tmp_path_factory):
+    """One measured step per method (steps=1: each latency is one interval, not a median)."""
     from paca_prof import engines
     from paca_prof.engines.common import RunSpec
-    from paca_prof.presets import load_config
 
-    _, config = load_config("tiny")
-    config.update(dict(num_hidden_layers=6, hidden_size=256, intermediate_size=688,
-                       vocab_size=256))
-    folder = tmp_path / "decoder-heavy"
-    folder.mkdir()
-    config.to_json_file(folder / "config.json")
-    spec = RunSpec(model=str(folder), seq=256, batch=2, dtype="fp32", device="cpu",
-                   methods=("frozen", "lora", "paca"), steps=8, warmup=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t = trace.load(engines.run(spec, tmp_path / "run", "pytest"))
-    finally:
-        torch.set_num_threads(threads)
-    layers = [f"model.layers.{i}" for i in range(config.num_hidden_layers)]
-    for method in spec.methods:
-        assert _coverage(t, method, layers) >= 0.9, (method, _coverage(t, method, layers))
+    spec = RunSpec(model="tiny", seq=32, batch=2, dtype="fp32", device="cpu", steps=1,
+                   warmup=1, methods=tuple(METHODS))
+    return trace.load(engines.run(spec, tmp_path_factory.mktemp("one-step") / "run", "pytest"))
+
+
+def _timed_children(timed: set[str], parent: str) -> list[str]:
+    """The timed modules whose nearest timed ancestor is `parent` (through untimed containers
+    such as model.layers, a ModuleList that is never called)."""
+    def nearest_timed_ancestor(path: str) -> str:
+        parts = path.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:end]) in timed:
+                return ".".join(parts[:end])
+        return "[root]"
+
+    return [m for m in timed if not m.startswith("[") and nearest_timed_ancestor(m) == parent]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_scopes_nest_on_one_clock(one_step_trace, method):
+    """In one step, a module's forward interval holds its children's, which run one after
+    another: its latency is at least their sum. The model and the loss run one after the other
+    inside the forward phase."""
+    t = one_step_trace
+    forward = _rows(t, method, "forward").dropna(subset=["latency_ms"])
+    latency = dict(zip(forward["module"], forward["latency_ms"]))
+    checked = 0
+    for parent, parent_ms in latency.items():
+        children = {c: latency[c] for c in _timed_children(set(latency), parent)}
+        if not children:
+            continue
+        if any(".lora_magnitude_vector" in c for c in children):
+            # PEFT's DoRA calls lora_A and lora_B from inside its magnitude module, a sibling:
+            # those intervals nest in it, so only each one, not their sum, is bounded.
+            assert parent_ms >= max(children.values()), (method, parent)
+        else:
+            assert parent_ms >= sum(children.values()), (method, parent, parent_ms, children)
+        checked += 1
+    n_layers = t.run["model"]["config"]["num_hidden_layers"]
+    assert checked >= 3 * n_layers + 2, checked  # root, model, each layer, attention and MLP
+    summary = t.summary.set_index("method").loc[method]
+    assert latency["[root]"] + latency["[loss]"] <= summary["forward_ms"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decoder_layer_backward_scopes_follow_one_another(one_step_trace, method):
+    """Backward runs the layers last to first; each layer's scope ends before the previous one's
+    starts, so their backward latencies add up to at most the backward phase."""
+    t = one_step_trace
+    backward = _rows(t, method, "backward")
+    layers = backward[backward["kind"] == "decoder_layer"]
+    n_layers = t.run["model"]["config"]["num_hidden_layers"]
+    assert len(layers) == n_layers and (layers["latency_ms"] > 0).all()
+    assert layers["latency_ms"].sum() <= t.summary.set_index("method").loc[method, "backward_ms"]
+
+
+def _scope_windows(chrome_trace: dict) -> tuple[float, dict[str, list[tuple[float, float]]]]:
+    """The step's start (the first phase range) and every module range of a Chrome trace."""
+    events = [e for e in chrome_trace["traceEvents"]
+              if e.get("ph") == "X" and e.get("cat") == "user_annotation"]
+    start = min(e["ts"] for e in events if e["name"].startswith("phase:"))
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        windows.setdefault(e["name"], []).append((e["ts"] - start, e["ts"] - start + e["dur"]))
+    return start, windows
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_op_lies_inside_the_scope_it_is_attributed_to(measured_trace, method):
+    """The op table's module of each op is a range of the profiled step that encloses the op
+    (checked against the Chrome trace the same step wrote), for the decoder layers' ops."""
+    import json
+
+    t = measured_trace
+    _, windows = _scope_windows(json.loads(t.chrome_traces[method].read_text()))
+    ops = t.ops[(t.ops["method"] == method) & t.ops["module"].str.startswith("model.layers.")]
+    assert len(ops) > 100
+    for module, start, dur in zip(ops["module"], ops["start_us"], ops["dur_us"]):
+        spans = windows[module]
+        assert any(s <= start and start + dur <= e + 1e-3 for s, e in spans), (module, start)
+        layer = ".".join(module.split(".")[:3])
+        assert any(s <= start and start + dur <= e + 1e-3 for s, e in windows[layer]), module
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -214,6 +235,8 @@ def test_attention_backward_latency_is_measured(measured_trace, method):
 
 
 def test_phase_times_add_up_to_step(measured_trace):
+    """A format check: step_ms is defined as the sum of the phase medians (true by
+    construction). The real checks of the timing pass are the nesting tests above."""
     s = measured_trace.summary
     assert (s["status"] == "ok").all()
     for _, row in s.iterrows():
@@ -326,29 +349,56 @@ PEAK_PARTS = [f"peak_{c}_bytes" for c in trace.MEMORY_CATEGORIES]
 
 @pytest.mark.parametrize("method", METHODS)
 def test_peak_breakdown_adds_up(measured_trace, method):
+    """A format check (the breakdown is by definition the categories alive at the peak); the
+    categories' real values are checked below and against simulation in test_simulate.py."""
     row = measured_trace.summary.set_index("method").loc[method]
     parts = {c: int(row[c]) for c in PEAK_PARTS}
     assert all(v >= 0 for v in parts.values()), parts
-    assert row["peak_bytes"] >= sum(parts.values())
     assert sum(parts.values()) == row["peak_bytes"]
     assert parts["peak_weights_bytes"] > 0
     assert parts["peak_activations_bytes"] > 0
 
 
+def _trainable_tensors(method: str) -> int:
+    """How many trainable tensors `method` has on the shared run's model (built again)."""
+    from conftest import MEASURED_RUN
+
+    from paca_prof.engines.common import RunSpec, build_prepared
+
+    spec = RunSpec(device="cpu", **MEASURED_RUN)
+    model, _ = build_prepared(spec, method, "meta")
+    return sum(1 for p in model.parameters() if p.requires_grad)
+
+
 def test_memory_categories_per_method(measured_trace):
     t = measured_trace
     s = t.summary.set_index("method")
-    assert s.loc["full", "peak_optimizer_bytes"] > 0
     assert s.loc["frozen", "peak_optimizer_bytes"] == 0
     assert s.loc["frozen", "peak_trainable_bytes"] == 0
     assert s.loc["frozen", "trainable_params"] == 0
     element = ELEMENT_SIZE[t.run["dtype"]]
+    weights = s.loc["frozen", "peak_weights_bytes"]  # every parameter and buffer, frozen
     for method in ("lora", "dora", "paca", "full"):
         trainable_bytes = s.loc[method, "trainable_params"] * element  # fp32 adapters here
         assert s.loc[method, "peak_trainable_bytes"] == trainable_bytes, method
-        # AdamW: exp_avg and exp_avg_sq per parameter, plus a scalar step each
-        assert s.loc[method, "peak_optimizer_bytes"] >= 2 * trainable_bytes, method
-    assert s.loc["full", "peak_optimizer_bytes"] > s.loc["lora", "peak_optimizer_bytes"]
+        # AdamW keeps exp_avg and exp_avg_sq per parameter (the parameter's size each) and a
+        # 0-dim fp32 `step` tensor per parameter tensor (torch.optim's CPU default)
+        expected = 2 * trainable_bytes + 4 * _trainable_tensors(method)
+        assert s.loc[method, "peak_optimizer_bytes"] == expected, method
+    # the frozen base is what is left: lora and dora add trainable tensors beside it; paca
+    # also keeps, per adapted linear, its r column indices (int64) and the original columns
+    # (out x r, to unmerge exactly); full trains all of it
+    for method in ("lora", "dora"):
+        assert s.loc[method, "peak_weights_bytes"] == weights, method
+    config, rank = t.run["model"]["config"], t.run["methods"]["paca"]["rank"]
+    kv = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    outs = {"q_proj": config["hidden_size"], "k_proj": kv, "v_proj": kv,
+            "o_proj": config["hidden_size"], "gate_proj": config["intermediate_size"],
+            "up_proj": config["intermediate_size"], "down_proj": config["hidden_size"]}
+    paca_buffers = config["num_hidden_layers"] * sum(
+        out * rank * element + rank * 8 for out in outs.values())
+    assert s.loc["paca", "peak_weights_bytes"] == weights + paca_buffers
+    assert s.loc["full", "peak_weights_bytes"] + s.loc["full", "peak_trainable_bytes"] == weights
     assert s.loc["paca", "trainable_params"] < s.loc["lora", "trainable_params"]
 
 
@@ -366,15 +416,10 @@ def test_memory_timeline(measured_trace):
         # the gradients of all trainable parameters are alive together at the step's end
         grads = rows.loc[rows["category"] == "gradients", "allocated_bytes"].max()
         assert grads == s.loc[method, "trainable_params"] * element, method
-        # replaying the long format gives the recorded peak
-        n = len(trace.MEMORY_CATEGORIES)
-        assert (rows["t"].iloc[:n] == 0).all(), method
-        totals = dict(start)
-        peak = sum(totals.values())
-        for category, allocated in zip(rows["category"].iloc[n:], rows["allocated_bytes"].iloc[n:]):
-            totals[category] = allocated
-            peak = max(peak, sum(totals.values()))
-        assert peak == s.loc[method, "peak_bytes"], method
+        # a step in steady state (optimizer state made by the warm-up) returns memory to where
+        # it started: every temporary, activation and gradient is freed by its end
+        end = rows.groupby("category")["allocated_bytes"].last()
+        assert end.sum() == start.sum(), (method, dict(end - start))
 
 
 # --- 9: a method that runs out of memory --------------------------------------------------------

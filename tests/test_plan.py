@@ -190,12 +190,15 @@ def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(t
 # --- Against measurement --------------------------------------------------------------------
 
 @pytest.mark.parametrize("seq", [128, 256])
-def test_predicted_peak_is_within_2_percent_of_the_measured_cpu_peak(seq):
+def test_predicted_peak_equals_the_measured_cpu_peak_to_256_bytes(seq):
+    """What the planner predicts is what the CPU measures, to within the few scalars the CPU
+    allocator adds (test_simulate.BYTE_TOLERANCE)."""
     spec = planner.make_spec("tiny", ("lora",), **TINY)
     predicted = planner._MethodModel(spec, "lora", 2, (2,)).probe(seq, 1).peak_bytes
     measured_spec = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY)
-    measured = measure_method(measured_spec, "lora", Path(tempfile.mkdtemp()))
-    assert abs(predicted - measured.summary["peak_bytes"]) <= 0.02 * measured.summary["peak_bytes"]
+    measured = measure_method(measured_spec, "lora",
+                              Path(tempfile.mkdtemp(prefix="paca-prof-")))
+    assert abs(predicted - measured.summary["peak_bytes"]) <= 256
 
 
 # --- The command ----------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from paca_prof.trace import peak_column
+
 MIB = 2**20
 LAYER_PATTERN = re.compile(r"^(.*\.layers\.\d+)(\.|$)")
 
@@ -120,7 +122,7 @@ def activation_totals(savings: pd.DataFrame) -> pd.DataFrame:
 
 def peak_breakdown(summary: pd.DataFrame, categories: tuple[str, ...]) -> pd.DataFrame:
     """Long table (method, category, bytes) of the memory alive at each method's peak."""
-    columns = {f"peak_{c}_bytes": c for c in categories}
+    columns = {peak_column(c): c for c in categories}
     long = summary.melt(id_vars="method", value_vars=list(columns), var_name="category",
                         value_name="bytes")
     long["category"] = long["category"].map(columns)

@@ -27,6 +27,7 @@ from paca_prof import trace
 from paca_prof.engines.attention import SIMULATED as SIMULATED_ATTENTION
 from paca_prof.engines.common import RunSpec, validate_against_model
 from paca_prof.gpus import GpuSpec
+from paca_prof.results import MethodResult, failed
 
 Progress = Callable[[str, str], None]  # (method, what is happening)
 
@@ -68,7 +69,7 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
     status oom, one that fails otherwise status error (with the message); the others still run.
     Nothing is written to `out` until all are done.
     """
-    from paca_prof.engines.measure import MethodResult, measure_method
+    from paca_prof.engines.measure import measure_method
     from paca_prof.engines.simulate import simulate_method
 
     validate_against_model(spec)
@@ -97,10 +98,7 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
                 status = "oom" if is_out_of_memory(error) else "error"
                 if status == "error":
                     traceback.print_exc(file=sys.stderr)
-                results.append(MethodResult(
-                    summary={"method": method, "status": status,
-                             "error": f"{type(error).__name__}: {error}".splitlines()[0][:500]},
-                    layers=pd.DataFrame(), ops=pd.DataFrame(), memory=pd.DataFrame()))
+                results.append(failed(method, status, error))
                 if spec.device.startswith("cuda"):
                     torch.cuda.empty_cache()
             progress(method, "done")

@@ -16,7 +16,6 @@ import json
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +24,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from paca_prof import methods as method_registry
+from paca_prof.results import MethodResult, summary_row
 from paca_prof.engines.common import (
     RunSpec,
     build_prepared,
@@ -48,17 +48,6 @@ from paca_prof.instrument import (
 )
 
 
-@dataclass
-class MethodResult:
-    """What one method's run contributes to each table of the trace."""
-
-    summary: dict
-    layers: pd.DataFrame
-    ops: pd.DataFrame
-    memory: pd.DataFrame
-    chrome_trace: Path | None = None
-
-
 def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
     """Run `method` for real on spec.device and return its tables.
 
@@ -75,15 +64,10 @@ def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
     kinds = module_kinds(model)
     layers = layer_table(method, kinds, latencies, profiled["ops"], profiled["ledger"].by_module)
     trainable = sum(p.numel() for p in method_registry.trainable_parameters(model))
-    summary = {
-        "method": method, "status": "ok",
-        "step_ms": phase_ms["step"], "forward_ms": phase_ms["forward"],
-        "backward_ms": phase_ms["backward"], "optimizer_ms": phase_ms["optimizer"],
-        "n_kernels": len(profiled["ops"]), "activation_bytes": profiled["ledger"].total_bytes,
-        "peak_bytes": profiled["peak_bytes"], "reserved_bytes": profiled["reserved_bytes"],
-        "trainable_params": trainable,
-        **{f"peak_{c}_bytes": b for c, b in profiled["peak_breakdown"].items()},
-    }
+    summary = summary_row(
+        method, times_ms=phase_ms, peak_breakdown=profiled["peak_breakdown"],
+        n_kernels=len(profiled["ops"]), activation_bytes=profiled["ledger"].total_bytes,
+        trainable_params=trainable, **profiled["device_peaks"])
     del model, optimizer
     return MethodResult(summary, layers, profiled["ops"], profiled["memory"], chrome_path)
 
@@ -205,13 +189,17 @@ def _profiler_pass(model, optimizer, ids, method, device, chrome_path: Path) -> 
     module_paths = set(scopes.paths.values()) | {LOSS, OPTIMIZER}
     wrappers = method_registry.wrapper_paths(model, method)
     ops = _op_table(events, method, module_paths, wrappers, cuda)
-    memory, peak, breakdown = _memory_timeline(events, method, static, ledger, grad_ptrs, cuda)
-    reserved = pd.NA
-    if cuda:
-        peak = max(peak, torch.cuda.max_memory_allocated())
-        reserved = torch.cuda.max_memory_reserved()
-    return {"ops": ops, "ledger": ledger, "memory": memory, "peak_bytes": peak,
-            "reserved_bytes": reserved, "peak_breakdown": breakdown}
+    memory, _, breakdown = _memory_timeline(events, method, static, ledger, grad_ptrs, cuda)
+    return {"ops": ops, "ledger": ledger, "memory": memory, "peak_breakdown": breakdown,
+            "device_peaks": cuda_memory_peaks() if cuda else {}}
+
+
+def cuda_memory_peaks() -> dict[str, int]:
+    """torch's own peak counters of the profiled step: allocated (blocks rounded up, kernel
+    workspaces included) and reserved. They are kept beside the tensor-byte peak, never folded
+    into it: the peak stays the sum of its categories (results.summary_row)."""
+    return {"allocator_peak_bytes": torch.cuda.max_memory_allocated(),
+            "reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
 def _phase_windows(events) -> dict[str, tuple[float, float]]:

@@ -3,46 +3,39 @@
 The cost model, in full:
   - every op is one kernel; its device time is its roofline bound plus the launch cost:
         max(flops / (peak * efficiency), bytes / (bandwidth * efficiency)) + launch_us
-    with the bf16/fp16 tensor-core peak for half-precision matmuls and attention, the fp32
-    peak otherwise;
+    with the bf16 or fp16 tensor-core peak for half-precision ops, the fp32 peak otherwise;
   - the host issues ops one after another, dispatch_us apart (Python, the dispatcher and the
     launch call); a kernel starts when both the host has issued it and the previous kernel has
     finished. So a run of small kernels, such as an adapter branch beside each big GEMM, is
     bound by the host, and the device idles between kernels: the sequential adapter overhead.
 Limits: one kernel per op (foreach and fused ops launch several, attention backward launches a
-few); no overlap of kernels; efficiencies and the launch and dispatch costs are uncalibrated
-estimates (GpuSpec.source says so) until a measured GPU trace calibrates them.
+few); no overlap of kernels; efficiencies (GpuSpec.*_efficiency) and the launch and dispatch
+costs are uncalibrated estimates (GpuSpec.source says so) until a measured GPU trace calibrates
+them.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from paca_prof.gpus import GpuSpec
 
-HALF_DTYPES = ("bfloat16", "float16", "bf16", "fp16", "c10::BFloat16", "c10::Half")
+BF16_DTYPES = ("bfloat16", "bf16", "c10::BFloat16")
+FP16_DTYPES = ("float16", "fp16", "c10::Half")
 
 
-@dataclass(frozen=True)
-class Efficiency:
-    """Fractions of the datasheet peaks that kernels reach (uncalibrated defaults)."""
-
-    matmul: float = 0.70
-    attention: float = 0.50
-    bandwidth: float = 0.80
-
-
-def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec, eff: Efficiency = Efficiency()) -> np.ndarray:
+def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec) -> np.ndarray:
     """Device time of each op (one kernel each) on `gpu`, launch cost included."""
-    half = ops["dtype"].isin(HALF_DTYPES).to_numpy()
+    dtype = ops["dtype"]
     attention = ops["name"].str.contains("attention", regex=False).to_numpy()
-    peak_tflops = np.where(half, gpu.bf16_tflops, gpu.fp32_tflops)
-    efficiency = np.where(attention, eff.attention, eff.matmul)
+    peak_tflops = np.where(dtype.isin(BF16_DTYPES).to_numpy(), gpu.bf16_tflops,
+                           np.where(dtype.isin(FP16_DTYPES).to_numpy(), gpu.fp16_tflops,
+                                    gpu.fp32_tflops))
+    efficiency = np.where(attention, gpu.attention_efficiency, gpu.matmul_efficiency)
     compute_us = ops["flops"].to_numpy(dtype=float) / (peak_tflops * 1e6 * efficiency)
-    memory_us = ops["bytes"].to_numpy(dtype=float) / (gpu.hbm_gbps * 1e3 * eff.bandwidth)
+    memory_us = ops["bytes"].to_numpy(dtype=float) / (gpu.hbm_gbps * 1e3
+                                                      * gpu.bandwidth_efficiency)
     return np.maximum(np.nan_to_num(compute_us), np.nan_to_num(memory_us)) + gpu.launch_us
 
 
@@ -58,12 +51,12 @@ def schedule(kernel_us: np.ndarray, dispatch_us: float) -> tuple[np.ndarray, np.
     return starts, ends
 
 
-def project_ops(ops: pd.DataFrame, gpu: GpuSpec, eff: Efficiency = Efficiency()) -> pd.DataFrame:
+def project_ops(ops: pd.DataFrame, gpu: GpuSpec) -> pd.DataFrame:
     """The ops of one method's step with projected start_us and dur_us (in issue order)."""
     ops = ops.sort_values("seq_no").copy()
     if ops.empty:
         return ops.assign(start_us=[], dur_us=[])
-    durations = kernel_times_us(ops, gpu, eff)
+    durations = kernel_times_us(ops, gpu)
     starts, _ = schedule(durations, gpu.dispatch_us)
     ops["start_us"], ops["dur_us"] = starts, durations
     return ops

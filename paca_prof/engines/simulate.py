@@ -35,7 +35,6 @@ from paca_prof.engines.common import (
     module_kinds,
     training_step,
 )
-from paca_prof.engines.measure import MethodResult
 from paca_prof.instrument import (
     LOSS,
     MemoryEvent,
@@ -47,6 +46,7 @@ from paca_prof.instrument import (
     storage_key,
 )
 from paca_prof.gpus import GpuSpec
+from paca_prof.results import MethodResult, summary_row
 
 
 @dataclass
@@ -176,15 +176,13 @@ class Simulator:
         if gpu is not None:
             ops = project.project_ops(ops, gpu)
             latencies = project.module_latencies_ms(ops, ancestors)
-            times = {f"{phase}_ms": ms for phase, ms in project.phase_times_ms(ops).items()}
+            times = project.phase_times_ms(ops)
         layers = layer_table(self.method, module_kinds(model), latencies, ops, ledger.by_module)
         fits = gpu is None or peak <= gpu.memory_bytes
-        summary = {
-            "method": self.method, "status": "ok" if fits else "oom", **times,
-            "n_kernels": len(ops), "activation_bytes": ledger.total_bytes, "peak_bytes": peak,
-            "trainable_params": self.trainable,
-            **{f"peak_{c}_bytes": b for c, b in breakdown.items()},
-        }
+        summary = summary_row(
+            self.method, "ok" if fits else "oom", times_ms=times, peak_breakdown=breakdown,
+            n_kernels=len(ops), activation_bytes=ledger.total_bytes,
+            trainable_params=self.trainable)
         return MethodResult(summary, layers, ops, pd.DataFrame(rows).assign(method=self.method))
 
 

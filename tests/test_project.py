@@ -1,0 +1,95 @@
+"""The cost model behind every projected millisecond (paca_prof/engines/project.py), on a made-up
+device and a handful of ops whose times are worked out by hand in the comments. Any change to a
+formula, a peak, an efficiency, the launch or the dispatch cost fails one of these."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from paca_prof.engines import project
+from paca_prof.engines.common import ancestors
+from paca_prof.gpus import GpuSpec
+
+# A round device: 100 TFLOP/s bf16, 50 fp16, 10 fp32, 1000 GB/s; matmul efficiency 0.5,
+# attention 0.25, bandwidth 0.8; launch 2 us, dispatch 5 us.
+DEVICE = GpuSpec("made-up", 2**34, bf16_tflops=100.0, fp16_tflops=50.0, fp32_tflops=10.0,
+                 hbm_gbps=1000.0, launch_us=2.0, dispatch_us=5.0, matmul_efficiency=0.5,
+                 attention_efficiency=0.25, bandwidth_efficiency=0.8, source="test")
+
+Q = "model.layers.0.self_attn.q_proj"
+ATTN = "model.layers.0.self_attn"
+
+
+def _ops(rows) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["module", "phase", "name", "dtype", "flops", "bytes"])
+    return frame.assign(method="lora", seq_no=range(len(frame)))
+
+
+OPS = _ops([
+    # 2 GFLOP bf16 matmul: 2e9 / (100e12 * 0.5) = 40 us of compute, 1 MB / (1000e9 * 0.8)
+    # = 1.25 us of memory: compute-bound, 40 + 2 (launch) = 42 us
+    (Q, "forward", "aten::mm", "bfloat16", 2e9, 1e6),
+    # an element-wise add moving 8 MB: 8e6 / 800e9 = 10 us, + 2 = 12 us
+    (ATTN, "forward", "aten::add", "bfloat16", 0.0, 8e6),
+    # flash attention backward, 10 GFLOP at the attention efficiency:
+    # 1e10 / (100e12 * 0.25) = 400 us, + 2 = 402 us
+    (ATTN, "backward", "aten::_scaled_dot_product_flash_attention_backward", "bfloat16", 1e10,
+     1e6),
+    # 0.1 GFLOP fp32 matmul: 1e8 / (10e12 * 0.5) = 20 us, + 2 = 22 us
+    (Q, "backward", "aten::mm", "float32", 1e8, 1e5),
+    # an fp16 matmul uses the fp16 peak: 1e9 / (50e12 * 0.5) = 40 us, + 2 = 42 us
+    (Q, "backward", "aten::mm", "float16", 1e9, 1e5),
+    # an optimizer op with nothing to compute or move still costs its launch: 2 us
+    ("[optimizer]", "optimizer", "aten::_foreach_add_", "float32", 0.0, 0.0),
+])
+KERNEL_US = [42.0, 12.0, 402.0, 22.0, 42.0, 2.0]
+# The host issues op i at (i + 1) * 5 us; a kernel starts when issued and the device is free:
+#   op0 issued 5, starts 5, ends 47; op1 issued 10, starts 47, ends 59;
+#   op2 issued 15, starts 59, ends 461; op3 issued 20, starts 461, ends 483;
+#   op4 issued 25, starts 483, ends 525; op5 issued 30, starts 525, ends 527.
+STARTS = [5.0, 47.0, 59.0, 461.0, 483.0, 525.0]
+
+
+def test_kernel_times_are_roofline_plus_launch():
+    assert project.kernel_times_us(OPS, DEVICE).tolist() == pytest.approx(KERNEL_US)
+
+
+def test_schedule_waits_for_the_host_and_for_the_device():
+    starts, ends = project.schedule(pd.Series(KERNEL_US).to_numpy(), DEVICE.dispatch_us)
+    assert starts.tolist() == pytest.approx(STARTS)
+    assert ends.tolist() == pytest.approx([47.0, 59.0, 461.0, 483.0, 525.0, 527.0])
+
+
+def test_small_kernels_are_bound_by_the_host_and_leave_the_device_idle():
+    # four 2 us kernels issued 5 us apart: each starts when issued; 3 us idle between them
+    starts, ends = project.schedule(pd.Series([2.0] * 4).to_numpy(), 5.0)
+    assert starts.tolist() == [5.0, 10.0, 15.0, 20.0]
+    assert ends.tolist() == [7.0, 12.0, 17.0, 22.0]
+
+
+def test_projected_ops_phase_times_and_module_latencies():
+    projected = project.project_ops(OPS, DEVICE)
+    assert projected["start_us"].tolist() == pytest.approx(STARTS)
+    assert projected["dur_us"].tolist() == pytest.approx(KERNEL_US)
+    # forward ends with op1 at 59 us; backward with op4 at 525; the optimizer at 527
+    assert project.phase_times_ms(projected) == pytest.approx(
+        {"forward": 0.059, "backward": (525 - 59) / 1e3, "optimizer": 0.002, "step": 0.527})
+    # A module's latency: its kernels' time plus the idle time just before each of them.
+    #   op0 (q_proj fwd): 42 + 5 idle = 47; op1 (self_attn fwd): 12 + 0
+    #   op2 (self_attn bwd): 402; op3 and op4 (q_proj bwd): 22 + 42; op5 (optimizer): 2
+    latencies = project.module_latencies_ms(projected, ancestors)
+    assert latencies[(Q, "forward")] == pytest.approx(0.047)
+    assert latencies[(ATTN, "forward")] == pytest.approx(0.059)  # includes q_proj's 47
+    assert latencies[("model.layers.0", "forward")] == pytest.approx(0.059)
+    assert latencies[(Q, "backward")] == pytest.approx(0.064)
+    assert latencies[(ATTN, "backward")] == pytest.approx(0.466)
+    assert latencies[("[root]", "backward")] == pytest.approx(0.466)
+    assert latencies[("[optimizer]", "optimizer")] == pytest.approx(0.002)
+
+
+def test_ops_are_projected_in_issue_order_whatever_the_row_order():
+    shuffled = OPS.sample(frac=1.0, random_state=3)
+    projected = project.project_ops(shuffled, DEVICE)
+    assert projected["seq_no"].tolist() == list(range(len(OPS)))
+    assert projected["start_us"].tolist() == pytest.approx(STARTS)
