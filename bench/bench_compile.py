@@ -10,8 +10,8 @@ Measurement, as bench_step.py's: every variant is built from deep copies of one 
 warmed up, then timed in ONE interleaved run: each round visits every variant once in a freshly
 shuffled order and times `reps` steps with time.perf_counter. The garbage collector is frozen
 after setup and disabled inside timed regions. The statistic is the median per variant; each
-ratio is a ratio of medians with a 95% bootstrap interval over whole rounds. All times are
-measured (host clock, CPU).
+ratio is a ratio of medians with a 95% bootstrap interval over whole rounds (bench/verdicts.py).
+All times are measured (host clock, CPU). It reports; it judges no target (exit status 0).
 
 Run from the repository root:
 
@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_step import CONFIGS, build_base, quantile  # noqa: E402
+import verdicts  # noqa: E402  (bench/verdicts.py)
+from bench_step import CONFIGS, build_base  # noqa: E402
 from paca import LLAMA_TARGETS  # noqa: E402
 from paca.compiled import ensure_built  # noqa: E402
 from paca_prof.methods import MethodSettings, prepare  # noqa: E402
@@ -94,43 +95,37 @@ def warm_up(runners: dict[str, Runner], steps: int) -> dict[str, dict]:
     return info
 
 
-def timed_rounds(runners: dict[str, Runner], rounds: int, reps: int, seed: int) -> dict:
+def timed_rounds(runners: dict[str, Runner], rounds: int, reps: int, seed: int) -> list[dict]:
+    """Interleaved rounds; returns each round's wall times per variant."""
     gc.collect()
     gc.freeze()
-    wall: dict[str, list[float]] = {v: [] for v in runners}
+    per_round = []
     order = list(runners)
     rng = random.Random(seed)
     for _ in range(rounds):
         rng.shuffle(order)
+        this_round = {}
         for variant in order:
             gc.collect()
             gc.disable()
             try:
+                times = []
                 for _ in range(reps):
                     start = time.perf_counter()
                     runners[variant].step()
-                    wall[variant].append(time.perf_counter() - start)
+                    times.append(time.perf_counter() - start)
             finally:
                 gc.enable()
+            this_round[variant] = times
+        per_round.append(this_round)
     gc.unfreeze()
-    return wall
+    return per_round
 
 
-def ratio_interval(wall: dict, reps: int, num: str, den: str, resamples: int = 1000,
-                   seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of median(num) / median(den), resampling whole rounds."""
-    n_rounds = len(wall[num]) // reps
-    rng = random.Random(seed)
-    values = []
-    for _ in range(resamples):
-        rounds = [rng.randrange(n_rounds) for _ in range(n_rounds)]
-
-        def med(variant):
-            return statistics.median(
-                t for r in rounds for t in wall[variant][r * reps:(r + 1) * reps])
-
-        values.append(med(num) / med(den))
-    return quantile(values, 0.025), quantile(values, 0.975)
+def ratios_of_medians(rounds: list[dict]) -> dict[str, float]:
+    """Every ratio of RATIOS from the per-variant median over the given rounds."""
+    med = {v: statistics.median(t for r in rounds for t in r[v]) for v in rounds[0]}
+    return {name: med[num] / med[den] for name, (num, den) in RATIOS.items()}
 
 
 def main(argv=None) -> int:
@@ -159,7 +154,8 @@ def main(argv=None) -> int:
     runners = {v: Runner(base, v, settings, input_ids) for v in VARIANTS}
     del base
     info = warm_up(runners, args.warmup)
-    wall = timed_rounds(runners, rounds, args.reps, args.seed)
+    per_round = timed_rounds(runners, rounds, args.reps, args.seed)
+    wall = {v: [t for r in per_round for t in r[v]] for v in VARIANTS}
 
     m = cfg.model
     print(f"\nconfig A ({cfg.note}): hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
@@ -170,15 +166,14 @@ def main(argv=None) -> int:
     for variant in VARIANTS:
         xs = [1e3 * t for t in wall[variant]]
         graphs = info[variant]["graphs"]
-        print(f"    {variant:<14} {statistics.median(xs):>10.2f} {quantile(xs, .25):>9.2f} "
-              f"{quantile(xs, .75):>9.2f} {info[variant]['first_s']:>13.1f} "
+        p25, p75 = verdicts.quantile(xs, 0.25), verdicts.quantile(xs, 0.75)
+        print(f"    {variant:<14} {statistics.median(xs):>10.2f} {p25:>9.2f} {p75:>9.2f} "
+              f"{info[variant]['first_s']:>13.1f} "
               f"{'-' if graphs is None else graphs:>7} {info[variant]['loss0']:>8.4f}")
     print("    (measured: host wall clock per step; first step: includes the compile)\n")
-    medians = {v: statistics.median(wall[v]) for v in VARIANTS}
-    for name, (num, den) in RATIOS.items():
-        low, high = ratio_interval(wall, args.reps, num, den)
-        print(f"    {name:<22} = {medians[num] / medians[den]:6.3f}   95% interval "
-              f"[{low:5.3f}, {high:5.3f}]")
+    intervals = verdicts.bootstrap_intervals(per_round, ratios_of_medians, seed=args.seed)
+    for name, value in ratios_of_medians(per_round).items():
+        print(f"    {name:<22} = {value:6.3f}   95% interval {intervals[name].format()}")
     print("    (ratios of medians; interval: bootstrap over whole rounds)")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     return 0

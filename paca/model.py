@@ -22,9 +22,10 @@ from paca.layer import PacaLayer, PacaLinear, check_indices, check_layer_state
 from paca.targets import draw_indices, find_targets, matches, select_indices, select_targets
 
 __all__ = [
-    "PacaModel", "check_injectable", "disable_adapter", "find_targets", "get_nb_trainable_parameters",
-    "get_paca_model", "inject_paca", "merge_and_unload", "paca_layers",
-    "print_trainable_parameters", "select_indices", "sync_columns", "unload", "unwrap",
+    "PacaModel", "check_injectable", "disable_adapter", "find_targets",
+    "get_nb_trainable_parameters", "get_paca_model", "inject_paca", "merge_and_unload",
+    "paca_layers", "print_trainable_parameters", "select_indices", "sync_columns", "unload",
+    "unwrap",
 ]
 
 
@@ -94,6 +95,9 @@ class PacaModel(nn.Module):
     HF Trainer checkpoint of a PacaModel (Trainer saves model.state_dict() for modules that are
     not PreTrainedModel) holds the trained columns only, and Trainer's resume loads them back.
     The full state dict is get_base_model().state_dict().
+
+    Limits: forward takes (*args, **kwargs), so HF Trainer, which reads the forward signature
+    to drop unused columns of a datasets.Dataset, needs remove_unused_columns=False.
     """
 
     def __init__(self, model: nn.Module):

@@ -107,7 +107,8 @@ class QPacaLinear(PacaLayer):
         super().__init__()
         bnb = _bnb()
         if not isinstance(base, bnb.nn.Linear4bit):
-            raise TypeError(f"QPacaLinear wraps bitsandbytes' Linear4bit, got {type(base).__name__}")
+            raise TypeError(
+                f"QPacaLinear wraps bitsandbytes' Linear4bit, got {type(base).__name__}")
         if getattr(base.weight, "quant_state", None) is None:
             raise ValueError("the Linear4bit is not quantized yet (move it to a device first)")
         if not 0 < r <= base.in_features:

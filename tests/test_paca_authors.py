@@ -98,6 +98,7 @@ def test_bench_step_profiles_the_one_authors_module(make_llama, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "bench_step.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_step", bench)  # dataclasses look their module up
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as when run: its folder on sys.path
     spec.loader.exec_module(bench)
     from paca_prof.methods import MethodSettings
 
