@@ -71,6 +71,11 @@ class PacaLayer(nn.Module):
     sync_columns(), set_enabled(), merge() and unmerge(). paca_layers() finds them by this type.
     """
 
+    def _same_indices(self, indices: torch.Tensor) -> bool:
+        if indices.is_meta or self.indices.is_meta:  # no values to compare: shapes only
+            return True
+        return torch.equal(indices.to(device=self.indices.device, dtype=torch.long), self.indices)
+
 
 class PacaLinear(PacaLayer):
     """Replaces an nn.Linear; trains the input columns `indices` of its weight.
@@ -84,8 +89,8 @@ class PacaLinear(PacaLayer):
         scaling: alpha / r.
 
     Invariant: W[:, indices] == scaling * paca_weight after every torch.optim step that holds
-    paca_weight (fused ones included), every load_state_dict, and every forward, so forwards,
-    state_dict() and checkpoints always see the latest step. At initialisation W is left
+    paca_weight (fused ones included), every load_state_dict, and every eager forward, so
+    forwards, state_dict() and checkpoints always see the latest step. At initialisation W is left
     untouched, so the model's output is exactly the base model's. original_columns keeps the
     base columns, so unmerge() restores the base weight bit for bit.
 
@@ -215,9 +220,6 @@ class PacaLinear(PacaLayer):
                 self.paca_weight.copy_(self.original_columns / self.scaling)
         self.sync_columns()
 
-    def _same_indices(self, indices: torch.Tensor) -> bool:
-        return torch.equal(indices.to(device=self.indices.device, dtype=torch.long), self.indices)
-
     # ------------------------------------------------------------------ enable, merge, unmerge
 
     def set_enabled(self, enabled: bool) -> None:
@@ -283,7 +285,11 @@ def check_layer_state(layer: PacaLayer, state_dict: dict, prefix: str) -> None:
     if indices is None:
         return
     check_indices(indices, layer.r, layer.in_features, where)
-    if weight is not None and not layer._same_indices(indices):
+    if layer._same_indices(indices):
+        return
+    if columns is None:
+        raise ValueError(f"{where}: the state dict gives other indices but no paca_weight for them")
+    if weight is not None:
         raise ValueError(
             f"{where}: the state dict holds a weight trained on other columns (indices "
             "differ), whose base columns are unknown. Load it into a PaCA model made with the "

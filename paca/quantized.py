@@ -150,9 +150,6 @@ class QPacaLinear(PacaLayer):
     def _after_optimizer_step(self, stepped: set[int]) -> None:
         pass
 
-    def _same_indices(self, indices: torch.Tensor) -> bool:
-        return torch.equal(indices.to(device=self.indices.device, dtype=torch.long), self.indices)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         check_layer_state(self, state_dict, prefix)  # other indices: taken over (base untouched)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

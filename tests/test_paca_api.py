@@ -569,3 +569,12 @@ def test_trainer_checkpoints_hold_the_trained_columns_and_resume(make_llama, tmp
     probe = batch(9)
     torch.testing.assert_close(logits_of(resumed, probe), logits_of(full, probe),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_other_indices_without_their_columns_are_refused(make_llama):
+    model = get_paca_model(make_llama(), cfg())
+    state = model.state_dict()
+    key = "base_model.model.layers.0.self_attn.q_proj.indices"
+    with pytest.raises(ValueError, match="other indices but no paca_weight"):
+        model.load_state_dict({key: (state[key] + 1) % 64}, strict=False)
+    assert torch.equal(model.state_dict()[key], state[key])
