@@ -170,7 +170,8 @@ def main(argv=None) -> int:
         print(f"    {variant:<14} {statistics.median(xs):>10.2f} {p25:>9.2f} {p75:>9.2f} "
               f"{info[variant]['first_s']:>13.1f} "
               f"{'-' if graphs is None else graphs:>7} {info[variant]['loss0']:>8.4f}")
-    print("    (measured: host wall clock per step; first step: includes the compile)\n")
+    print("    (measured: host wall clock per step; first step: includes the compile, or its load "
+          "from torch's compile cache)\n")
     intervals = verdicts.bootstrap_intervals(per_round, ratios_of_medians, seed=args.seed)
     for name, value in ratios_of_medians(per_round).items():
         print(f"    {name:<22} = {value:6.3f}   95% interval {intervals[name].format()}")
