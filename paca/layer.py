@@ -218,7 +218,10 @@ class PacaLinear(PacaLayer):
             if has_weight and not has_columns:
                 self.original_columns.copy_(self.weight.index_select(1, self.indices))
                 self.paca_weight.copy_(self.original_columns / self.scaling)
-        self.sync_columns()
+        if has_columns:
+            self.sync_columns()
+        elif has_weight:  # as at initialisation: W keeps the base columns exactly
+            self.__dict__["_synced_version"] = self.paca_weight._version
 
     # ------------------------------------------------------------------ enable, merge, unmerge
 

@@ -578,3 +578,17 @@ def test_other_indices_without_their_columns_are_refused(make_llama):
     with pytest.raises(ValueError, match="other indices but no paca_weight"):
         model.load_state_dict({key: (state[key] + 1) % 64}, strict=False)
     assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_a_plain_base_state_dict_loaded_into_paca_becomes_the_new_base(make_llama):
+    """A weight without paca_weight (a plain checkpoint of the base model): the columns restart
+    from it, the output is that model's exactly, and unload() restores it bit for bit."""
+    other = make_llama(seed=1)
+    model = get_paca_model(make_llama(), cfg())
+    sgd_steps(model, 1, lr=0.2)
+    result = model.get_base_model().load_state_dict(other.state_dict(), strict=False)
+    assert set(result.missing_keys) == {f"{n}.{k}" for n in paca_layers(model)
+                                        for k in ("paca_weight", "indices")}
+    probe = batch(9)
+    assert torch.equal(logits_of(model, probe), logits_of(other, probe))
+    assert_same_state(model.unload().state_dict(), other.state_dict())
