@@ -5,7 +5,8 @@ train, so its step is forward + backward only (the embeddings' output requires g
 paca_prof.methods.prepare sets it up): the floor every other method adds to.
 
 Methods: frozen, full, lora, dora (PEFT), paca (this project's paca/), and `authors`: the PaCA
-authors' published scheme, re-implemented below as a small reference module (see AuthorsPacaLinear).
+authors' published scheme, re-implemented in paca/authors.py (AuthorsPacaLinear), the same module
+the profiler's method "paca-authors" uses.
 
 Measurement: every prepared model is built once (deep copies of one randomly initialised base
 model, so all methods start from the same weights), warmed up, then timed in ONE interleaved run:
@@ -56,7 +57,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sys.path)
 
 import paca.layer  # noqa: E402
-from paca import LLAMA_TARGETS  # noqa: E402
+from paca import LLAMA_TARGETS, PacaConfig  # noqa: E402
+from paca.authors import inject_authors_paca  # noqa: E402
 from paca.compiled import partial_connection_op  # noqa: E402
 from paca_prof.methods import MethodSettings  # noqa: E402
 from paca_prof.methods.registry import prepare  # noqa: E402
@@ -68,94 +70,6 @@ METHODS = ("frozen", "full", "lora", "dora", "paca", "authors")
 # Not in the default run: paca with its Python autograd function instead of the compiled one
 # that the CPU runs by default, to see in one interleaved run what the compiled one is worth.
 OPTIONAL_METHODS = ("paca-python",)
-
-
-# --------------------------------------------------------------------------------------------
-# The PaCA authors' scheme, as a reference module.
-# --------------------------------------------------------------------------------------------
-
-
-class AuthorsPacaFn(torch.autograd.Function):
-    """The authors' `pacalinear`: y = x @ W.T (+ b), saves only x[:, :, idx] (and W).
-
-    Gradients: grad_x = grad_y @ W; grad_paca_w = grad_y^T @ x_idx (2-D reshapes). The scaling
-    reaches P through the autograd `P * scaling` node the module builds on every forward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, paca_w, bias, indices):
-        out = x.matmul(weight.t())
-        if bias is not None:
-            out += bias
-        if x.dim() == 3:
-            partial_x = x[:, :, indices]
-        else:
-            partial_x = x[..., indices]
-        ctx.save_for_backward(partial_x, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        partial_x, weight = ctx.saved_tensors
-        grad_x = grad_paca_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight)
-        if ctx.needs_input_grad[2]:
-            grad_paca_w = grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(
-                partial_x.reshape(-1, partial_x.shape[-1])
-            )
-        return grad_x, None, grad_paca_w, None, None
-
-
-class AuthorsPacaLinear(nn.Module):
-    """The authors' PaCA linear (peft-style `paca` tuner), without the PEFT plumbing.
-
-    - a separate trainable P (out x r), initialised to W[:, idx] / scaling, idx = randperm[:r];
-    - every forward computes `P * scaling` (one extra kernel, an autograd node);
-    - the columns are written into W (W[:, idx] = scaling * P, under no_grad, in place) on the
-      odd-numbered training forwards of this layer (iterations % 2 after incrementing, with
-      gradient_accumulation_steps = 1), i.e. every other forward;
-    - the forward/backward are AuthorsPacaFn.
-    """
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.r = r
-        self.scaling = alpha / r
-        idx = torch.randperm(self.in_features, generator=generator)[:r]
-        self.register_buffer("paca_indices", idx.to(self.weight.device))
-        self.paca_w = nn.Parameter(self.weight.detach()[:, idx].clone() / self.scaling)
-        self.iterations = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.iterations += 1
-        if self.training and self.iterations % 2:
-            with torch.no_grad():
-                self.weight[:, self.paca_indices] = self.scaling * self.paca_w.to(self.weight.dtype)
-        paca_w = self.paca_w * self.scaling
-        return AuthorsPacaFn.apply(x, self.weight, paca_w, self.bias, self.paca_indices)
-
-
-def prepare_authors(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(settings.seed)
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if name.rsplit(".", 1)[-1] in recipe.targets and isinstance(m, nn.Linear)
-    ]
-    for name, linear in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, AuthorsPacaLinear(linear, settings.r, settings.alpha, generator))
-    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +175,9 @@ def prepare_method(base: nn.Module, method: str, settings: MethodSettings,
                    recipe: Recipe) -> nn.Module:
     model = copy.deepcopy(base)
     if method == "authors":
-        model = prepare_authors(model, settings, recipe)
+        config = PacaConfig(r=settings.r, alpha=settings.alpha,
+                            target_modules=list(recipe.targets), seed=settings.seed)
+        model = inject_authors_paca(model, config)
     else:
         model = prepare(model, "paca" if method == "paca-python" else method, settings, recipe)
     model.train()

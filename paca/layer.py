@@ -4,39 +4,19 @@ Forward is one GEMM with the full weight W, which holds the trained columns. Bac
 the input gradient as a frozen linear does, plus one small GEMM for the trained columns, from
 the partial activation x[..., indices] (B*L*r values) that forward saved. The full input is
 never saved. On a CPU the same autograd function runs compiled (paca/compiled.py).
+
+The columns are written into W right after each optimizer step (paca/hooks.py), when a state
+dict is loaded, and on unmerge/enable, never inside a forward that torch.compile traces.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from paca import hooks
 from paca.compiled import partial_connection_op
-
-# Every live PacaLinear, for the optimizer hook below.
-_LIVE_LAYERS: "weakref.WeakSet[PacaLinear]" = weakref.WeakSet()
-
-
-def _mark_stepped_layers(optimizer, args, kwargs) -> None:
-    """Global optimizer step post hook: mark the layers whose paca_weight this optimizer holds.
-
-    Fused optimizers (torch.optim.AdamW(fused=True), HF Trainer's default "adamw_torch_fused")
-    update the parameters without bumping their version counter, so the version check alone
-    would keep forwarding with the old columns.
-    """
-    if not _LIVE_LAYERS:
-        return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for layer in list(_LIVE_LAYERS):
-        if id(layer.paca_weight) in stepped:
-            layer.mark_columns_changed()
-
-
-register_optimizer_step_post_hook(_mark_stepped_layers)
 
 
 class PartialConnectionFn(torch.autograd.Function):
@@ -85,29 +65,40 @@ class PartialConnectionFn(torch.autograd.Function):
         return grad_x, grad_p, None, None, None, None
 
 
-class PacaLinear(nn.Module):
+class PacaLayer(nn.Module):
+    """What every PaCA layer is (PacaLinear; QPacaLinear over 4-bit weights, paca/quantized.py):
+    r trained input columns `indices`, held in `paca_weight` (out x r) with `scaling`, and
+    sync_columns(), set_enabled(), merge() and unmerge(). paca_layers() finds them by this type.
+    """
+
+    def _same_indices(self, indices: torch.Tensor) -> bool:
+        if indices.is_meta or self.indices.is_meta:  # no values to compare: shapes only
+            return True
+        return torch.equal(indices.to(device=self.indices.device, dtype=torch.long), self.indices)
+
+
+class PacaLinear(PacaLayer):
     """Replaces an nn.Linear; trains the input columns `indices` of its weight.
 
     Attributes:
         weight: the full frozen weight (out x in), shared with the wrapped linear; forward uses it.
         bias: the frozen bias, or None.
-        indices: LongTensor (r,) of the trained input features, sorted.
+        indices: LongTensor (r,) of the trained input features (sorted when PaCA draws them).
         paca_weight: trainable Parameter (out x r, column-major), initialised to
             W[:, indices] / scaling.
         scaling: alpha / r.
 
-    Invariant: every forward uses W[:, indices] == scaling * paca_weight as of the latest change
-    to paca_weight. The columns are written into W lazily, on the first forward after
-    paca_weight's version counter moved (an optimizer step, a load), so gradient accumulation,
-    gradient checkpointing's recompute and eval forwards never see stale columns and cost no copy.
-    At initialisation W is left untouched, so the model's output is exactly the base model's.
+    Invariant: W[:, indices] == scaling * paca_weight after every torch.optim step that holds
+    paca_weight (fused ones included), every load_state_dict, and every eager forward, so
+    forwards, state_dict() and checkpoints always see the latest step. At initialisation W is left
+    untouched, so the model's output is exactly the base model's. original_columns keeps the
+    base columns, so unmerge() restores the base weight bit for bit.
 
-    Steps of torch.optim optimizers, fused ones included (they do not bump the version
-    counter), also mark the columns changed, through a global optimizer step post hook.
-
-    Limits: paca_weight has the weight's dtype; code that replaces the Parameter's storage, or
-    writes it without a version bump (through `.data`, or an optimizer that is not a
-    torch.optim.Optimizer), must call `mark_columns_changed()`.
+    Writes of paca_weight outside an optimizer step: an in-place write (it bumps the version
+    counter) is picked up by the next eager forward or state_dict(). A write that bumps no
+    version (through `.data`), an optimizer that is not a torch.optim.Optimizer, or any write
+    followed by a torch.compile'd forward (compiled forwards never write W) needs
+    `sync_columns()` (or paca.sync_columns(model)) before the next forward.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, indices: torch.Tensor):
@@ -121,6 +112,7 @@ class PacaLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.r = r
+        self.alpha = alpha
         self.scaling = alpha / r
         self.weight = base.weight
         self.bias = base.bias
@@ -136,57 +128,129 @@ class PacaLinear(nn.Module):
         # produces that layout, so accumulating the gradient needs no copy.
         self.paca_weight = nn.Parameter((original / self.scaling).t().contiguous().t())
         self._synced_version = self.paca_weight._version
-        _LIVE_LAYERS.add(self)
+        self._enabled = True
+        hooks.subscribe(self)
 
     def __setstate__(self, state):  # copy.deepcopy and unpickling bypass __init__
         super().__setstate__(state)
-        _LIVE_LAYERS.add(self)
+        hooks.subscribe(self)
 
-    def mark_columns_changed(self) -> None:
-        """Force the next forward to write scaling * paca_weight into W."""
-        # Through __dict__: nn.Module.__setattr__ costs microseconds, and this runs per step.
-        self.__dict__["_synced_version"] = -1
+    # ------------------------------------------------------------------ the columns in W
 
     def sync_columns(self) -> None:
-        """Write scaling * paca_weight into W[:, indices] if paca_weight changed since last time."""
+        """Write scaling * paca_weight into W[:, indices] (not while the adapter is disabled)."""
         paca_weight = self.paca_weight
-        version = paca_weight._version
-        if version == self._synced_version:
-            return
-        weight = self.weight
-        # detach(), not torch.no_grad(): the same effect on this path for less Python per step.
-        columns = paca_weight.detach()
-        if self.scaling != 1.0:
-            columns = columns * self.scaling
-        if columns.dtype != weight.dtype:
-            columns = columns.to(weight.dtype)
-        weight.detach().index_copy_(1, self.indices, columns)
-        self.__dict__["_synced_version"] = version
+        if self._enabled:
+            weight = self.weight
+            # detach(), not torch.no_grad(): the same effect on this path for less Python.
+            columns = paca_weight.detach()
+            if self.scaling != 1.0:
+                columns = columns * self.scaling
+            if columns.dtype != weight.dtype:
+                columns = columns.to(weight.dtype)
+            weight.detach().index_copy_(1, self.indices, columns)
+        # Through __dict__: nn.Module.__setattr__ costs microseconds, and this runs per step.
+        self.__dict__["_synced_version"] = paca_weight._version
+
+    def mark_columns_changed(self) -> None:
+        """Deprecated spelling of sync_columns() (the write used to wait for the next forward)."""
+        self.sync_columns()
+
+    def _after_optimizer_step(self, stepped: set[int]) -> None:
+        if id(self.paca_weight) in stepped:
+            self.sync_columns()
+
+    def _sync_if_written(self) -> None:
+        if self.paca_weight._version != self._synced_version:
+            self.sync_columns()
+
+    def _restore_base_columns(self) -> None:
+        self.weight.detach().index_copy_(1, self.indices, self.original_columns)
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paca_weight = self.paca_weight  # one Module.__getattr__ lookup, not three
-        if paca_weight._version != self._synced_version:  # cheap check before the call
+        # The fallback for in-place writes outside an optimizer step; never traced by compile.
+        if not torch.compiler.is_compiling() and paca_weight._version != self._synced_version:
             self.sync_columns()
-        if paca_weight.requires_grad and torch.is_grad_enabled():
+        if self._enabled and paca_weight.requires_grad and torch.is_grad_enabled():
             args = (x, paca_weight, self.weight, self.bias, self.indices, self.scaling)
             # The compiled function on CPU only: there the Python autograd.Function's own cost is
             # a large share of PaCA's overhead. On a GPU it hides behind the queued kernels (and
             # the compiled one is unchecked there); on meta, simulation needs no C++ build.
             if x.device.type == "cpu" and (compiled := partial_connection_op()) is not None:
+                if torch.compiler.is_compiling():  # the same function, as a traceable operator
+                    return torch.ops.paca.partial_connection.default(*args)
                 return compiled(*args)
             return PartialConnectionFn.apply(*args)
         return F.linear(x, self.weight, self.bias)
 
+    # ------------------------------------------------------------------ state dict
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._sync_if_written()  # a write without an optimizer step still reaches the weight
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Checks every tensor of this layer first (ValueError, nothing changed), then loads.
+
+        - paca_weight: the trained columns; written into W.
+        - indices other than this layer's: taken over when no weight comes with them (an
+          adapter): the base columns are restored, the new ones snapshotted, so unload() still
+          restores the base. With a weight (a full state dict trained on other columns) they
+          are refused, because that weight's base columns are unknown.
+        - a weight without paca_weight: a new base weight; the columns restart from it.
+        """
+        check_layer_state(self, state_dict, prefix)
+        new_indices = state_dict.get(prefix + "indices")
+        has_weight = prefix + "weight" in state_dict
+        has_columns = prefix + "paca_weight" in state_dict
+        with torch.no_grad():
+            if new_indices is not None and not self._same_indices(new_indices):
+                self._restore_base_columns()
+                new_indices = new_indices.to(device=self.indices.device, dtype=torch.long)
+                self.indices.copy_(new_indices)
+                self.original_columns.copy_(self.weight.index_select(1, self.indices))
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            if has_weight and not has_columns:
+                self.original_columns.copy_(self.weight.index_select(1, self.indices))
+                self.paca_weight.copy_(self.original_columns / self.scaling)
+        if has_columns:
+            self.sync_columns()
+        elif has_weight:  # as at initialisation: W keeps the base columns exactly
+            self.__dict__["_synced_version"] = self.paca_weight._version
+
+    # ------------------------------------------------------------------ enable, merge, unmerge
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Disabled: the base weight (original columns) and no trainable path; enabled again:
+        the trained columns."""
+        if enabled == self._enabled:
+            return
+        if enabled:
+            self._enabled = True
+            self.sync_columns()
+        else:
+            self._enabled = False
+            with torch.no_grad():
+                self._restore_base_columns()
+
     def merge(self) -> nn.Linear:
-        """A plain nn.Linear holding the trained columns (shares the weight storage)."""
+        """A plain nn.Linear holding the trained columns (shares the weight storage). This
+        layer then writes W no more (later optimizer steps do not reach the returned linear)."""
+        self.set_enabled(True)
         self.sync_columns()
+        self._enabled = False
         return self._as_linear(self.weight)
 
     def unmerge(self) -> nn.Linear:
         """A plain nn.Linear with the original, pre-training weight restored bit for bit."""
         with torch.no_grad():
-            self.weight.index_copy_(1, self.indices, self.original_columns)
-        self.mark_columns_changed()
+            self._restore_base_columns()
+        self._enabled = False  # nothing writes the columns into the returned weight again
         return self._as_linear(self.weight)
 
     def _as_linear(self, weight: nn.Parameter) -> nn.Linear:
@@ -202,3 +266,54 @@ class PacaLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"r={self.r}, scaling={self.scaling:g}, bias={self.bias is not None}"
         )
+
+
+def check_layer_state(layer: PacaLayer, state_dict: dict, prefix: str) -> None:
+    """Raise ValueError if the state dict's tensors for `layer` (under `prefix`) cannot be
+    loaded into it; changes nothing."""
+    where = prefix.rstrip(".") or type(layer).__name__
+    columns = state_dict.get(prefix + "paca_weight")
+    if columns is not None and tuple(columns.shape) != (layer.out_features, layer.r):
+        raise ValueError(
+            f"{where}: paca_weight has shape {tuple(columns.shape)}, the layer trains "
+            f"({layer.out_features}, {layer.r})"
+        )
+    weight = state_dict.get(prefix + "weight")
+    if weight is not None and tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(
+            f"{where}: weight has shape {tuple(weight.shape)}, the layer's is "
+            f"({layer.out_features}, {layer.in_features})"
+        )
+    indices = state_dict.get(prefix + "indices")
+    if indices is None:
+        return
+    check_indices(indices, layer.r, layer.in_features, where)
+    if layer._same_indices(indices):
+        return
+    if columns is None:
+        raise ValueError(f"{where}: the state dict gives other indices but no paca_weight for them")
+    if weight is not None:
+        raise ValueError(
+            f"{where}: the state dict holds a weight trained on other columns (indices "
+            "differ), whose base columns are unknown. Load it into a PaCA model made with the "
+            "same indices (same seed), or load only its adapter (paca_weight and indices, "
+            "e.g. PacaModel.from_pretrained)"
+        )
+
+
+def check_indices(indices: torch.Tensor, r: int, in_features: int, where: str) -> None:
+    """Raise ValueError unless `indices` are r distinct integers in [0, in_features)."""
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(f"{where}: indices must be integers, got {indices.dtype}")
+    if tuple(indices.shape) != (r,):
+        raise ValueError(f"{where}: indices have shape {tuple(indices.shape)}, expected ({r},)")
+    if indices.device.type == "meta":
+        return
+    values = indices.detach().cpu().long()
+    if r and (values.min() < 0 or values.max() >= in_features):
+        raise ValueError(
+            f"{where}: indices must lie in [0, {in_features}), got {values.min().item()}.."
+            f"{values.max().item()}"
+        )
+    if values.unique().numel() != r:
+        raise ValueError(f"{where}: indices must be distinct")

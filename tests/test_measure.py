@@ -259,8 +259,12 @@ def test_lora_adds_more_ops_per_linear_than_paca(measured_trace):
         counts[method] = rows.groupby("module")["n_kernels"].sum()
         forward[method] = _rows(t, method, "forward").set_index("module")["n_kernels"]
     for path in _target_paths(t, "lora"):
-        assert counts["lora"][path] > counts["paca"][path] >= counts["frozen"][path], (
-            path, counts["lora"][path], counts["paca"][path], counts["frozen"][path])
+        assert counts["lora"][path] > counts["paca"][path], path
+        # Not at layer 0, whose input gradient frozen computes and adapter methods do not
+        # (DESIGN.md); PaCA's column write runs in the optimizer step, outside the layer.
+        if not path.startswith("model.layers.0."):
+            assert counts["paca"][path] >= counts["frozen"][path], (
+                path, counts["lora"][path], counts["paca"][path], counts["frozen"][path])
         # forward scopes nest exactly: at least the gather more than the frozen GEMM
         assert forward["lora"][path] > forward["paca"][path] > forward["frozen"][path], path
 

@@ -1,4 +1,7 @@
-"""Tests of the PaCA library (paca/) and of paca_prof.methods.prepare.
+"""Tests of the PaCA library's layer (paca/): PaCA equals masked full fine-tuning, saves only the
+partial input, adds one gather and one small GEMM, keeps the weight current; and of
+paca_prof.methods.prepare. The API, files, compile, the authors' scheme and QPaCA are tested in
+the other tests/test_paca_*.py files.
 
 Every model is a tiny Llama with random weights (see conftest.make_llama); nothing is downloaded.
 """
@@ -9,17 +12,13 @@ import copy
 import math
 import warnings
 from collections import Counter
-from itertools import chain
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import saved_tensors_hooks
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from paca import (
-    LLAMA_TARGETS,
     PacaConfig,
     PacaLinear,
     get_paca_model,
@@ -29,120 +28,25 @@ from paca import (
     save_paca,
     unload,
 )
-import paca.compiled
-import paca.layer
 from paca.model import find_targets
-
-# r=4, alpha=12: scaling 3, not a power of two, so a missing or doubled scaling shows up.
-R, ALPHA = 4, 12.0
-SCALING = ALPHA / R
-N_LAYERS = 2
-N_TARGETS = N_LAYERS * len(LLAMA_TARGETS)
-
-
-@pytest.fixture(autouse=True, params=["compiled", "python"])
-def partial_connection(request, monkeypatch):
-    """Every test in this file runs twice: with the compiled PartialConnection (what CPU training
-    runs) and with the Python PartialConnectionFn (the reference; what GPU, meta and machines
-    without a C++ compiler run)."""
-    if request.param == "python":
-        monkeypatch.setattr(paca.layer, "partial_connection_op", lambda: None)
-    else:
-        assert paca.layer.partial_connection_op() is not None, (
-            "the compiled PartialConnection did not build here; see the warning above"
-        )
-    return request.param
-
-
-def cfg(**kw) -> PacaConfig:
-    return PacaConfig(**{"r": R, "alpha": ALPHA, **kw})
-
-
-def batch(seed: int, b: int = 2, length: int = 8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randint(0, 256, (b, length), generator=g)
-
-
-def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids).loss
-
-
-def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits from a forward with autograd on (the training path of PacaLinear)."""
-    return model(input_ids=ids).logits.detach()
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def plain_with_columns(base: nn.Module, paca_model: nn.Module) -> nn.Module:
-    """A copy of the untouched base model whose targeted weights hold scaling * paca_weight in
-    the trained columns, built independently of PacaLinear's own column writes."""
-    plain = copy.deepcopy(base)
-    modules = dict(plain.named_modules())
-    with torch.no_grad():
-        for name, layer in paca_layers(paca_model).items():
-            weight = modules[name].weight
-            weight[:, layer.indices] = (layer.paca_weight * layer.scaling).to(weight.dtype)
-    return plain
-
-
-def assert_columns_synced(model: nn.Module) -> None:
-    for name, layer in paca_layers(model).items():
-        expected = (layer.paca_weight.detach() * layer.scaling).to(layer.weight.dtype)
-        assert torch.equal(layer.weight.detach()[:, layer.indices], expected), name
-
-
-def sgd_steps(model: nn.Module, n: int, lr: float = 0.05, first_seed: int = 0):
-    opt = torch.optim.SGD(trainable(model), lr=lr)
-    for step in range(n):
-        opt.zero_grad()
-        loss_of(model, batch(first_seed + step)).backward()
-        opt.step()
-    return opt
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records every aten op (forward and backward, CPU autograd runs on this thread)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple[str, tuple | None]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-        self.ops.append((func.overloadpacket.__name__, shape))
-        return out
-
-    def count(self, name: str) -> int:
-        return sum(1 for op, _ in self.ops if op == name)
-
-    def shapes(self, name: str) -> list:
-        return [shape for op, shape in self.ops if op == name]
-
-
-def saved_for_backward(modules: list[nn.Module], fn):
-    """Run fn() under saved_tensors_hooks; return (fn's result, {storage ptr: (nbytes, tensor)})
-    for the saved tensors that are not parameters or buffers of `modules`, deduplicated by
-    storage."""
-    exclude = {
-        t.untyped_storage().data_ptr()
-        for m in modules
-        for t in chain(m.parameters(), m.buffers())
-    }
-    saved: dict[int, tuple[int, torch.Tensor]] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            saved[storage.data_ptr()] = (storage.nbytes(), t)  # keeps t alive: no pointer reuse
-        return t
-
-    with saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
+from paca_testing import (  # noqa: F401  (partial_connection: the autouse fixture)
+    ALPHA,
+    N_TARGETS,
+    R,
+    SCALING,
+    OpRecorder,
+    assert_columns_synced,
+    batch,
+    cfg,
+    index_copies,
+    logits_of,
+    loss_of,
+    partial_connection,
+    plain_with_columns,
+    saved_for_backward,
+    sgd_steps,
+    trainable,
+)
 
 
 # ---------------------------------------------------------------- 1. gradients
@@ -405,58 +309,6 @@ def test_input_without_grad_still_trains_columns():
 # ---------------------------------------------------------------- 5. no stale columns
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_compiled_and_python_functions_agree_bit_for_bit(dtype):
-    """The compiled PartialConnection is the Python PartialConnectionFn in C++: same output, same
-    gradients, same saved bytes, to the bit (both run the same aten ops in the same order)."""
-    from paca.layer import PartialConnectionFn
-
-    compiled = paca.compiled.partial_connection_op()
-    assert compiled is not None
-    torch.manual_seed(0)
-    x0 = torch.randn(2, 5, 32, dtype=dtype)
-    weight, bias = torch.randn(24, 32, dtype=dtype), torch.randn(24, dtype=dtype)
-    indices = torch.tensor([1, 4, 9, 30])
-    p0 = torch.randn(4, 24, dtype=dtype).t()  # column-major, as paca_weight is stored
-    gy = torch.randn(2, 5, 24, dtype=dtype)
-    results = []
-    for fn in (compiled, PartialConnectionFn.apply):
-        x = x0.clone().requires_grad_()
-        p = p0.clone().requires_grad_()
-        y, saved = saved_for_backward([], lambda: fn(x, p, weight, bias, indices, 2.5))
-        y.backward(gy)
-        results.append((y.detach(), x.grad, p.grad, sorted(n for n, _ in saved.values())))
-    (y_c, gx_c, gp_c, saved_c), (y_p, gx_p, gp_p, saved_p) = results
-    assert torch.equal(y_c, y_p) and torch.equal(gx_c, gx_p) and torch.equal(gp_c, gp_p)
-    assert gp_c.stride() == gp_p.stride() == (1, 24)  # paca_weight's column-major layout
-    assert saved_c == saved_p
-
-
-def test_compiled_build_failure_warns_once_and_falls_back(monkeypatch):
-    def no_compiler():
-        raise OSError("no C++ compiler found\nsecond line")
-
-    monkeypatch.setattr(paca.compiled, "build", no_compiler)
-    expected = r"could not be built \(OSError: no C\+\+ compiler found\)"
-    with pytest.warns(RuntimeWarning, match=expected):
-        assert paca.compiled.partial_connection_op.__wrapped__() is None
-
-
-def test_paca_compiled_0_never_builds(monkeypatch):
-    def must_not_build():
-        raise AssertionError("built although PACA_COMPILED=0")
-
-    monkeypatch.setattr(paca.compiled, "build", must_not_build)
-    monkeypatch.setenv("PACA_COMPILED", "0")
-    assert paca.compiled.partial_connection_op.__wrapped__() is None
-
-
-def _index_copies(fn) -> tuple[int, list]:
-    with OpRecorder() as rec:
-        fn()
-    return rec.count("index_copy_"), rec.shapes("index_copy_")
-
-
 def test_next_forward_after_step_uses_new_columns_with_grad_accumulation(make_llama):
     base = make_llama()
     model = get_paca_model(copy.deepcopy(base), cfg())
@@ -471,20 +323,23 @@ def test_next_forward_after_step_uses_new_columns_with_grad_accumulation(make_ll
         singles.append({n: l.paca_weight.grad for n, l in paca_layers(probe).items()})
 
     for micro in range(2):
-        n_copies, _ = _index_copies(lambda: loss_of(model, batch(micro)).backward())
+        n_copies, _ = index_copies(lambda: loss_of(model, batch(micro)).backward())
         assert n_copies == 0  # nothing changed yet: no column write
     for name, layer in layers.items():
         torch.testing.assert_close(
             layer.paca_weight.grad, singles[0][name] + singles[1][name], rtol=1e-5, atol=1e-8
         )
-    opt.step()
-    opt.zero_grad()
-
-    probe = batch(7)
-    n_copies, shapes = _index_copies(lambda: logits_of(model, probe))
+    # The step writes each layer's columns once, at once: the weight is current before any
+    # forward (so state_dict() and checkpoints are too).
+    n_copies, shapes = index_copies(opt.step)
     assert n_copies == len(layers)
     assert sorted(shapes) == sorted(tuple(l.weight.shape) for l in layers.values())
     assert_columns_synced(model)
+    opt.zero_grad()
+
+    probe = batch(7)
+    n_copies, _ = index_copies(lambda: logits_of(model, probe))
+    assert n_copies == 0
     expected = plain_with_columns(base, model)
     assert torch.equal(logits_of(model, probe), logits_of(expected, probe))
     assert not torch.equal(logits_of(model, probe), logits_of(base, probe))
@@ -516,20 +371,40 @@ def test_no_column_write_without_change_and_one_per_layer_after_step(make_llama)
         for seed in (0, 1):
             loss_of(model, batch(seed)).backward()
 
-    assert _index_copies(two_forwards)[0] == 0
+    assert index_copies(two_forwards)[0] == 0
     opt.zero_grad()  # zeroing gradients does not touch the columns
-    assert _index_copies(two_forwards)[0] == 0
-    opt.step()
-    assert _index_copies(lambda: loss_of(model, batch(2)).backward())[0] == n_layers
-    assert _index_copies(lambda: loss_of(model, batch(3)).backward())[0] == 0
+    assert index_copies(two_forwards)[0] == 0
+    assert index_copies(opt.step)[0] == n_layers
+    assert index_copies(lambda: loss_of(model, batch(2)).backward())[0] == 0
+    assert index_copies(lambda: loss_of(model, batch(3)).backward())[0] == 0
     with torch.no_grad():
-        assert _index_copies(lambda: model(input_ids=batch(4)))[0] == 0
+        assert index_copies(lambda: model(input_ids=batch(4)))[0] == 0
+
+
+def test_in_place_write_without_optimizer_reaches_the_weight(make_llama):
+    """The documented fallback: an in-place write of paca_weight outside any optimizer step
+    (it bumps the version counter) reaches W by the next forward or state_dict()."""
+    base = make_llama()
+    model = get_paca_model(copy.deepcopy(base), cfg())
+    layers = paca_layers(model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.paca_weight.mul_(1.5)
+    full = model.get_base_model().state_dict()
+    for name, layer in layers.items():
+        want = (layer.paca_weight.detach() * layer.scaling)
+        assert torch.equal(full[f"{name}.weight"][:, layer.indices], want), name
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.paca_weight.mul_(0.5)
+    probe = batch(9)
+    assert index_copies(lambda: logits_of(model, probe))[0] == len(layers)
+    assert torch.equal(logits_of(model, probe), logits_of(plain_with_columns(base, model), probe))
 
 
 def test_train_eval_switches_see_new_columns(make_llama):
     base = make_llama()
     model = get_paca_model(copy.deepcopy(base), cfg())
-    n_layers = len(paca_layers(model))
     probe = batch(9)
     for step in range(2):
         model.train()
@@ -537,15 +412,15 @@ def test_train_eval_switches_see_new_columns(make_llama):
         # First forward after the step is an eval forward without autograd.
         model.eval()
         with torch.no_grad():
-            n, _ = _index_copies(lambda: model(input_ids=probe))
+            n, _ = index_copies(lambda: model(input_ids=probe))
             eval_logits = model(input_ids=probe).logits
-        assert n == n_layers
+        assert n == 0  # written by the step already
         assert_columns_synced(model)
         expected = plain_with_columns(base, model).eval()
         with torch.no_grad():
             assert torch.equal(eval_logits, expected(input_ids=probe).logits)
         model.train()
-        n, _ = _index_copies(lambda: logits_of(model, probe))
+        n, _ = index_copies(lambda: logits_of(model, probe))
         assert n == 0
         assert torch.equal(logits_of(model, probe), logits_of(expected.train(), probe))
 
@@ -578,8 +453,8 @@ def test_gradient_checkpointing_same_grads_and_fresh_columns(make_llama, kwargs)
         # The decoder layers were recomputed in backward: one gather per PaCA linear in the
         # recompute, and one in the first forward unless it ran without autograd (reentrant).
         assert rec.count("index_select") == (1 if reentrant else 2) * n_layers
-        # The first forward after a step wrote each layer's columns once, the recompute never.
-        assert rec.count("index_copy_") == (0 if step == 0 else n_layers)
+        # The columns were written by the previous step; the forward and recompute never write.
+        assert rec.count("index_copy_") == 0
         # ... and that forward used the new columns (at step 0: the base model's).
         expected = base
         if step > 0:
@@ -595,7 +470,7 @@ def test_gradient_checkpointing_same_grads_and_fresh_columns(make_llama, kwargs)
                 layer.paca_weight.grad, plain_layers[name].paca_weight.grad, rtol=1e-5, atol=1e-8
             )
         opt_plain.step()
-        opt_ckpt.step()
+        assert index_copies(opt_ckpt.step)[0] == n_layers
         opt_plain.zero_grad()
         opt_ckpt.zero_grad()
     probe = batch(9)
@@ -709,7 +584,7 @@ def test_merge_and_unload_after_training(make_llama, forward_before_merge):
         assert torch.equal(logits_of(model, probe), expected)
     names = list(paca_layers(model))
     merged = merge_and_unload(model)
-    assert merged is model
+    assert merged is model.get_base_model()
     assert not paca_layers(merged)
     modules = dict(merged.named_modules())
     for name in names:
@@ -748,9 +623,10 @@ def test_save_load_round_trip(make_llama, tmp_path):
     probe = batch(9)
     want = logits_of(model, probe)
     path = tmp_path / "paca.safetensors"
-    save_paca(model, path)
-
-    fresh = load_paca(make_llama(), path)
+    with pytest.deprecated_call():
+        save_paca(model, path)
+    with pytest.deprecated_call():
+        fresh = load_paca(make_llama(), path)
     assert fresh.paca_config == config
     layers, fresh_layers = paca_layers(model), paca_layers(fresh)
     assert set(layers) == set(fresh_layers)
@@ -773,8 +649,10 @@ def test_save_load_keeps_given_indices(make_llama, tmp_path):
     model = get_paca_model(model, cfg(target_modules=["q_proj", "down_proj"]), indices=custom)
     sgd_steps(model, 1, lr=0.2)
     path = tmp_path / "paca.safetensors"
-    save_paca(model, path)
-    fresh = load_paca(make_llama(), path)
+    with pytest.deprecated_call():
+        save_paca(model, path)
+    with pytest.deprecated_call():
+        fresh = load_paca(make_llama(), path)
     for name, layer in paca_layers(fresh).items():
         assert torch.equal(layer.indices, custom[name]), name
     probe = batch(9)
@@ -810,9 +688,10 @@ def test_load_state_dict_of_paca_weights_is_used_by_next_forward(make_llama):
 def test_load_paca_onto_a_model_with_other_layers_raises(make_llama, tmp_path):
     model = get_paca_model(make_llama(), cfg())
     path = tmp_path / "paca.safetensors"
-    save_paca(model, path)
+    with pytest.deprecated_call():
+        save_paca(model, path)
     other = make_llama(num_hidden_layers=3)
-    with pytest.raises(ValueError, match="holds layers"):
+    with pytest.raises(ValueError, match="holds layers"), pytest.deprecated_call():
         load_paca(other, path)
     assert not paca_layers(other)  # refused before any change
     with pytest.raises(ValueError, match="indices are given for layers"):

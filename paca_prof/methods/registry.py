@@ -120,11 +120,11 @@ def _prepare_peft(use_dora: bool) -> Prepare:
 
 
 def _prepare_paca(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
-    from paca import PacaConfig, get_paca_model
+    from paca import PacaConfig, inject_paca
 
     config = PacaConfig(r=settings.r, alpha=settings.alpha, target_modules=list(recipe.targets),
                         seed=settings.seed)
-    return get_paca_model(model, config)
+    return inject_paca(model, config)  # in place: the model's own module paths
 
 
 def _prepare_qpaca(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
