@@ -42,7 +42,9 @@ import verdicts  # noqa: E402  (bench/verdicts.py)
 from bench_step import CONFIGS, build_base  # noqa: E402
 from paca import LLAMA_TARGETS  # noqa: E402
 from paca.compiled import ensure_built  # noqa: E402
-from paca_prof.methods import MethodSettings, prepare  # noqa: E402
+from paca_prof.methods import MethodSettings  # noqa: E402
+from paca_prof.methods.registry import prepare  # noqa: E402
+from paca_prof.recipe import Recipe  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -60,7 +62,8 @@ class Runner:
 
     def __init__(self, base, variant: str, settings: MethodSettings, input_ids: torch.Tensor):
         method, _, mode = variant.partition("-")
-        self.model = prepare(copy.deepcopy(base), method, settings)
+        self.model = prepare(copy.deepcopy(base), method, settings,
+                             Recipe(targets=tuple(LLAMA_TARGETS)))
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
           f"start {os.getloadavg()[0]:.2f}")
     print(f"paca's compiled PartialConnection: {ensure_built().action}")
     base = build_base(cfg)
-    settings = MethodSettings(rank=cfg.rank, alpha=cfg.alpha, targets=list(LLAMA_TARGETS))
+    settings = MethodSettings(r=cfg.rank, alpha=cfg.alpha)
     input_ids = torch.randint(0, cfg.model["vocab_size"], (cfg.batch, cfg.seq),
                               generator=torch.Generator().manual_seed(1))
     runners = {v: Runner(base, v, settings, input_ids) for v in VARIANTS}

@@ -101,9 +101,11 @@ def test_bench_step_profiles_the_one_authors_module(make_llama, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as when run: its folder on sys.path
     spec.loader.exec_module(bench)
     from paca_prof.methods import MethodSettings
+    from paca_prof.recipe import Recipe
 
-    settings = MethodSettings(rank=R, alpha=ALPHA, targets=list(LLAMA_TARGETS))
-    model = bench.prepare_method(make_llama(), "authors", settings)
+    settings = MethodSettings(r=R, alpha=ALPHA)
+    model = bench.prepare_method(make_llama(), "authors", settings,
+                                 Recipe(targets=tuple(LLAMA_TARGETS)))
     layers = authors_layers(model)
     assert len(layers) == N_TARGETS
     assert all(type(layer) is AuthorsPacaLinear and layer.scaling == SCALING

@@ -73,7 +73,7 @@ def test_compiled_and_python_functions_agree_bit_for_bit(dtype):
 def test_the_operator_is_transparent_to_profilers():
     """paca::partial_connection is CompositeImplicitAutograd: profilers and dispatch modes count
     the aten ops inside it (the gather, the GEMMs) as the outermost ops, never the operator."""
-    from paca_prof.instrument import counts_as_op
+    from paca_prof.ops import counts_as_op
 
     assert paca.compiled.ensure_built().available
     assert torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -173,17 +173,19 @@ def _peft_version() -> str:
     return f"peft {peft.__version__}"
 
 
-# PaCA's own ops inside PacaLinear: the gather of x[..., indices] (forward), the column write
-# after an optimizer step (forward), and the grad GEMM of the columns (backward, an addmm; the
-# input-gradient GEMM of the frozen weight is an mm).
+# PaCA's own ops inside PacaLinear: the gather of x[..., indices] and, under autocast, its cast
+# (forward), and the grad GEMM of the columns (backward, an addmm; the input-gradient GEMM of the
+# frozen weight is an mm). The write of the trained columns into W (a mul and an index_copy_
+# per layer) runs in the optimizer step's post hook: it is counted with the optimizer phase,
+# as the optimizer's own update of P is, not as branch ops.
 PACA_BRANCH_OPS = {
-    "forward": frozenset({"aten::index_select", "aten::index_copy_", "aten::mul",
-                          "aten::_to_copy", "aten::copy_"}),
+    "forward": frozenset({"aten::index_select", "aten::_to_copy", "aten::copy_"}),
     "backward": frozenset({"aten::addmm"}),
 }
-# QPaCA also overwrites the columns of the dequantized weight in backward.
+# QPaCA overwrites the columns of the dequantized weight in forward and again in backward.
 QPACA_BRANCH_OPS = {
-    "forward": PACA_BRANCH_OPS["forward"],
+    "forward": frozenset({"aten::index_select", "aten::index_copy_", "aten::mul",
+                          "aten::_to_copy", "aten::copy_"}),
     "backward": frozenset({"aten::addmm", "aten::index_copy_", "aten::mul", "aten::_to_copy"}),
 }
 _LORA_SETTINGS = ("r", "alpha", "dropout", "adapter_dtype")
