@@ -55,6 +55,9 @@ SUMMARY_COLUMNS = {
     # reserved_bytes: what the caching allocator holds from the device (max_memory_reserved).
     "peak_bytes": "Int64", "allocator_peak_bytes": "Int64", "reserved_bytes": "Int64",
     "trainable_params": "Int64",
+    # Methods whose columns can be stale (paca-authors): of the steps_run steps of a measured
+    # run (warm-up, timed and profiled), those in which a layer ran on stale columns.
+    "stale_steps": "Int64", "steps_run": "Int64",
     # The peak's breakdown: bytes of each memory category alive at the peak.
     **{column: "Int64" for column in PEAK_COLUMNS},
     # Plan traces only: the longest sequence (or largest batch) that fits the budget.

@@ -3,6 +3,9 @@ rule, names its adapter branch and describes itself."""
 
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import pytest
 import torch
 
@@ -32,6 +35,7 @@ def test_prepare_every_method_trains_what_it_should(make_llama):
         "frozen": 0, "full": n_all,
         "paca": sum(t.out_features * R for t in targets.values()),
         "lora": lora, "dora": lora + sum(t.out_features for t in targets.values()),
+        "paca-authors": sum(t.out_features * R for t in targets.values()),
     }
     for name, count in expected.items():
         model = prepare(make_llama(), name, settings, RECIPE)
@@ -108,3 +112,30 @@ def test_describe_names_the_settings_that_matter():
     paca = methods.get("paca").describe(settings)
     assert paca["r"] == 16 and "dropout" not in paca and paca["adapter_dtype"] == "model"
     assert "nf4" in methods.get("qlora").describe(settings)["base_weights"]
+
+
+def test_the_authors_scheme_is_a_method_that_reports_its_stale_steps(tmp_path):
+    """paca-authors copies the columns into W on odd-numbered forwards only: of 5 measured
+    steps (1 warm-up, 3 timed, 1 profiled) the 2nd and 4th run on columns one step old. Its
+    branch is P * scaling, the gather and the copy in forward, the grad GEMM (an mm with r
+    columns) and the scaling's backward in backward."""
+    from conftest import run_spec
+
+    from paca_prof import engines, trace
+
+    spec = run_spec(model="tiny", seq=16, dtype="fp32", device="cpu", steps=3, warmup=1,
+                    methods=("paca", "paca-authors"))
+    loaded = trace.load(engines.run(spec, tmp_path / "run", "pytest"))
+    summary = loaded.summary.set_index("method")
+    assert summary.loc["paca-authors", "stale_steps"] == 2
+    assert summary.loc["paca-authors", "steps_run"] == 5
+    assert pd.isna(summary.loc["paca", "stale_steps"])  # PaCA's columns are never stale
+    assert loaded.run["methods"]["paca-authors"]["implementation"].startswith("the PaCA authors")
+    ops = loaded.ops[loaded.ops["method"] == "paca-authors"]
+    branch = ops[ops["adapter_branch"]]
+    n_linears = 7 * spec.config.num_hidden_layers
+    grad_gemms = branch[(branch["phase"] == "backward") & (branch["name"] == "aten::mm")]
+    assert len(grad_gemms) == n_linears
+    assert all(json.loads(s)[1][-1] == spec.settings.r for s in grad_gemms["shapes"])
+    gathers = branch[(branch["phase"] == "forward") & (branch["name"] == "aten::index")]
+    assert len(gathers) == n_linears

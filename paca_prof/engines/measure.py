@@ -62,7 +62,7 @@ def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
     summary = summary_row(
         method, times_ms=phase_ms, peak_breakdown=profiled["peak_breakdown"],
         n_kernels=len(profiled["ops"]), activation_bytes=profiled["ledger"].total_bytes,
-        trainable_params=run.trainable_params, **profiled["device_peaks"])
+        trainable_params=run.trainable_params, **profiled["device_peaks"], **run.stale_counts())
     del run
     return MethodResult(summary, layers, profiled["ops"], profiled["memory"], chrome_path)
 
@@ -175,7 +175,8 @@ def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: P
     events = json.loads(chrome_path.read_text())["traceEvents"]
     method = methods.get(run.method)
     wrappers = method.wrapper_paths(run.model)
-    ops = _op_table(events, run.method, method, module_paths, wrappers, cuda, step_index)
+    ops = _op_table(events, run.method, method, module_paths, wrappers, cuda, step_index,
+                    run.r)
     timeline = _memory_timeline(events, static, ledger, grad_ptrs, cuda)
     return {"ops": ops, "ledger": ledger, "peak_breakdown": timeline.breakdown,
             "memory": pd.DataFrame(timeline.rows).assign(method=run.method),
@@ -224,8 +225,8 @@ class _Windows:
         return None
 
 
-def _op_table(events, method_name, method, module_paths, wrappers, cuda,
-              step_index) -> pd.DataFrame:
+def _op_table(events, method_name, method, module_paths, wrappers, cuda, step_index,
+              r) -> pd.DataFrame:
     """One row per op on the CPU, or per device kernel on CUDA (each kernel charged to the op
     that launched it; the op's FLOPs to its first kernel)."""
     windows = _Windows(events)
@@ -254,11 +255,11 @@ def _op_table(events, method_name, method, module_paths, wrappers, cuda,
                 charged.add(id(op))
             rows.append(_op_row(method_name, method, kernel["name"], op,
                                 kernel["ts"] - windows.start, kernel["dur"], wrappers, "cuda",
-                                count_flops=first))
+                                count_flops=first, r=r))
     else:
         for op in ops:
             rows.append(_op_row(method_name, method, op.name, op, op.ts - windows.start, op.dur,
-                                wrappers, "cpu", count_flops=True))
+                                wrappers, "cpu", count_flops=True, r=r))
     table = pd.DataFrame(rows)
     if not table.empty:
         table["seq_no"] = range(len(table))
@@ -322,7 +323,7 @@ def _innermost(scopes: list[dict], start: float, end: float) -> str:
 
 
 def _op_row(method_name, method, name, op: _Op | None, start_us, dur_us, wrappers, device,
-            count_flops: bool) -> dict:
+            count_flops: bool, r: int) -> dict:
     module = op.module if op else ROOT
     phase = op.phase if op else None
     op_name = op.name if op else name
@@ -332,7 +333,8 @@ def _op_row(method_name, method, name, op: _Op | None, start_us, dur_us, wrapper
         "start_us": start_us, "dur_us": dur_us,
         "flops": profiled_op_flops(op_name, op.shapes) if op and count_flops else 0.0,
         "bytes": float("nan"),
-        "adapter_branch": method.is_branch_op(module, op_name, phase or "", wrappers),
+        "adapter_branch": method.is_branch_op(module, op_name, phase or "", wrappers,
+                                              op.shapes if op else None, r),
         "device": device,
     }
 

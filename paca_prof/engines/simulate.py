@@ -51,6 +51,7 @@ class OpRecorder(TorchDispatchMode):
     capture: Capture
     method: methods.registry.Method
     wrappers: set[str]
+    r: int
     ops: list[dict] = field(default_factory=list)
     events: list[MemoryEvent] = field(default_factory=list)
     _live: dict[int, weakref.ref] = field(default_factory=dict)
@@ -78,7 +79,8 @@ class OpRecorder(TorchDispatchMode):
                 "dtype": str(inputs[0].dtype).removeprefix("torch.") if inputs else "",
                 "flops": op_flops(func, args, kwargs, out),
                 "bytes": float(sum(_nbytes(t) for t in inputs + outputs)),
-                "adapter_branch": self.method.is_branch_op(module, name, phase, self.wrappers),
+                "adapter_branch": self.method.is_branch_op(
+                    module, name, phase, self.wrappers, [list(t.shape) for t in inputs], self.r),
                 "device": "meta", "seq_no": len(self.ops), "step": self.capture.step_index,
             })
         self._tick += 1
@@ -146,7 +148,7 @@ class Simulator:
 
         with run.capture() as capture, SavedTensorLedger(capture) as ledger:
             capture.on_phase(end=backward_done)
-            recorder = OpRecorder(capture, self.method, self.wrappers)
+            recorder = OpRecorder(capture, self.method, self.wrappers, self.spec.settings.r)
             with recorder:
                 run.step(ids)
             paths = capture.paths

@@ -39,9 +39,16 @@ class Prepared:
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     loss: nn.Module
+    r: int = 0
+    steps_run: int = 0
+    stale_steps: int = 0
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """One training step on `ids` (labels = inputs); returns the loss, detached."""
+        """One training step on `ids` (labels = inputs); returns the loss, detached. For a
+        method whose columns can be stale (the authors' scheme), a step in which any layer's
+        forward ran on stale columns counts in `stale_steps`."""
+        counter = registry.REGISTRY[self.method].stale_counter
+        before = counter(self.model) if counter else 0
         logits = self.model(input_ids=ids).logits
         loss = self.loss(logits, ids)
         del logits
@@ -49,7 +56,16 @@ class Prepared:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self.steps_run += 1
+        if counter and counter(self.model) > before:
+            self.stale_steps += 1
         return loss.detach()
+
+    def stale_counts(self) -> dict[str, int]:
+        """The summary's stale_steps and steps_run, for a method that counts stale steps."""
+        if registry.REGISTRY[self.method].stale_counter is None:
+            return {}
+        return {"stale_steps": self.stale_steps, "steps_run": self.steps_run}
 
     def capture(self) -> Capture:
         """A Capture session over this model, its optimizer and its loss."""
@@ -78,7 +94,7 @@ def prepare(spec: RunSpec, method: str, device: str) -> Prepared:
     foreach = None if spec.device == "cpu" else True
     optimizer = (torch.optim.AdamW(trainable, lr=spec.recipe.lr, foreach=foreach)
                  if trainable else None)
-    return Prepared(method, model, optimizer, CausalLMLoss(model))
+    return Prepared(method, model, optimizer, CausalLMLoss(model), spec.settings.r)
 
 
 def enable_checkpointing(model: nn.Module) -> None:

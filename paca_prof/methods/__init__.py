@@ -7,6 +7,9 @@ full     every parameter trainable.
 lora     PEFT's LoRA (the implementation people train with), PEFT defaults unless set.
 dora     PEFT's DoRA (LoRA with use_dora=True).
 paca     this project's PaCA (paca/).
+paca-authors  the PaCA authors' own scheme (paca/authors.py), to profile beside paca: a separate
+         P scaled on every forward, the columns copied into W on odd-numbered forwards only,
+         so every second step runs on stale columns (counted: summary stale_steps).
 qlora    lora over 4-bit NF4 base weights (simulated, methods/nf4.py).
 qpaca    QPaCA as the authors implement it, over NF4 base weights (simulated).
 
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from paca_prof import validate
 
-METHODS = ("frozen", "full", "lora", "dora", "paca", "qlora", "qpaca")
+METHODS = ("frozen", "full", "lora", "dora", "paca", "paca-authors", "qlora", "qpaca")
 DEFAULT_METHODS = ("frozen", "lora", "dora", "paca", "full")
 QUANTIZED = {"qlora": "lora", "qpaca": "paca"}  # method -> the method over NF4 bases
 ADAPTER_DTYPES = ("fp32", "model")

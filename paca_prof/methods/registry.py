@@ -36,6 +36,10 @@ class Method:
     settings: the MethodSettings fields that apply.
     quantization: "nf4" for a method over 4-bit bases (qlora, qpaca).
     implementation, extra: what run.yaml says of it beside its settings.
+    r_gemm: in backward, an aten::mm in a wrapper whose second input has r columns is the
+        branch's grad GEMM (the authors' scheme computes it with the same op as grad_x).
+    stale_counter: model -> forwards run on stale columns so far (the authors' scheme), so a
+        run can say how many of its steps ran on stale columns.
     """
 
     name: str
@@ -48,6 +52,8 @@ class Method:
     quantization: str | None = None
     implementation: Callable[[], str] | None = None
     extra: Callable[[MethodSettings], dict] = lambda settings: {}
+    r_gemm: bool = False
+    stale_counter: Callable[[nn.Module], int] | None = None
 
     def check_r(self, name: str, linear: nn.Linear, r: int) -> None:
         """ValueError naming the layer if r does not fit it by this method's rule."""
@@ -66,11 +72,18 @@ class Method:
         described.update(self.extra(settings))
         return described
 
-    def is_branch_op(self, module: str, op: str, phase: str, wrappers: set[str]) -> bool:
+    def is_branch_op(self, module: str, op: str, phase: str, wrappers: set[str],
+                     shapes: list | None = None, r: int | None = None) -> bool:
         """Whether an op run in `module` during `phase` belongs to this method's adapter branch
-        (`wrappers`: the paths of this model's wrapper modules, wrapper_paths())."""
+        (`wrappers`: the paths of this model's wrapper modules, wrapper_paths(); `shapes`: the
+        op's input shapes and `r` the run's r, for a rule that needs them, r_gemm)."""
         if self.branch_ops is not None:
-            return module in wrappers and op in self.branch_ops.get(phase, ())
+            if module not in wrappers:
+                return False
+            if (self.r_gemm and phase == "backward" and op == "aten::mm" and shapes
+                    and len(shapes) > 1 and len(shapes[1]) == 2 and shapes[1][-1] == r):
+                return True
+            return op in self.branch_ops.get(phase, ())
         if module in wrappers:
             return True
         return bool(self.adapter_parts) and any(
@@ -145,6 +158,16 @@ def _prepare_qpaca(model: nn.Module, settings: MethodSettings, recipe: Recipe) -
     return model
 
 
+def _prepare_paca_authors(model: nn.Module, settings: MethodSettings,
+                          recipe: Recipe) -> nn.Module:
+    from paca import PacaConfig
+    from paca.authors import inject_authors_paca
+
+    config = PacaConfig(r=settings.r, alpha=settings.alpha, target_modules=list(recipe.targets),
+                        seed=settings.seed)
+    return inject_authors_paca(model, config)
+
+
 def _paca_r_rule(in_features: int, out_features: int, r: int) -> str | None:
     return f"PaCA trains r of the {in_features} input columns" if r > in_features else None
 
@@ -159,6 +182,18 @@ def _paca_layer_types() -> tuple[type, ...]:
     from paca import PacaLinear
 
     return (PacaLinear,)
+
+
+def _authors_layer_types() -> tuple[type, ...]:
+    from paca.authors import AuthorsPacaLinear
+
+    return (AuthorsPacaLinear,)
+
+
+def _authors_stale_forwards(model: nn.Module) -> int:
+    from paca.authors import stale_forwards
+
+    return stale_forwards(model)
 
 
 def _qpaca_layer_types() -> tuple[type, ...]:
@@ -181,6 +216,13 @@ def _peft_version() -> str:
 PACA_BRANCH_OPS = {
     "forward": frozenset({"aten::index_select", "aten::_to_copy", "aten::copy_"}),
     "backward": frozenset({"aten::addmm"}),
+}
+# The authors' scheme: P * scaling on every forward, the gather (aten::index), the copy of the
+# columns into W on odd forwards (index_put_ and its mul), in forward; the backward of
+# P * scaling and the grad GEMM (an mm with r columns: r_gemm) in backward.
+AUTHORS_BRANCH_OPS = {
+    "forward": frozenset({"aten::mul", "aten::index", "aten::index_put_", "aten::_to_copy"}),
+    "backward": frozenset({"aten::mul", "aten::add_"}),
 }
 # QPaCA overwrites the columns of the dequantized weight in forward and again in backward.
 QPACA_BRANCH_OPS = {
@@ -211,6 +253,11 @@ def _paca_implementation() -> str:
     return "paca (this project)"
 
 
+def _authors_implementation() -> str:
+    return ("the PaCA authors' scheme (paca/authors.py: separate P scaled every forward, "
+            "columns copied on odd forwards)")
+
+
 REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("frozen", _prepare_frozen),
     Method("full", _prepare_full),
@@ -221,6 +268,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("paca", _prepare_paca, _paca_layer_types, branch_ops=PACA_BRANCH_OPS,
            r_rule=_paca_r_rule, settings=_PACA_SETTINGS, implementation=_paca_implementation,
            extra=_paca_extra),
+    Method("paca-authors", _prepare_paca_authors, _authors_layer_types,
+           branch_ops=AUTHORS_BRANCH_OPS, r_rule=_paca_r_rule, settings=_PACA_SETTINGS,
+           implementation=_authors_implementation, extra=_paca_extra, r_gemm=True,
+           stale_counter=_authors_stale_forwards),
     Method("qlora", _prepare_peft(use_dora=False), _lora_layer_types, _LORA_PARTS,
            settings=_LORA_SETTINGS, quantization="nf4", implementation=_peft_version,
            extra=_with_nf4(_peft_extra)),
