@@ -57,8 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sys.path)
 
 import paca.layer  # noqa: E402
-from paca import LLAMA_TARGETS, PacaConfig  # noqa: E402
-from paca.authors import inject_authors_paca  # noqa: E402
+from paca import LLAMA_TARGETS  # noqa: E402
 from paca.compiled import partial_connection_op  # noqa: E402
 from paca_prof.methods import MethodSettings  # noqa: E402
 from paca_prof.methods.registry import prepare  # noqa: E402
@@ -174,12 +173,8 @@ def build_base(cfg: BenchConfig) -> nn.Module:
 def prepare_method(base: nn.Module, method: str, settings: MethodSettings,
                    recipe: Recipe) -> nn.Module:
     model = copy.deepcopy(base)
-    if method == "authors":
-        config = PacaConfig(r=settings.r, alpha=settings.alpha,
-                            target_modules=list(recipe.targets), seed=settings.seed)
-        model = inject_authors_paca(model, config)
-    else:
-        model = prepare(model, "paca" if method == "paca-python" else method, settings, recipe)
+    name = {"authors": "paca-authors", "paca-python": "paca"}.get(method, method)
+    model = prepare(model, name, settings, recipe)
     model.train()
     return model
 

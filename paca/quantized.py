@@ -46,6 +46,14 @@ def quantize_linear(linear: nn.Linear) -> nn.Module:
         compute_dtype=weight.dtype, compress_statistics=True, quant_type="nf4",
         device="meta",
     )
+    if weight.is_meta:  # shapes only (simulation): bitsandbytes' fake kernels quantize them
+        packed, state = bnb.functional.quantize_4bit(
+            weight.detach(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        quantized.weight = bnb.nn.Params4bit(
+            packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+            compress_statistics=True, quant_type="nf4", module=quantized, bnb_quantized=True)
+        quantized.bias = linear.bias
+        return quantized
     quantized.weight = bnb.nn.Params4bit(
         weight.detach().to("cpu").clone(), requires_grad=False, blocksize=BLOCKSIZE,
         compress_statistics=True, quant_type="nf4", module=quantized,

@@ -82,15 +82,51 @@ def _add_method_settings(parser: argparse.ArgumentParser) -> None:
                        help="seeds the weights, the batch and PaCA's column draw (default 0)")
 
 
+def _target_list(text: str):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no target named")
+    return "all-linear" if names == ["all-linear"] else tuple(names)
+
+
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     """The recipe's flags (recipe.py), the same in `run` and `plan`."""
-    group = parser.add_argument_group("recipe")
+    from paca_prof.recipe import DEFAULT_LOSS_CHUNKS, LOSSES, OPTIMIZERS, QUANTIZE_SCOPES
+
+    group = parser.add_argument_group("recipe (how a step is trained, beside the method)")
+    group.add_argument("--targets", type=_target_list, default=None,
+                       help="comma-separated leaf names of the linears to adapt, or all-linear "
+                            "(every linear but the head); default: q,k,v,o,gate,up,down_proj "
+                            "where the model has them, else all-linear")
     group.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
                        help="sdpa (torch picks; measured default), eager or math (L x L "
                             "scores), flash / efficient (fused CUDA kernels; simulated default: "
                             "flash for bf16/fp16, efficient for fp32)")
     group.add_argument("--grad-ckpt", action="store_true",
                        help="gradient checkpointing of every decoder layer")
+    group.add_argument("--loss", choices=LOSSES, default="hf",
+                       help="hf (transformers' loss on the full logits; default), chunked "
+                            "(torchtune's chunked cross-entropy), fused-linear (Liger's fused "
+                            "linear cross-entropy: the full logits never exist)")
+    group.add_argument("--loss-chunks", type=_positive_int, default=DEFAULT_LOSS_CHUNKS,
+                       help=f"token chunks of chunked and fused-linear (default "
+                            f"{DEFAULT_LOSS_CHUNKS})")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                       help="adamw (torch; default), adamw-8bit and paged-adamw-8bit "
+                            "(bitsandbytes), sgd, adafactor (torch)")
+    group.add_argument("--grad-accum", type=_positive_int, default=1,
+                       help="micro-batches per optimizer step (default 1)")
+    group.add_argument("--max-grad-norm", type=_finite, default=None,
+                       help="clip gradients to this total norm before each step (default: none)")
+    group.add_argument("--amp", action="store_true",
+                       help="fp32 parameters, autocast compute in --dtype (HF Trainer's bf16=True "
+                            "on an fp32 model); default: parameters in --dtype")
+    group.add_argument("--quantize", choices=QUANTIZE_SCOPES, default=None,
+                       help="qlora/qpaca: which linears are 4-bit: all-linear (default, as "
+                            "load_in_4bit does) or targets")
+    group.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
+                       help="qlora/qpaca: skip PEFT's prepare_model_for_kbit_training casts "
+                            "(fp32 embeddings, norms and head); its checkpointing is --grad-ckpt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,10 +243,20 @@ def _settings(args):
                           adapter_dtype=args.adapter_dtype, seed=args.seed)
 
 
-def _recipe(args):
+def _recipe(args, methods, dtype):
+    """The recipe from the flags; ValueError for flags that contradict the methods or dtype."""
+    from paca_prof.methods import QUANTIZED
     from paca_prof.recipe import Recipe
 
-    return Recipe(attention=args.attention, grad_ckpt=args.grad_ckpt)
+    if args.quantize is not None and not set(QUANTIZED) & set(methods):
+        raise ValueError(f"--quantize sets how {' and '.join(QUANTIZED)} store their bases; "
+                         "none of them is in --methods")
+    if args.amp and dtype == "fp32":
+        raise ValueError("--amp computes in --dtype under autocast: give bf16 or fp16")
+    return Recipe(targets=args.targets, attention=args.attention, grad_ckpt=args.grad_ckpt,
+                  loss=args.loss, loss_chunks=args.loss_chunks, optimizer=args.optimizer,
+                  grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, amp=args.amp,
+                  quantize=args.quantize or "all-linear", kbit_prep=args.kbit_prep)
 
 
 def _cmd_run(args) -> int:
@@ -229,7 +275,8 @@ def _cmd_run(args) -> int:
         budget = make_budget(gpu=gpu, headroom=args.headroom)
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
                        device=device, methods=args.methods, settings=_settings(args),
-                       recipe=_recipe(args), steps=args.steps, warmup=args.warmup,
+                       recipe=_recipe(args, args.methods, dtype), steps=args.steps,
+                       warmup=args.warmup,
                        seed=args.seed)
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -331,7 +378,8 @@ def _cmd_plan(args) -> int:
     try:
         budget = make_budget(gpu=args.gpu, memory=args.memory, headroom=args.headroom)
         spec = planner.make_spec(args.model, args.methods, seq=args.seq, batch=args.batch or 1,
-                                 dtype=args.dtype, recipe=_recipe(args),
+                                 dtype=args.dtype,
+                                 recipe=_recipe(args, args.methods, args.dtype),
                                  settings=_settings(args))
     except ValueError as error:
         raise UsageError(str(error)) from None

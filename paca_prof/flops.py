@@ -3,8 +3,9 @@
 torch.utils.flop_counter's registry counts matmuls, convolutions and attention kernels from
 input shapes. A simulation passes the op's real arguments (meta tensors); a measured run passes
 the input shapes the profiler recorded, which the same formulas read (they see only shapes).
-Two ops the registry lacks are added here with torch's own counting: the CPU flash-attention
-kernel SDPA runs on a CPU, and grouped matmuls (mixture-of-experts layers).
+Ops the registry lacks are added here with torch's own counting: the CPU flash-attention
+kernel SDPA runs on a CPU, grouped matmuls (mixture-of-experts layers), and bitsandbytes'
+4-bit matmul (QLoRA's base layers; by name, so that bitsandbytes need not be imported).
 
 Limits: element-wise ops, norms and the loss count 0 (as in torch's FlopCounterMode); causal
 attention is counted as full attention (as torch does); an op the profiler recorded without
@@ -58,9 +59,35 @@ def _register_missing() -> None:
 _register_missing()
 
 
+def _shape(value):
+    return value.shape if isinstance(value, torch.Tensor) else value
+
+
+def _gemm_4bit(a, b, *args, **kwargs) -> int:
+    # A (... x K) times the packed N x K weight B: two 4-bit values a byte, so N*K = 2*numel(B)
+    # (B's own shape is what both a simulation and the profiler see).
+    a, b = _shape(a), _shape(b)
+    rows = 1
+    for d in a[:-1]:
+        rows *= d
+    packed = 1
+    for d in b:
+        packed *= d
+    return 2 * rows * 2 * packed
+
+
+NAMED_FORMULAS = {"bitsandbytes::gemm_4bit": _gemm_4bit}
+
+
+def _formula(packet):
+    if packet is None:
+        return None
+    return flop_registry.get(packet) or NAMED_FORMULAS.get(packet._qualified_op_name)
+
+
 def op_flops(func, args=(), kwargs=None, out=None) -> float:
-    """FLOPs of one call of an aten op (an OpOverload), from its arguments or their shapes."""
-    formula = flop_registry.get(func._overloadpacket)
+    """FLOPs of one call of an op (an OpOverload), from its arguments or their shapes."""
+    formula = _formula(func._overloadpacket)
     if formula is None:
         return 0.0
     try:
@@ -82,8 +109,7 @@ def _packet(name: str):
 def profiled_op_flops(name: str, input_shapes: list[list[int]]) -> float:
     """FLOPs of an op the profiler recorded by name, from its "Input Dims" (one list per
     input; scalars and absent inputs as empty lists)."""
-    packet = _packet(name)
-    formula = flop_registry.get(packet) if packet is not None else None
+    formula = NAMED_FORMULAS.get(name) or _formula(_packet(name))
     if formula is None:
         return 0.0
     shapes = [torch.Size(s) if isinstance(s, list) and all(isinstance(d, int) for d in s)

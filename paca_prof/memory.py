@@ -9,6 +9,7 @@ cuts the same events into segments, and the allocator model replays them into re
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from paca_prof.modules import is_logits_owner
@@ -42,28 +43,35 @@ class Timeline:
 
 
 def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
-                    saved_owner: dict[int, str], grad_keys: set[int]) -> Timeline:
+                    saved_owner: dict[int, str],
+                    gradients: list[tuple[int, float]]) -> Timeline:
     """Replay allocation events into running totals per memory category.
 
     `static` holds the bytes alive when the step starts, by category. An allocation is an
     activation if a saved tensor lives at its key (the last allocation there during forward:
-    saved tensors stay alive until backward), a gradient likewise for the gradients alive
-    after backward. Saved tensors of lm_head and the loss, and whatever those two allocate,
-    are logits_loss. Everything else is rest (temporaries, optimizer scratch).
+    saved tensors stay alive until backward). `gradients` lists (key, t): the storage at key
+    held a parameter's gradient at time t (a snapshot at the end of each backward pass); the
+    last allocation at that key up to t is a gradient, so a gradient made in an earlier
+    micro-batch, or replaced by a later one, is found whatever reused its key since. Saved
+    tensors of lm_head and the loss, and whatever those two allocate, are logits_loss.
+    Everything else is rest (temporaries, optimizer scratch).
     """
     last_alloc: dict[tuple[int, str | None], int] = {}
+    allocations: dict[int, list[tuple[float, int]]] = {}
     for i, e in enumerate(events):
         if e.nbytes > 0:
             last_alloc[(e.key, e.phase)] = i
+            allocations.setdefault(e.key, []).append((e.t, i))
     category_of: dict[int, str] = {}
     for key, owner in saved_owner.items():
         index = last_alloc.get((key, "forward"))
         if index is not None:
             category_of[index] = "logits_loss" if is_logits_owner(owner) else "activations"
-    for key in grad_keys:
-        index = last_alloc.get((key, "backward"))
-        if index is not None:
-            category_of[index] = "gradients"
+    for key, t in gradients:
+        made = allocations.get(key, [])
+        before = bisect.bisect_right(made, (t, len(events))) - 1
+        if before >= 0:
+            category_of[made[before][1]] = "gradients"
 
     totals = {c: static.get(c, 0) for c in MEMORY_CATEGORIES}
     rows = [{"t": 0.0, "category": c, "allocated_bytes": b, "phase": None,
@@ -88,8 +96,11 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
 
 def static_storages(model, optimizer) -> list[tuple[int, int, str]]:
     """(storage key, bytes, category) of every storage alive before the step starts: frozen
-    weights and buffers, trainable parameters, and optimizer state (gradients are None after
-    zero_grad(set_to_none=True)), each storage once (tied weights, views), in that order."""
+    weights and buffers (with the quantization state of 4-bit weights: bitsandbytes keeps
+    absmax, code and offset in the parameter's quant_state, outside the buffers), trainable
+    parameters, and optimizer state (gradients are None after zero_grad(set_to_none=True)),
+    each storage once (tied weights, views), in that order. Paged optimizer states live outside
+    the allocator and are left out (paged_bytes)."""
     seen: set[int] = set()
     found = []
 
@@ -101,13 +112,13 @@ def static_storages(model, optimizer) -> list[tuple[int, int, str]]:
 
     for p in model.parameters():
         add(p, "trainable" if p.requires_grad else "weights")
+        for tensor in _quant_state_tensors(getattr(p, "quant_state", None)):
+            add(tensor, "weights")
     for b in model.buffers():
         add(b, "weights")
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            for value in state.values():
-                if hasattr(value, "untyped_storage"):
-                    add(value, "optimizer")
+    for value in _optimizer_tensors(optimizer):
+        if not getattr(value, "is_paged", False):
+            add(value, "optimizer")
     return found
 
 
@@ -117,3 +128,34 @@ def static_bytes(model, optimizer) -> dict[str, int]:
     for _, nbytes, category in static_storages(model, optimizer):
         static[category] += nbytes
     return static
+
+
+def paged_bytes(optimizer) -> int:
+    """Bytes of the optimizer's paged states (bitsandbytes' paged optimizers mark them
+    is_paged): in CUDA unified memory, outside PyTorch's allocator."""
+    seen, total = set(), 0
+    for value in _optimizer_tensors(optimizer):
+        storage = value.untyped_storage()
+        if getattr(value, "is_paged", False) and storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
+
+
+def _optimizer_tensors(optimizer):
+    if optimizer is None:
+        return
+    for state in optimizer.state.values():
+        for value in state.values():
+            if hasattr(value, "untyped_storage"):
+                yield value
+
+
+def _quant_state_tensors(state):
+    """The tensors of a bitsandbytes QuantState (and its nested state), if any."""
+    while state is not None:
+        for name in ("absmax", "code", "offset"):
+            tensor = getattr(state, name, None)
+            if hasattr(tensor, "untyped_storage"):
+                yield tensor
+        state = getattr(state, "state2", None)

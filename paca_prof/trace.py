@@ -53,7 +53,10 @@ SUMMARY_COLUMNS = {
     # allocator_peak_bytes: what torch.cuda.max_memory_allocated reports (blocks rounded up,
     # kernel workspaces included): measured on CUDA, or the allocator model's in simulation.
     # reserved_bytes: what the caching allocator holds from the device (max_memory_reserved).
+    # paged_bytes: paged optimizer states (bitsandbytes' paged optimizers), in CUDA unified
+    # memory outside the allocator: not in peak_bytes nor reserved_bytes.
     "peak_bytes": "Int64", "allocator_peak_bytes": "Int64", "reserved_bytes": "Int64",
+    "paged_bytes": "Int64",
     "trainable_params": "Int64",
     # Methods whose columns can be stale (paca-authors): of the steps_run steps of a measured
     # run (warm-up, timed and profiled), those in which a layer ran on stale columns.

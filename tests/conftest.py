@@ -25,11 +25,14 @@ def checkout_env(**extra: str) -> dict[str, str]:
 
 
 def run_spec(**kwargs):
-    """A RunSpec from flat keywords: attention, grad_ckpt and targets go to its recipe."""
+    """A RunSpec from flat keywords: the Recipe's fields (attention, loss, ...) go to its
+    recipe."""
+    from dataclasses import fields
+
     from paca_prof.recipe import Recipe
     from paca_prof.spec import RunSpec
 
-    recipe = {k: kwargs.pop(k) for k in ("attention", "grad_ckpt", "targets") if k in kwargs}
+    recipe = {f.name: kwargs.pop(f.name) for f in fields(Recipe) if f.name in kwargs}
     return RunSpec(recipe=Recipe(**recipe), **kwargs)
 
 

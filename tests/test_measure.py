@@ -30,7 +30,7 @@ def _under(modules: pd.Series, path: str) -> pd.Series:
 
 def _target_paths(t: trace.Trace, method: str) -> list[str]:
     """The adapted linears' paths (the module tree is the same for every method)."""
-    targets = t.run["recipe"]["targets"]
+    targets = t.run["recipe"]["resolved_targets"]["names"]
     n_layers = t.run["model"]["config"]["num_hidden_layers"]
     attention = {"q_proj", "k_proj", "v_proj", "o_proj"}
     return [f"model.layers.{i}.{'self_attn' if name in attention else 'mlp'}.{name}"

@@ -8,12 +8,13 @@ import json
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from paca.model import find_targets
 from paca_prof import methods
 from paca_prof.methods import METHODS, QUANTIZED, MethodSettings, check_methods
 from paca_prof.methods.registry import REGISTRY, prepare, trainable_parameters
-from paca_prof.recipe import Recipe
+from paca_prof.recipe import Recipe, default_targets
 
 R, ALPHA = 4, 12.0
 RECIPE = Recipe()
@@ -28,7 +29,7 @@ def test_every_method_has_one_record():
 
 def test_prepare_every_method_trains_what_it_should(make_llama):
     settings = MethodSettings(r=R, alpha=ALPHA)
-    targets = find_targets(make_llama(), list(RECIPE.targets))
+    targets = find_targets(make_llama(), list(default_targets()))
     n_all = sum(p.numel() for p in make_llama().parameters())
     lora = sum((t.in_features + t.out_features) * R for t in targets.values())
     expected = {
@@ -58,10 +59,29 @@ def test_each_method_checks_r_by_its_own_rule(make_llama):
     assert model.model.layers[0].self_attn.q_proj.lora_A["default"].out_features == 65
 
 
-def test_quantized_methods_are_simulated_only(make_llama):
-    for name in QUANTIZED:
-        with pytest.raises(ValueError, match="simulated only"):
-            prepare(make_llama(), name, MethodSettings(r=R), RECIPE)
+def test_quantized_methods_store_bases_in_bitsandbytes_4bit_and_train(make_llama):
+    import bitsandbytes as bnb
+
+    for name, scope, prep in (("qlora", "all-linear", True), ("qpaca", "targets", False)):
+        recipe = Recipe(targets=("q_proj", "v_proj"), quantize=scope, kbit_prep=prep)
+        model = prepare(make_llama().to(torch.bfloat16), name, MethodSettings(r=R), recipe)
+        # PEFT keeps the base as <target>.base_layer: name it by its target
+        leaves = {path.replace(".base_layer", "").rsplit(".", 1)[-1]: type(m)
+                  for path, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, bnb.nn.Linear4bit))
+                  and not any(part in path for part in ("lora_A", "lora_B"))}
+        four_bit = {leaf for leaf, kind in leaves.items() if issubclass(kind, bnb.nn.Linear4bit)}
+        # all-linear: every linear but the head; targets: only the adapted ones
+        assert four_bit == ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                             "down_proj"} if scope == "all-linear" else {"q_proj", "v_proj"}), name
+        assert not issubclass(leaves["lm_head"], bnb.nn.Linear4bit)
+        # PEFT's kbit prep casts what is not 4-bit to fp32; without it it stays bf16
+        assert model.lm_head.weight.dtype == (torch.float32 if prep else torch.bfloat16), name
+        params = trainable_parameters(model)
+        ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert params and all(p.grad is not None and torch.isfinite(p.grad).all()
+                              for p in params), name
 
 
 def test_method_names_are_checked_once_each():

@@ -194,32 +194,42 @@ def test_projection_labels_times_and_marks_oom():
 
 
 def test_quantized_methods_store_four_bit_weights_and_dequantize():
-    spec = RunSpec(model="tiny", seq=64, batch=1, dtype="bf16", device="meta", attention="flash")
-    plain = simulate_method(spec, "lora")
-    quantized = simulate_method(spec, "qlora")
-    qpaca = simulate_method(spec, "qpaca")
-    # the seven projections shrink from 2 bytes to ~0.5 bytes per weight
-    assert quantized.summary["peak_weights_bytes"] < 0.6 * plain.summary["peak_weights_bytes"]
-    layers = spec.config.num_hidden_layers
-    # One dequantize per projection in forward. In backward, qlora dequantizes for each input
+    def run(method, **recipe):
+        spec = RunSpec(model="tiny", seq=64, batch=1, dtype="bf16", device="meta",
+                       attention="flash", **recipe)
+        return simulate_method(spec, method)
+
+    plain, bare = run("lora"), run("qlora", kbit_prep=False)
+    quantized, qpaca = run("qlora"), run("qpaca")
+    # every linear but the head shrinks from 2 bytes to ~0.5 bytes per weight
+    assert bare.summary["peak_weights_bytes"] < 0.6 * plain.summary["peak_weights_bytes"]
+    # PEFT's prepare_model_for_kbit_training casts the rest (embeddings, norms, head) to fp32:
+    # 2 more bytes for each of their values
+    config = RunSpec(model="tiny", seq=64).config
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    rest = 2 * config.vocab_size * hidden + (2 * layers + 1) * hidden
+    assert (quantized.summary["peak_weights_bytes"] - bare.summary["peak_weights_bytes"]
+            == 2 * rest)
+    # bitsandbytes' fused 4-bit matmul in forward; qpaca dequantizes in forward instead (its
+    # columns are written into the weight). In backward both dequantize for each input
     # gradient, which layer 0's q, k and v do not need (their input, the embedding's normed
-    # output, needs no gradient under an adapter method); qpaca's backward always runs (its
-    # columns need their gradient) and dequantizes for every projection.
-    expected = {"qlora": {"forward": 7 * layers, "backward": 7 * layers - 3},
-                "qpaca": {"forward": 7 * layers, "backward": 7 * layers}}
+    # output, needs no gradient under an adapter method); qpaca's column gradient needs only
+    # the saved columns.
+    expected = {"qlora": {("bitsandbytes::gemm_4bit", "forward"): 7 * layers,
+                          ("bitsandbytes::dequantize_4bit", "backward"): 7 * layers - 3},
+                "qpaca": {("bitsandbytes::dequantize_4bit", "forward"): 7 * layers,
+                          ("bitsandbytes::dequantize_4bit", "backward"): 7 * layers - 3}}
     for name, result in (("qlora", quantized), ("qpaca", qpaca)):
-        ops = result.ops[result.ops["name"] == "paca_prof::dequantize_nf4"]
-        assert ops.groupby("phase").size().to_dict() == expected[name], name
+        ops = result.ops[result.ops["name"].isin(["bitsandbytes::gemm_4bit",
+                                                   "bitsandbytes::dequantize_4bit"])]
+        assert ops.groupby(["name", "phase"]).size().to_dict() == expected[name], name
+    # the fused matmul is counted as the matmul it is: 2 x tokens x in x out per projection
+    gemm = quantized.ops[quantized.ops["name"] == "bitsandbytes::gemm_4bit"]
+    per_layer = (hidden * (hidden + 2 * config.num_key_value_heads * hidden
+                           // config.num_attention_heads + hidden)
+                 + 3 * hidden * config.intermediate_size)
+    assert gemm["flops"].sum() == 2 * 64 * per_layer * layers
     assert qpaca.summary["activation_bytes"] < quantized.summary["activation_bytes"]
-
-
-def test_quantized_methods_refuse_measured_runs_before_anything_runs(tmp_path):
-    spec = RunSpec(model="tiny", seq=16, batch=1, dtype="fp32", device="cpu", methods=("qlora",))
-    from paca_prof import engines
-
-    with pytest.raises(ValueError, match="qlora is simulated only"):
-        engines.run(spec, tmp_path / "t", "test")
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_llama3_8b_seq4096_cli_simulates_every_default_method(tmp_path):

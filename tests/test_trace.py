@@ -120,8 +120,12 @@ def test_run_yaml_records_the_run(measured_trace, measured_trace_path):
     assert run["methods"]["lora"]["dropout"] == 0.0
     assert run["methods"]["frozen"] == {"method": "frozen"}
     recipe = run["recipe"]
-    assert set(recipe["targets"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                      "up_proj", "down_proj"}
+    assert recipe["targets"] is None  # the default, resolved for the architecture:
+    assert recipe["resolved_targets"]["names"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert recipe["resolved_targets"]["linears"] == 7 * run["model"]["config"][
+        "num_hidden_layers"]
+    assert recipe["resolved_targets"]["rule"].startswith("default")
     assert recipe["attention"] == "sdpa" and recipe["grad_ckpt"] is False
     assert recipe["optimizer"] == "adamw" and recipe["loss"] == "hf"
     assert {"timing", "memory", "ops"} <= set(run["assumptions"])

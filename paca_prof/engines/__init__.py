@@ -72,7 +72,7 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
     from paca_prof.engines.measure import measure_method
     from paca_prof.engines.simulate import simulate_method
 
-    validate_against_model(spec)
+    targets = validate_against_model(spec)
     check_out(out)
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
@@ -112,14 +112,14 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
             "ops": pd.concat([r.ops for r in results], ignore_index=True),
             "memory": pd.concat([r.memory for r in results], ignore_index=True),
         }
-        metadata = spec_metadata(spec, command, gpu if simulated else None, budget)
+        metadata = spec_metadata(spec, command, gpu if simulated else None, budget, targets)
         return reserved.commit(metadata, tables)
     finally:
         reservation.__exit__(None, None, None)
 
 
 def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
-                  budget: Budget | None = None) -> dict:
+                  budget: Budget | None = None, targets: dict | None = None) -> dict:
     """run.yaml's content for a run of the engines (metadata.run_metadata). `sources` says where
     the times and the bytes come from: measured, or simulated bytes with projected (or no)
     times."""
@@ -145,7 +145,9 @@ def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
         device=device_info(spec.device, gpu), gpu=gpu.to_dict() if gpu else None,
         sources=sources,
         methods={m: methods.get(m).describe(spec.settings) for m in spec.methods},
-        recipe=spec.recipe.describe(spec.device), assumptions=assumptions,
+        recipe={**spec.recipe.describe(spec.device),
+                "resolved_targets": targets or validate_against_model(spec)},
+        assumptions=assumptions,
         settings=spec.settings.to_dict())
 
 

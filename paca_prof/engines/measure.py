@@ -141,7 +141,7 @@ def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: P
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     ranges: dict[tuple[str, str], list] = defaultdict(list)
-    grad_ptrs: set[int] = set()
+    gradients: list[tuple[int, str]] = []  # (address, marker) of each backward pass's end
 
     def enter(name, phase):
         scope = record_function(name)
@@ -155,8 +155,10 @@ def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: P
     def phase_end(phase):
         leave(f"phase:{phase}", phase)
         if phase == "backward":  # the pass is over: every gradient is there
-            grad_ptrs.update(p.grad.data_ptr() for p in run.model.parameters()
-                             if p.grad is not None)
+            marker = f"[gradients {len(gradients)}]"  # its time, on the profiler's clock
+            with record_function(marker):
+                gradients.extend((p.grad.data_ptr(), marker) for p in run.model.parameters()
+                                 if p.grad is not None)
 
     static = static_bytes(run.model, run.optimizer)
     if cuda:
@@ -177,7 +179,7 @@ def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: P
     wrappers = method.wrapper_paths(run.model)
     ops = _op_table(events, run.method, method, module_paths, wrappers, cuda, step_index,
                     run.r)
-    timeline = _memory_timeline(events, static, ledger, grad_ptrs, cuda)
+    timeline = _memory_timeline(events, static, ledger, gradients, cuda)
     return {"ops": ops, "ledger": ledger, "peak_breakdown": timeline.breakdown,
             "memory": pd.DataFrame(timeline.rows).assign(method=run.method),
             "device_peaks": cuda_memory_peaks() if cuda else {}}
@@ -339,7 +341,7 @@ def _op_row(method_name, method, name, op: _Op | None, start_us, dur_us, wrapper
     }
 
 
-def _memory_timeline(events, static, ledger, grad_ptrs, cuda):
+def _memory_timeline(events, static, ledger, gradients, cuda):
     """The profiler's allocation events of the step's device, categorised (memory.
     memory_timeline); keys are addresses."""
     device_type = 1 if cuda else 0
@@ -356,4 +358,8 @@ def _memory_timeline(events, static, ledger, grad_ptrs, cuda):
             t=e["ts"] - windows.start, key=e["args"]["Addr"], nbytes=nbytes,
             phase=windows.phase_at(e["ts"]),
             logits_scope=nbytes > 0 and any(s <= e["ts"] <= f for s, f in logits_windows)))
-    return memory_timeline(memory_events, static, ledger.ptr_owner, grad_ptrs)
+    markers = {e["name"]: e["ts"] - windows.start for e in events
+               if e.get("cat") == "user_annotation" and e["name"].startswith("[gradients ")}
+    return memory_timeline(memory_events, static, ledger.ptr_owner,
+                           [(ptr, markers[marker]) for ptr, marker in gradients
+                            if marker in markers])

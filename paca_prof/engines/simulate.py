@@ -32,7 +32,7 @@ from paca_prof.engines.step import prepare
 from paca_prof.flops import op_flops
 from paca_prof.gpus import GpuSpec
 from paca_prof.ledger import SavedTensorLedger, storage_key
-from paca_prof.memory import MemoryEvent, memory_timeline, static_bytes
+from paca_prof.memory import MemoryEvent, memory_timeline, paged_bytes, static_bytes
 from paca_prof.modules import ancestors, is_logits_owner
 from paca_prof.ops import counts_as_op
 from paca_prof.results import MethodResult, summary_row
@@ -55,13 +55,15 @@ class OpRecorder(TorchDispatchMode):
     ops: list[dict] = field(default_factory=list)
     events: list[MemoryEvent] = field(default_factory=list)
     _live: dict[int, weakref.ref] = field(default_factory=dict)
-    _tick: int = 0
+    tick: int = 0  # ops dispatched so far: the time of memory events
 
     def __post_init__(self):
         super().__init__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _LOCAL_SCALAR and args[0].is_meta:
+            return meta_scalar(args[0])
         out = func(*args, **kwargs)
         name = func._schema.name
         phase = self.capture.phase
@@ -83,7 +85,7 @@ class OpRecorder(TorchDispatchMode):
                     module, name, phase, self.wrappers, [list(t.shape) for t in inputs], self.r),
                 "device": "meta", "seq_no": len(self.ops), "step": self.capture.step_index,
             })
-        self._tick += 1
+        self.tick += 1
         return out
 
     def _track(self, tensor: torch.Tensor, phase: str, module: str) -> None:
@@ -94,13 +96,35 @@ class OpRecorder(TorchDispatchMode):
         nbytes = storage.nbytes()
         self._live[key] = weakref.ref(storage, lambda _, key=key, n=nbytes: self._free(key, n))
         self.events.append(MemoryEvent(
-            t=float(self._tick), key=key, nbytes=nbytes, phase=_phase_or_none(phase),
+            t=float(self.tick), key=key, nbytes=nbytes, phase=_phase_or_none(phase),
             logits_scope=is_logits_owner(module)))
 
     def _free(self, key: int, nbytes: int) -> None:
         if self._live.pop(key, None) is not None:
-            self.events.append(MemoryEvent(t=float(self._tick), key=key, nbytes=-nbytes,
+            self.events.append(MemoryEvent(t=float(self.tick), key=key, nbytes=-nbytes,
                                            phase=_phase_or_none(self.capture.phase)))
+
+
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+
+
+def meta_scalar(tensor: torch.Tensor):
+    """What .item() gives for a meta tensor in simulation, which has no value: 1 (True for a
+    test). Code that reads a value to decide a step size (Adafactor's relative step) or to
+    check its input (transformers' mask helpers) goes on; no memory depends on it."""
+    if tensor.dtype == torch.bool:
+        return True
+    return 1.0 if tensor.is_floating_point() else 1
+
+
+class MetaScalars(TorchDispatchMode):
+    """Only the .item() rule of OpRecorder, for steps run outside it (the optimizer's first
+    step, which makes its state)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _LOCAL_SCALAR and args[0].is_meta:
+            return meta_scalar(args[0])
+        return func(*args, **(kwargs or {}))
 
 
 def _phase_or_none(phase: str) -> str | None:
@@ -125,7 +149,8 @@ class Simulator:
         if optimizer is not None:  # let the optimizer create its state, as after any first step
             for param in methods.registry.trainable_parameters(self.run.model):
                 param.grad = torch.empty_like(param)
-            optimizer.step()
+            with MetaScalars():
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.trainable = self.run.trainable_params
         self.wrappers = self.method.wrapper_paths(self.run.model)
@@ -139,12 +164,12 @@ class Simulator:
         run = self.run
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         static = static_bytes(run.model, run.optimizer)
-        grad_keys: set[int] = set()
+        gradients: list[tuple[int, float]] = []
 
         def backward_done(phase):
             if phase == "backward":  # the pass is over: every gradient is there
-                grad_keys.update(storage_key(p.grad) for p in run.model.parameters()
-                                 if p.grad is not None)
+                gradients.extend((storage_key(p.grad), float(recorder.tick))
+                                 for p in run.model.parameters() if p.grad is not None)
 
         with run.capture() as capture, SavedTensorLedger(capture) as ledger:
             capture.on_phase(end=backward_done)
@@ -152,7 +177,7 @@ class Simulator:
             with recorder:
                 run.step(ids)
             paths = capture.paths
-        timeline = memory_timeline(recorder.events, static, ledger.keys, grad_keys)
+        timeline = memory_timeline(recorder.events, static, ledger.keys, gradients)
         ops = pd.DataFrame(recorder.ops)
         latencies, times = {}, {}
         if gpu is not None:
@@ -162,10 +187,12 @@ class Simulator:
         layers = layer_table(self.method.name, module_kinds(paths), latencies, ops,
                              ledger.by_module, container_paths(paths))
         fits = budget is None or timeline.peak_bytes <= budget.budget_bytes
+        paged = paged_bytes(run.optimizer)
         summary = summary_row(
             self.method.name, "ok" if fits else "oom", times_ms=times,
             peak_breakdown=timeline.breakdown, n_kernels=len(ops),
-            activation_bytes=ledger.total_bytes, trainable_params=self.trainable)
+            activation_bytes=ledger.total_bytes, trainable_params=self.trainable,
+            **({"paged_bytes": paged} if paged else {}))
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
         return MethodResult(summary, layers, ops, memory, memory_events=recorder.events,
                             start_bytes=static)

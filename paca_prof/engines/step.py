@@ -1,34 +1,26 @@
 """A prepared method and its training step: what every engine runs, with no instrument in it.
 
-The step is plain training code (forward, loss, backward, optimizer step, zero_grad); the
-engines wrap it in a Capture session, which sees its phases and scopes by itself.
+The step is plain training code, as the recipe says: per micro-batch (grad_accum of them) the
+forward and the loss (under autocast with amp) and backward, then gradient clipping, the
+optimizer step and zero_grad(set_to_none). The engines wrap it in a Capture session, which sees
+its phases and scopes by itself. Clipping runs in an optimizer step pre-hook, so that it falls
+in the optimizer phase that Capture sees (as it is part of the update).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from paca_prof import amp, losses, optimizers
 from paca_prof.capture import Capture
 from paca_prof.engines.attention import implementation_name
 from paca_prof.methods import registry
 from paca_prof.modules import LOSS
+from paca_prof.recipe import Recipe
 from paca_prof.spec import RunSpec
-
-
-class CausalLMLoss(nn.Module):
-    """transformers' causal-LM loss on the logits (labels = the inputs, shifted inside), as a
-    module so that the loss has its own scope ([loss]) in every trace."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self._loss_function = model.loss_function
-        self.vocab_size = model.config.vocab_size
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self._loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size)
 
 
 @dataclass
@@ -39,27 +31,38 @@ class Prepared:
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     loss: nn.Module
+    recipe: Recipe = field(default_factory=Recipe)
+    autocast_dtype: torch.dtype | None = None
     r: int = 0
     steps_run: int = 0
     stale_steps: int = 0
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """One training step on `ids` (labels = inputs); returns the loss, detached. For a
-        method whose columns can be stale (the authors' scheme), a step in which any layer's
-        forward ran on stale columns counts in `stale_steps`."""
+        """One training step on `ids` (labels = inputs): recipe.grad_accum micro-batches of
+        `ids`, then the update. Returns the loss of the step (summed over micro-batches),
+        detached. For a method whose columns can be stale (the authors' scheme), a step in which
+        any layer's forward ran on stale columns counts in `stale_steps`."""
         counter = registry.REGISTRY[self.method].stale_counter
         before = counter(self.model) if counter else 0
-        logits = self.model(input_ids=ids).logits
-        loss = self.loss(logits, ids)
-        del logits
-        loss.backward()
+        total = None
+        for _ in range(self.recipe.grad_accum):
+            with amp.autocast(ids.device.type, self.autocast_dtype):
+                if self.loss.takes == "logits":
+                    loss = self.loss(self.model(input_ids=ids).logits, ids)
+                else:
+                    decoder = getattr(self.model, self.model.base_model_prefix)
+                    loss = self.loss(decoder(input_ids=ids).last_hidden_state, ids)
+            if self.recipe.grad_accum > 1:
+                loss = loss / self.recipe.grad_accum
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps_run += 1
         if counter and counter(self.model) > before:
             self.stale_steps += 1
-        return loss.detach()
+        return total
 
     def stale_counts(self) -> dict[str, int]:
         """The summary's stale_steps and steps_run, for a method that counts stale steps."""
@@ -77,24 +80,34 @@ class Prepared:
 
 
 def prepare(spec: RunSpec, method: str, device: str) -> Prepared:
-    """A freshly built model (random weights, seeded) prepared for `method`, with its optimizer
-    as the recipe says."""
-    torch.manual_seed(spec.seed)
+    """A freshly built model (random weights, seeded) prepared for `method`, with its loss and
+    optimizer as the recipe says. With amp, the parameters are fp32 and the step's forward runs
+    under autocast in spec.dtype."""
     from paca_prof import presets
 
-    model = presets.build_model(spec.config, spec.torch_dtype, device,
-                                implementation_name(spec.recipe.attention))
-    model = registry.prepare(model, method, spec.settings, spec.recipe)
-    if spec.recipe.grad_ckpt:
+    recipe = spec.recipe
+    torch.manual_seed(spec.seed)
+    dtype = torch.float32 if recipe.amp else spec.torch_dtype
+    model = presets.build_model(spec.config, dtype, device,
+                                implementation_name(recipe.attention))
+    model = registry.prepare(model, method, spec.settings, recipe)
+    if recipe.grad_ckpt:
         enable_checkpointing(model)
     model.train()
     trainable = registry.trainable_parameters(model)
-    # foreach is torch's default on CUDA, the for-loop on the CPU; a simulation models the
-    # device a GPU run would use (meta stands for a CUDA GPU), and runs faster with foreach.
-    foreach = None if spec.device == "cpu" else True
-    optimizer = (torch.optim.AdamW(trainable, lr=spec.recipe.lr, foreach=foreach)
-                 if trainable else None)
-    return Prepared(method, model, optimizer, CausalLMLoss(model), spec.settings.r)
+    optimizer = optimizers.make_optimizer(recipe.optimizer, trainable, recipe.lr, spec.device)
+    if optimizer is not None and recipe.max_grad_norm is not None:
+        optimizer.register_step_pre_hook(_clip(trainable, recipe.max_grad_norm))
+    return Prepared(method, model, optimizer,
+                    losses.make_loss(recipe.loss, model, recipe.loss_chunks), recipe,
+                    spec.torch_dtype if recipe.amp else None, spec.settings.r)
+
+
+def _clip(params: list, max_norm: float):
+    def clip(optimizer, args, kwargs):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    return clip
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -115,11 +128,13 @@ def make_batch(spec: RunSpec, device: str) -> torch.Tensor:
     return ids.to(device)
 
 
-def validate_against_model(spec: RunSpec) -> None:
+def validate_against_model(spec: RunSpec) -> dict:
     """ValueError for settings the model cannot take (targets that match no linear, an r that a
-    method's rule refuses), before any engine builds a full-size model. Builds on meta only."""
+    method's rule refuses), before any engine builds a full-size model. Builds on meta only.
+    Returns the targets as resolved for the architecture (registry.describe_targets)."""
     from paca_prof import presets
 
     model = presets.build_model(spec.config, spec.torch_dtype, "meta",
                                 implementation_name(spec.recipe.attention))
-    registry.check_settings(model, spec.methods, spec.settings, spec.recipe, spec.device)
+    return registry.check_settings(model, spec.methods, spec.settings, spec.recipe,
+                                   spec.device)

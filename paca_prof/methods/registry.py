@@ -34,7 +34,7 @@ class Method:
         base layer: LoRA's input cast, scaling and add) is.
     r_rule: (in_features, out_features, r) -> why r does not fit, or None.
     settings: the MethodSettings fields that apply.
-    quantization: "nf4" for a method over 4-bit bases (qlora, qpaca).
+    quantization: "nf4" for a method over 4-bit bases (qlora, qpaca), stored by bitsandbytes.
     implementation, extra: what run.yaml says of it beside its settings.
     r_gemm: in backward, an aten::mm in a wrapper whose second input has r columns is the
         branch's grad GEMM (the authors' scheme computes it with the same op as grad_x).
@@ -116,7 +116,8 @@ def _prepare_peft(use_dora: bool) -> Prepare:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
-                            lora_dropout=settings.dropout, target_modules=list(recipe.targets),
+                            lora_dropout=settings.dropout,
+                            target_modules=list(resolve_targets(model, recipe.targets)),
                             use_dora=use_dora, bias="none")
         peft_model = get_peft_model(model, config,
                                     autocast_adapter_dtype=settings.adapter_dtype == "fp32")
@@ -135,27 +136,10 @@ def _prepare_peft(use_dora: bool) -> Prepare:
 def _prepare_paca(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
     from paca import PacaConfig, inject_paca
 
-    config = PacaConfig(r=settings.r, alpha=settings.alpha, target_modules=list(recipe.targets),
+    config = PacaConfig(r=settings.r, alpha=settings.alpha,
+                        target_modules=list(resolve_targets(model, recipe.targets)),
                         seed=settings.seed)
     return inject_paca(model, config)  # in place: the model's own module paths
-
-
-def _prepare_qpaca(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
-    from paca.model import select_indices
-
-    from paca_prof.methods.nf4 import Nf4Linear, QPacaLinear
-
-    for param in model.parameters():
-        param.requires_grad_(False)
-    generator = torch.Generator().manual_seed(settings.seed)
-    quantized = {path: m for path, m in model.named_modules() if isinstance(m, Nf4Linear)
-                 and path.rsplit(".", 1)[-1] in recipe.targets}
-    for path, layer in quantized.items():
-        indices = select_indices(layer.in_features, settings.r, generator)
-        parent_path, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), leaf,
-                QPacaLinear(layer, settings.r, settings.alpha, indices))
-    return model
 
 
 def _prepare_paca_authors(model: nn.Module, settings: MethodSettings,
@@ -163,7 +147,8 @@ def _prepare_paca_authors(model: nn.Module, settings: MethodSettings,
     from paca import PacaConfig
     from paca.authors import inject_authors_paca
 
-    config = PacaConfig(r=settings.r, alpha=settings.alpha, target_modules=list(recipe.targets),
+    config = PacaConfig(r=settings.r, alpha=settings.alpha,
+                        target_modules=list(resolve_targets(model, recipe.targets)),
                         seed=settings.seed)
     return inject_authors_paca(model, config)
 
@@ -197,7 +182,7 @@ def _authors_stale_forwards(model: nn.Module) -> int:
 
 
 def _qpaca_layer_types() -> tuple[type, ...]:
-    from paca_prof.methods.nf4 import QPacaLinear
+    from paca.quantized import QPacaLinear
 
     return (QPacaLinear,)
 
@@ -234,7 +219,8 @@ _LORA_SETTINGS = ("r", "alpha", "dropout", "adapter_dtype")
 _PACA_SETTINGS = ("r", "alpha", "seed")
 _LORA_PARTS = ADAPTER_MODULE_PARTS[:3]  # lora_A, lora_B, lora_dropout
 _DORA_PARTS = ADAPTER_MODULE_PARTS[:4]  # and DoRA's lora_magnitude_vector
-_NF4 = "nf4, bitsandbytes layout (blocksize 64, double quantisation), targets only; simulated"
+_NF4 = ("bitsandbytes Linear4bit, nf4, blocksize 64, double quantisation (QLoRA's settings); "
+        "the recipe's quantize and kbit_prep say which linears and how the rest is cast")
 
 
 def _peft_extra(settings: MethodSettings) -> dict:
@@ -275,7 +261,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("qlora", _prepare_peft(use_dora=False), _lora_layer_types, _LORA_PARTS,
            settings=_LORA_SETTINGS, quantization="nf4", implementation=_peft_version,
            extra=_with_nf4(_peft_extra)),
-    Method("qpaca", _prepare_qpaca, _qpaca_layer_types, branch_ops=QPACA_BRANCH_OPS,
+    Method("qpaca", _prepare_paca, _qpaca_layer_types, branch_ops=QPACA_BRANCH_OPS,
            r_rule=_paca_r_rule, settings=_PACA_SETTINGS, quantization="nf4",
            implementation=_paca_implementation, extra=_with_nf4(_paca_extra)),
 ]}
@@ -284,41 +270,82 @@ assert set(QUANTIZED) == {name for name, m in REGISTRY.items() if m.quantization
 
 # --- Preparing a model -------------------------------------------------------------------------
 
-def prepare(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe) -> nn.Module:
-    """Prepare a transformers model for method `name` (quantizing its bases first where the
-    method says so), in place, and return the model to train. ValueError for targets that
-    match nothing or an r that does not fit a target (check_settings)."""
-    from paca.model import find_targets
+def resolve_targets(model: nn.Module, targets) -> dict[str, nn.Linear]:
+    """The linears a recipe's `targets` name in `model`, by path: a list of leaf names (PEFT's
+    suffix rule), "all-linear" (every nn.Linear but the output head, PEFT's meaning), or None,
+    the default: the seven Llama projections where the model has them all, else all-linear
+    (phi-3's fused projections, mixture-of-experts models). ValueError naming the linears the
+    model has for a name that matches none. Quantized linears count as linears."""
+    from paca.config import ALL_LINEAR
+    from paca.targets import find_targets
 
+    from paca_prof.recipe import default_targets
+
+    if targets is None:
+        names = default_targets()
+        leaves = {path.rsplit(".", 1)[-1] for path, m in model.named_modules()
+                  if isinstance(m, nn.Linear)}
+        targets = list(names) if set(names) <= leaves else ALL_LINEAR
+    return find_targets(model, targets if targets == ALL_LINEAR else list(targets))
+
+
+def describe_targets(model: nn.Module, targets) -> dict:
+    """run.yaml's record of the targets as resolved for the architecture: the leaf names, how
+    many linears, and the rule that chose them."""
+    found = resolve_targets(model, targets)
+    rule = ("given" if targets not in (None, "all-linear") else
+            "all-linear" if targets == "all-linear" else "default")
+    leaves = sorted({path.rsplit(".", 1)[-1] for path in found})
+    if rule == "default":
+        from paca_prof.recipe import default_targets
+
+        rule = ("default: the seven Llama projections" if set(default_targets()) <= set(leaves)
+                else "default: all-linear (the model lacks the seven Llama projections)")
+    return {"names": leaves, "linears": len(found), "rule": rule}
+
+
+def prepare(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+    """Prepare a transformers model for method `name`, in place, and return the model to train.
+    A quantized method's bases are first stored in 4 bits by bitsandbytes (recipe quantize:
+    every linear but the head, or the targets), then cast and set up as PEFT's
+    prepare_model_for_kbit_training does (recipe kbit_prep). ValueError for targets that match
+    nothing or an r that does not fit a target (check_settings)."""
     method = REGISTRY[name]
-    targets = find_targets(model, list(recipe.targets))
+    targets = resolve_targets(model, recipe.targets)
     for path, linear in targets.items():
         method.check_r(path, linear, settings.r)
     if method.quantization == "nf4":
-        if next(model.parameters()).device.type != "meta":
-            raise ValueError(f"{name} is simulated only (--device meta): the NF4 model holds "
-                             "no values")
-        from paca_prof.methods.nf4 import quantize_targets
-
-        quantize_targets(model, targets)
+        _quantize(model, targets if recipe.quantize == "targets"
+                  else resolve_targets(model, "all-linear"), recipe)
     return method.prepare(model, settings, recipe)
 
 
-def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Recipe,
-                   device: str = "meta") -> None:
-    """ValueError (one line) before anything is built at full size: targets that match no
-    linear of `model` (naming the linears it has), an r that a method's rule refuses for a
-    target, or a simulated-only method on a real `device`. `model` may be on meta."""
-    from paca.model import find_targets
+def _quantize(model: nn.Module, linears: dict[str, nn.Linear], recipe: Recipe) -> None:
+    from paca.quantized import quantize_targets
 
-    targets = find_targets(model, list(recipe.targets))
+    quantize_targets(model, list(linears))
+    model.is_loaded_in_4bit = True  # as from_pretrained(load_in_4bit) marks it, for PEFT
+    if recipe.kbit_prep:
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing stays the recipe's one switch (grad_ckpt), non-reentrant as the engine
+        # enables it; PEFT's prep would otherwise turn it on by default.
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.grad_ckpt,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Recipe,
+                   device: str = "meta") -> dict:
+    """ValueError (one line) before anything is built at full size: targets that match no
+    linear of `model` (naming the linears it has), or an r that a method's rule refuses for a
+    target. `model` may be on meta. Returns the targets as resolved (describe_targets)."""
+    targets = resolve_targets(model, recipe.targets)
     for name in names:
         method = REGISTRY[name]
-        if method.quantization == "nf4" and device != "meta":
-            raise ValueError(f"{name} is simulated only (--device meta): the NF4 model holds "
-                             "no values")
         for path, linear in targets.items():
             method.check_r(path, linear, settings.r)
+    return describe_targets(model, recipe.targets)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
