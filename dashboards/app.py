@@ -391,6 +391,8 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         analysis = load(name)
         run = analysis.trace.run
         methods = analysis.trace.methods
+        if not all(isinstance(m, str) for m in methods):
+            raise ValueError("summary.parquet has a row without a method")
         preferred = BASELINE if BASELINE in methods else methods[0]
         time_source, bytes_source = _sources(analysis)
         info = [

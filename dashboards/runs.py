@@ -178,6 +178,8 @@ def _describe(path: Path, name: str) -> RunInfo:
         if os.path.lexists(path / f"{table}.parquet"):
             _check_table_file(path, table)
     summary = trace_io._check_table(trace_io._read_table(path, "summary"), "summary", path)
+    if summary["method"].isna().any():
+        raise trace_io.TraceError("summary.parquet has a row without a method")
     return RunInfo(
         name=name, model=run["model"]["name"], seq=run["seq"], batch=run["batch"],
         device=run["device"]["name"], source=run["source"], sources=trace_io.sources(run),

@@ -362,6 +362,88 @@ def test_downsample_timeline_keeps_the_peak():
     assert analyses.downsample_timeline(short, 500).equals(short)  # returned as is
 
 
+def _layers_table(paths_and_kinds, methods=("lora",)) -> pd.DataFrame:
+    """A layers table of the given (module, kind) rows, forward and backward, 1 ms each."""
+    rows = [dict(method=m, module=path, phase=phase, kind=kind, depth=path.count(".") + 1,
+                 latency_ms=1.0 + i, n_kernels=1)
+            for m in methods for i, (path, kind) in enumerate(paths_and_kinds)
+            for phase in ("forward", "backward")]
+    return trace_io.conform(pd.DataFrame(rows), "layers")
+
+
+def _tree(prefix: str, n: int, block_kind: str, container: str = "container"):
+    rows = [("[root]", "model"), (prefix, container)]
+    for i in range(n):
+        rows += [(f"{prefix}.{i}", block_kind), (f"{prefix}.{i}.attn", "attention"),
+                 (f"{prefix}.{i}.attn.q", "linear"), (f"{prefix}.{i}.attn.q.lora_A", "adapter"),
+                 (f"{prefix}.{i}.mlp", "mlp"), (f"{prefix}.{i}.mlp.up", "linear")]
+    return rows
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (_tree("model.layers", 12, "decoder_layer"), [f"model.layers.{i}" for i in range(12)]),
+    (_tree("transformer.h", 3, "other"), ["transformer.h.0", "transformer.h.1",
+                                          "transformer.h.2"]),
+    (_tree("blocks", 2, "other") + [("blocks.0.experts", "container"),
+                                    ("blocks.0.experts.0", "mlp")], ["blocks.0", "blocks.1"]),
+    ([("[root]", "model"), ("encoder.first", "decoder_layer"), ("encoder.first.ff", "mlp"),
+      ("encoder.second", "decoder_layer"), ("encoder.second.ff", "mlp")],
+     ["encoder.first", "encoder.second"]),
+    ([("[root]", "model"), ("[loss]", "loss"), ("lm_head", "head")], []),
+], ids=["llama", "gpt2", "nested-lists", "named-blocks", "no-layers"])
+def test_layers_of_any_module_tree(rows, expected):
+    layers = _layers_table(rows)
+    assert analyses.decoder_layers(layers) == expected  # model.layers.10 after .9
+    targets = analyses.drill_targets(layers, expected)
+    assert set(expected) <= set(targets)
+    owners = analyses.layer_of(pd.Series([p for p, _ in rows]), expected)
+    for (path, _), owner in zip(rows, owners):
+        inside = [layer for layer in expected if path == layer or path.startswith(layer + ".")]
+        assert owner == (inside[0] if inside else None), path
+    bars = analyses.latency_bars(layers, None, expected)
+    assert list(dict.fromkeys(bars["module"])) == expected
+    first = expected[0] if expected else None
+    if first and f"{first}.attn" in targets:
+        options = analyses.drill_options(targets, expected, f"{first}.attn")
+        assert options[: 2] == [first, f"{first}.attn"] and f"{first}.attn.q" in options
+        assert analyses.drill_up(f"{first}.attn", expected) == first
+        assert analyses.drill_up(first, expected) is None
+
+
+def test_latency_bars_group_a_very_deep_model():
+    layers = _layers_table(_tree("model.layers", 200, "decoder_layer"), methods=("lora", "paca"))
+    names = analyses.decoder_layers(layers)
+    bars = analyses.latency_bars(layers, None, names, max_bars=96)
+    per = bars[(bars["method"] == "lora") & (bars["phase"] == "forward")]
+    assert len(per) <= 96 and per["layers"].sum() == 200
+    assert per["label"].iloc[0] == "0-2" and per["label"].iloc[-1].endswith("-199")
+    rows = layers[(layers["kind"] == "decoder_layer") & (layers["method"] == "lora")
+                  & (layers["phase"] == "forward")]
+    assert per["latency_ms"].iloc[0] == pytest.approx(rows["latency_ms"].iloc[:3].mean())
+    assert (per["latency_ms"] * per["layers"]).sum() == pytest.approx(rows["latency_ms"].sum())
+    assert len(analyses.latency_bars(layers, None, names[:80])) == 80 * 2 * 2  # not grouped
+
+
+def test_layer_ops_time_one_layer_from_its_first_op_and_merge_very_many():
+    n = 9000
+    ops = trace_io.conform(pd.DataFrame({
+        "method": "lora", "module": [f"model.layers.3.{'mlp' if i % 3 else 'attn'}"
+                                     for i in range(n)],
+        "phase": "forward", "name": "aten::mm", "seq_no": range(n),
+        "start_us": [1000.0 + 2 * i for i in range(n)], "dur_us": 1.5,
+        "adapter_branch": [i % 5 == 0 for i in range(n)]}), "ops")
+    few = analyses.layer_ops(ops.head(300), "lora", "model.layers.3", "forward")
+    assert len(few) == 300 and few["t_us"].iloc[0] == 0.0 and few["count"].eq(1).all()
+    assert set(few["row"]) == {"mlp", "attn"}
+    merged = analyses.layer_ops(ops, "lora", "model.layers.3", "forward", max_ops=1000)
+    assert len(merged) <= 1000 and merged["count"].sum() == n
+    for (row, branch), group in merged.groupby(["row", "adapter_branch"]):
+        mine = ops[(ops["module"] == f"model.layers.3.{row}") & (ops["adapter_branch"] == branch)]
+        assert group["dur_us"].sum() == pytest.approx(mine["dur_us"].sum())
+        assert group["count"].sum() == len(mine)
+    assert analyses.layer_ops(ops, "lora", "model.layers.3", "backward").empty
+
+
 def test_listing_and_navigation_helpers(traces_dir):
     listed = {r.name: r for r in runs.list_runs(traces_dir)}
     assert ".llama3-8b.x.partial" not in listed

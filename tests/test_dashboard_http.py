@@ -147,7 +147,15 @@ def traces(tmp_path_factory) -> Path:
     copy_trace(TINY, root / "broken-parquet")
     ops = root / "broken-parquet" / "ops.parquet"
     ops.write_bytes(ops.read_bytes()[: ops.stat().st_size // 2])
+    copy_trace(TINY, root / "unnamed-method")
+    edit_table(root / "unnamed-method", "summary", unnamed_method)
     return root
+
+
+def unnamed_method(summary: pd.DataFrame) -> pd.DataFrame:
+    summary["method"] = summary["method"].astype(object)
+    summary.loc[0, "method"] = None
+    return summary
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +358,8 @@ CASES = [
     ("pick-run-component", "pick_run", {"run__value": IFRAME}, "alert:rejected run name"),
     ("pick-run-broken", "pick_run", {"run__value": "broken-parquet"},
      "alert:unreadable ops.parquet"),
+    ("pick-run-unnamed-method", "pick_run", {"run__value": "unnamed-method"},
+     "alert:without a method"),
     ("search-list", "list_runs", {"url__search": ["?run=tiny"]}, "quiet"),
     ("search-dotdot", "list_runs", {"url__search": "?run=../../etc"}, "alert:rejected run name"),
     ("search-long-name", "list_runs", {"url__search": "?run=" + "a" * 3000},
@@ -577,6 +587,8 @@ def mixed_folder(tmp_path) -> Path:
     (root / "foreign" / "notes.txt").write_text("not a trace")
     copy_trace(TINY, root / "component-command")
     edit_run(root / "component-command", lambda run: run.update(command=IFRAME))
+    copy_trace(TINY, root / "unnamed-method")
+    edit_table(root / "unnamed-method", "summary", unnamed_method)
     copy_trace(TINY, root / "many-files")
     for i in range(300):
         (root / "many-files" / f"f{i}").write_text("")
@@ -598,6 +610,7 @@ UNREADABLE = {  # folder -> what its one-line reason says
     "foreign": "run.yaml",
     "component-command": "command is a dict",
     "many-files": "not a trace folder",
+    "unnamed-method": "without a method",
 }
 
 

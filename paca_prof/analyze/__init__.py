@@ -149,13 +149,20 @@ class TraceAnalysis:
 
     def gpu(self):
         """The GPU a projected or planned trace was made for (run.yaml gpu, a gpus.GpuSpec),
-        or None. Older plan traces name a built-in GPU in plan.gpu only. ValueError (one line)
-        for a recorded spec that is not a valid GpuSpec."""
+        or None. Older traces recorded fewer fields of a built-in GPU (its table entry is
+        used then) or, for plans, its name in plan.gpu only. ValueError (one line) for a
+        recorded spec that is neither a valid GpuSpec nor a built-in GPU's name."""
         from paca_prof.gpus import GPUS, GpuSpec
 
         run = self.trace.run
-        if run.get("gpu"):
-            return GpuSpec.from_dict(run["gpu"], "run.yaml gpu")
+        recorded = run.get("gpu")
+        if recorded:
+            try:
+                return GpuSpec.from_dict(recorded, "run.yaml gpu")
+            except ValueError:
+                if recorded.get("name") in GPUS:
+                    return GPUS[recorded["name"]]
+                raise
         named = (run.get("plan") or {}).get("gpu")
         return GPUS.get(named) if isinstance(named, str) else None
 

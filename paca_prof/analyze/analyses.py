@@ -41,7 +41,8 @@ def layer_of(modules: pd.Series, layers: list[str] | None = None) -> pd.Series:
     `layers`, by the *.layers.N naming (decoder_layer)."""
     values = modules.astype(object)
     if layers is None:
-        return values.map(decoder_layer)
+        return pd.Series([decoder_layer(path) for path in values], index=modules.index,
+                         dtype=object)
     known = set(layers)
 
     def find(path):
@@ -55,7 +56,8 @@ def layer_of(modules: pd.Series, layers: list[str] | None = None) -> pd.Series:
         return None
 
     found = {path: find(path) for path in values.dropna().unique()}
-    return values.map(lambda path: found.get(path) if isinstance(path, str) else None)
+    return pd.Series([found.get(path) if isinstance(path, str) else None for path in values],
+                     index=modules.index, dtype=object)
 
 
 def with_gaps(ops: pd.DataFrame) -> pd.DataFrame:
