@@ -46,6 +46,7 @@ GRAPH_CONFIG = {"displaylogo": False, "responsive": True}
 REQUEST_LIMIT = 4 * 2**20  # bytes of one request body; the browser sends a few KiB
 TEXT_LIMIT = 2000  # characters of one trace value shown inline
 DETAILS_LIMIT = 20_000  # characters of the run details
+RUNS_PAGE = 25  # rows of the Runs table at a time: Dash draws many components slowly
 SOURCES = ("measured", "simulated", "projected")
 
 
@@ -242,6 +243,11 @@ def _views(gpus: dict) -> list[tuple[str, str, html.Section]]:
             html.Div(id="compare-table"),
             html.Div(className="row", children=[_graph("compare-a"), _graph("compare-b")])])),
         ("runs", "Runs", _section("runs", "Runs in the traces folder", [
+            _controls(("Filter (name, model, device or error)", dcc.Input(
+                          id="runs-filter", type="text", debounce=True)),
+                      ("Page", dcc.Dropdown(id="runs-page", value=1, clearable=False,
+                                            options=[1]))),
+            html.Div(id="runs-count", className="note"),
             html.Div(id="runs-table")])),
     ]
 
@@ -330,18 +336,18 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
     @app.callback(
         Output("run", "options"), Output("run", "value"),
         Output("compare-run", "options"), Output("compare-run", "value"),
-        Output("runs-table", "children"), Output("run-alert", "children"),
+        Output("run-alert", "children"),
         Input("url", "search"), Input("refresh", "n_clicks"),
         State("run", "value"), State("compare-run", "value"))
-    @guard(*[dash.no_update] * 5)
+    @guard(*[dash.no_update] * 4)
     def list_runs(search, _clicks, current, compare):
         """Re-list the folder on every page load and refresh; ?run=NAME picks a run."""
         alert = None
         try:
             listing = runs.list_runs(root)
         except OSError as error:
-            return [], None, [], None, None, _alert(f"cannot list the traces folder: "
-                                                    f"{error.strerror}")
+            return [], None, [], None, _alert(f"cannot list the traces folder: "
+                                              f"{error.strerror}")
         ok = [r.name for r in listing if r.ok]
         query = search if isinstance(search, str) and len(search) <= 4096 else ""
         wanted = parse_qs(query.lstrip("?")).get("run", [None])[0]
@@ -360,6 +366,28 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         options = [{"label": _text(r.label, 300), "value": r.name, "disabled": not r.ok}
                    for r in listing]
         compare_options = [o for o in options if not o["disabled"]]
+        return options, current, compare_options, compare, alert
+
+    @app.callback(
+        Output("runs-table", "children"), Output("runs-page", "options"),
+        Output("runs-page", "value"), Output("runs-count", "children"),
+        Output("runs-msg", "children"),
+        Input("tabs", "value"), Input("run", "options"), Input("runs-filter", "value"),
+        Input("runs-page", "value"))
+    @guard(None, dash.no_update, dash.no_update, None)
+    @on_tab("runs")
+    def runs_table(_options, typed, page):
+        """One page of the Runs table (the listing is cached: a page costs a directory scan),
+        the runs whose name, model, device or error hold the filter's text."""
+        listing = runs.list_runs(root)
+        if typed not in (None, ""):
+            typed = _name(typed, "the filter", 200).lower()
+            listing = [r for r in listing if any(typed in field.lower() for field in (
+                r.name, r.model, r.device, r.error or ""))]
+        pages = max(1, -(-len(listing) // RUNS_PAGE))
+        if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= pages:
+            page = 1
+        shown = listing[(page - 1) * RUNS_PAGE: page * RUNS_PAGE]
         rows = [html.Tr(className="ok" if r.ok else "broken", children=[
             html.Td(_text(r.name)), html.Td(_text(r.model)),
             html.Td(_text(r.seq if r.seq is not None else "")),
@@ -367,15 +395,19 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
             html.Td(_badge(r.source) if r.ok else _badge("unreadable")),
             html.Td(_text(", ".join(r.methods)) if r.ok else
                     html.Span(_text(r.error), className="error"))])
-            for r in listing]
+            for r in shown]
         table = html.Table(id="runs-list", className="table", children=[
             html.Thead(html.Tr([html.Th(c) for c in ("run", "model", "seq", "batch", "device",
                                                       "source", "methods / error")])),
             html.Tbody(rows)])
+        count = (f"{len(listing)} runs" + (f"; rows {(page - 1) * RUNS_PAGE + 1}-"
+                                           f"{(page - 1) * RUNS_PAGE + len(shown)} shown"
+                                           if pages > 1 else ""))
         if not listing:
             table = html.P(f"No trace folders in {root.name}. Write one with `paca-prof run "
-                           f"--out {root.name}/NAME`, then press Refresh.")
-        return options, current, compare_options, compare, table, alert
+                           f"--out {root.name}/NAME`, then press Refresh." if typed in (None, "")
+                           else "No run matches the filter.")
+        return table, list(range(1, pages + 1)), page, count, None
 
     @app.callback(
         Output("methods", "options"), Output("methods", "value"),

@@ -851,3 +851,36 @@ def test_capacity_opens_on_the_plans_gpu(served, driver, run, gpu, memory_gib):
     assert max_seq(driver) == dict(zip(expected["method"], expected["max_seq"].astype(int)))
     assert view_errors(driver) == []
     screenshot(driver, f"capacity-{run}")
+
+
+def test_a_folder_of_200_runs_in_the_browser(tmp_path, driver, capsys):
+    """200 runs: the page's first load (each folder described once) and reloads (the listing
+    from its cache), until the run header is filled in and the Runs tab shows its first page
+    of 200. Printed, never asserted."""
+    from dashboards.app import RUNS_PAGE
+    from test_dashboard_http import TINY, copy_trace
+
+    root = tmp_path / "traces"
+    copy_trace(TINY, root / "run-000")
+    for i in range(1, 200):
+        shutil.copytree(root / "run-000", root / f"run-{i:03d}")
+    app = Served(root)
+    times = []
+    try:
+        for attempt in range(4):
+            start = time.perf_counter()
+            load_page(driver, app.url)
+            open_tab(driver, "Runs")
+            wait(driver, lambda d: d.execute_script(
+                "return document.querySelectorAll('#runs-list tbody tr').length") == RUNS_PAGE
+                and text(d, "runs-count") == f"200 runs; rows 1-{RUNS_PAGE} shown",
+                "200 runs listed")
+            times.append(time.perf_counter() - start)
+        assert "run-000" in text(driver, "run")
+        assert severe_console_entries(driver) == []
+    finally:
+        app.close()
+    with capsys.disabled():
+        print(f"\n[dashboard] 200 runs in the browser, page load until listed: first "
+              f"{times[0]:.2f} s, reloads {', '.join(f'{t:.2f}' for t in times[1:])} s "
+              f"(load average {os.getloadavg()[0]:.2f})")

@@ -28,6 +28,7 @@ import requests
 import yaml
 
 from dashboards import runs
+from dashboards.app import RUNS_PAGE
 from paca_prof.analyze import TraceAnalysis
 
 from test_dashboard import Served
@@ -170,8 +171,11 @@ def served(traces):
 # callback -> (outputs, inputs, state); the last output is the view's message area.
 CALLBACKS = {
     "list_runs": (["run.options", "run.value", "compare-run.options", "compare-run.value",
-                   "runs-table.children", "run-alert.children"],
+                   "run-alert.children"],
                   ["url.search", "refresh.n_clicks"], ["run.value", "compare-run.value"]),
+    "runs_table": (["runs-table.children", "runs-page.options", "runs-page.value",
+                    "runs-count.children", "runs-msg.children"],
+                   ["tabs.value", "run.options", "runs-filter.value", "runs-page.value"], []),
     "pick_run": (["methods.options", "methods.value", "timeline-layer.options",
                   "timeline-layer.value", "timeline-method.options", "timeline-method.value",
                   "memory-method.options", "memory-method.value", "gpu.options", "gpu.value",
@@ -203,14 +207,15 @@ CALLBACKS = {
 }
 TABS = {"overview": "overview", "drill": "latency", "latency": "latency", "timeline": "timeline",
         "activations": "activations", "memory": "memory", "capacity": "capacity",
-        "compare": "compare"}
+        "compare": "compare", "runs_table": "runs"}
 GOOD = {"run.value": "tiny", "methods.value": ["lora", "paca"], "drill.value": None,
         "timeline-layer.value": "model.layers.0", "timeline-method.value": "lora",
         "timeline-phase.value": "forward", "memory-method.value": "lora",
         "gpu.value": "a100-80gb", "free-gib.value": None, "headroom.value": "1GiB+5%",
         "capacity-batch.value": None, "compare-run.value": "tiny-b", "url.search": "",
         "refresh.n_clicks": 0, "latency-bars.clickData": None, "drill-up.n_clicks": 0,
-        "drill.search_value": None, "compare-run.options": None}
+        "drill.search_value": None, "compare-run.options": None, "run.options": [],
+        "runs-filter.value": None, "runs-page.value": 1}
 INF, NAN = "__inf__", "__nan__"  # sent as the JSON tokens 1e400 and NaN
 
 
@@ -365,6 +370,11 @@ CASES = [
     ("search-long-name", "list_runs", {"url__search": "?run=" + "a" * 3000},
      "alert:not a folder name"),
     ("state-component", "list_runs", {"run__value": IFRAME}, "quiet"),
+    ("runs-filter-list", "runs_table", {"runs-filter__value": ["tiny"]}, "alert:must be a name"),
+    ("runs-filter-huge", "runs_table", {"runs-filter__value": "x" * 100_000},
+     "alert:must be a name"),
+    ("runs-page-huge", "runs_table", {"runs-page__value": 10**30}, "quiet"),
+    ("runs-page-string", "runs_table", {"runs-page__value": "2"}, "quiet"),
 ]
 
 
@@ -474,6 +484,9 @@ def test_a_crafted_trace_is_shown_as_plain_text(served):
         assert reply.status_code == 200, (callback, reply.text[:300])
         replies[callback] = reply.json()["response"]
         assert alert_text(message_area(reply, callback)) is None, callback
+    reply = post(served, request_body("runs_table", **{"runs-filter__value": "onerror"}))
+    replies["runs_table"] = reply.json()["response"]
+    assert HOSTILE in list(strings(replies["runs_table"]["runs-table"]))
     for callback, response in replies.items():
         for component in components(response):
             assert component["type"] in TEXT_COMPONENTS, (callback, component["type"])
@@ -650,7 +663,9 @@ def test_the_listing_over_http_shows_reasons(mixed_folder):
         assert response["run"]["value"] == "a-good"
         disabled = {o["value"] for o in response["run"]["options"] if o["disabled"]}
         assert disabled == set(UNREADABLE)
-        table = json.dumps(response["runs-table"])
+        reply = post(app, request_body("runs_table"))
+        assert_clean(reply)
+        table = json.dumps(reply.json()["response"]["runs-table"])
         for reason in UNREADABLE.values():
             assert reason in table
         assert "hidden-run" not in table and "staging" not in table
@@ -678,6 +693,21 @@ def test_listing_200_runs(tmp_path, capsys):
             start = time.perf_counter()
             assert post(app, request_body("list_runs")).status_code == 200
             warm.append(time.perf_counter() - start)
+        size = RUNS_PAGE
+        last = -(-200 // size)
+        page = post(app, request_body("runs_table", **{"runs-page__value": last})).json()
+        page = page["response"]
+        assert page["runs-page"]["options"] == list(range(1, last + 1))
+        assert page["runs-page"]["value"] == last
+        first_row = (last - 1) * size
+        assert page["runs-count"]["children"] == f"200 runs; rows {first_row + 1}-200 shown"
+        names = [s for s in strings(page["runs-table"]) if s.startswith("run-")]
+        assert names == [f"run-{i:03d}" for i in range(first_row, 200)]
+        filtered = post(app, request_body("runs_table", **{"runs-filter__value": "RUN-19",
+                                                           "runs-page__value": 3})).json()
+        filtered = filtered["response"]
+        assert filtered["runs-page"]["value"] == 1  # past the last page of the matches
+        assert filtered["runs-count"]["children"] == "10 runs"  # run-190 to run-199
     finally:
         app.close()
     with capsys.disabled():
