@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import math
 import reprlib
 import threading
 from pathlib import Path
@@ -34,6 +33,7 @@ from dash import Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 from werkzeug.exceptions import HTTPException
 
+from paca_prof import validate
 from paca_prof.analyze import capacity, display, figures
 from paca_prof.budget import DEFAULT_HEADROOM, make_budget
 from paca_prof.units import GIB
@@ -66,12 +66,13 @@ def _show(value) -> str:
     return _text(reprlib.repr(value), 80)
 
 
-# --- Inputs from the browser: checked before use -----------------------------------------------
+# --- Inputs from the browser: checked before use (paca_prof.validate's rules) ----------------
 
 def _name(value, what: str, limit: int = 1000) -> str:
-    if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
-        raise ValueError(f"{what} must be a name, got {_show(value)}")
-    return value
+    """A non-empty string of at most `limit` characters without NUL."""
+    if value == "":
+        raise ValueError(f"{what} must not be empty")
+    return validate.text(value, what, limit)
 
 
 def _choice(value, choices, what: str) -> str:
@@ -94,19 +95,18 @@ def _free_memory(value) -> int | None:
     """Bytes of the free-memory box (GiB), or None when it is empty."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"free memory must be a number of GiB, got {_show(value)}")
-    if not 0 < value <= 2**30:
-        raise ValueError(f"free memory must be above 0 and at most 1 EiB, got {_show(value)}")
-    return int(value * GIB)
+    try:
+        gib = validate.number(value, "free memory (GiB)", above=0, maximum=2**30)
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(f"free memory (GiB) must be at most {2**30:g}") from None
+    return int(gib * GIB)
 
 
 def _headroom(value) -> str:
+    """The headroom box's text ("0" when empty); budget.parse_headroom reads it."""
     if value is None or value == "":
         return "0"
-    if not isinstance(value, str) or len(value) > 200:
-        raise ValueError(f"headroom must be a size such as 1GiB+5%, got {_show(value)}")
-    return value
+    return validate.text(value, "headroom (a size such as 1GiB+5%)", 200)
 
 
 # --- Small view helpers (formatting and placement only) --------------------------------------

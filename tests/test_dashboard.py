@@ -525,7 +525,7 @@ def test_every_view_renders_with_data(served, driver):
     screenshot(driver, "overview", 1300)
 
     open_tab(driver, "Layer latency")
-    bars = wait_graph(driver, "latency-bars", lambda g: "decoder layers" in g["title"])
+    bars = wait_graph(driver, "latency-bars", lambda g: "Latency per layer" in g["title"])
     assert bars["traces"] >= len(METHODS)
     screenshot(driver, "latency")
 
@@ -580,7 +580,7 @@ def test_drill_down_by_click_and_dropdown(served, driver):
 
     load_page(driver, f"{served.url}/?run=tiny-cpu")
     open_tab(driver, "Layer latency")
-    wait_graph(driver, "latency-bars", lambda g: "decoder layers" in g["title"])
+    wait_graph(driver, "latency-bars", lambda g: "Latency per layer" in g["title"])
     from selenium.webdriver.common.action_chains import ActionChains
 
     from selenium.common.exceptions import TimeoutException

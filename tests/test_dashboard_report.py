@@ -176,7 +176,7 @@ def test_the_op_timeline_shows_one_layer_one_phase_from_its_first_op(projected, 
 
 
 def test_the_latency_figure_draws_each_layers_latency(projected, report):
-    drawn = [f for f in figures_in(report) if f["title"].startswith("Latency per module")]
+    drawn = [f for f in figures_in(report) if f["title"].startswith("Latency per layer")]
     assert len(drawn) == 1
     layers = projected.trace.layers
     rows = layers[(layers["kind"] == "decoder_layer") & (layers["method"] == "lora")]

@@ -424,10 +424,10 @@ def layer_ops(ops: pd.DataFrame, method: str, layer: str, phase: str | None = No
         rows = rows.assign(slot=(rows["t_us"] / span * slots).astype(int).clip(upper=slots - 1))
         merged = rows.groupby(["row", "adapter_branch", "slot"], sort=False).agg(
             module=("module", "first"), phase=("phase", "first"), t_us=("t_us", "min"),
-            end=("t_us", "max"), dur_us=("dur_us", "sum"), count=("count", "sum"),
+            dur_us=("dur_us", "sum"), count=("count", "sum"),
             start_us=("start_us", "min")).reset_index()
         merged["name"] = merged["count"].map(lambda n: f"{n} ops")
-        rows = merged.drop(columns=["slot", "end"]).sort_values("t_us")
+        rows = merged.drop(columns="slot").sort_values("t_us")
     return rows.reset_index(drop=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import pandas as pd
 
 from paca_prof.units import MIB
@@ -58,7 +59,7 @@ def cell(value, column: str, whole: bool = False) -> str:
     separators, other numbers with three decimals, booleans as yes/no, anything else str()."""
     if _missing(value):
         return MISSING
-    if isinstance(value, bool):
+    if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
     if isinstance(value, numbers.Number) and not isinstance(value, numbers.Integral):
         value = float(value)

@@ -85,9 +85,11 @@ def layer_latency_bars(layers: pd.DataFrame, source: str, parent: str | None = N
     fig.update_xaxes(categoryorder="array", categoryarray=order, title="")
     fig.update_yaxes(title="ms")
     fig.update_layout(barmode="group")
-    grouped = rows["layers"].max() > 1 if "layers" in rows and len(rows) else False
-    where = parent or ("layers (consecutive layers averaged)" if grouped else "decoder layers")
-    return _layout(fig, f"Latency per module in {where} ({source})")
+    if parent:
+        return _layout(fig, f"Latency per module in {parent} ({source})")
+    grouped = bool(len(rows)) and rows["layers"].max() > 1
+    return _layout(fig, f"Latency per layer{', consecutive layers averaged' if grouped else ''} "
+                        f"({source})")
 
 
 def activation_by_layer(per_layer: pd.DataFrame, source: str) -> go.Figure:
