@@ -363,7 +363,8 @@ def test_downsample_timeline_keeps_the_peak():
 
 
 def _layers_table(paths_and_kinds, methods=("lora",)) -> pd.DataFrame:
-    """A layers table of the given (module, kind) rows, forward and backward, 1 ms each."""
+    """A layers table of the given (module, kind) rows, forward and backward, the i-th row
+    taking 1 + i ms."""
     rows = [dict(method=m, module=path, phase=phase, kind=kind, depth=path.count(".") + 1,
                  latency_ms=1.0 + i, n_kernels=1)
             for m in methods for i, (path, kind) in enumerate(paths_and_kinds)
