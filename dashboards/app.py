@@ -1,12 +1,17 @@
 """The Dash app over a folder of trace folders: layout and callbacks only.
 
 Every number and figure comes from the analyzer (paca_prof.analyze: TraceAnalysis, its
-analyses, capacity and the plotly builders in figures); this module picks runs, methods and
-layers, and places what the analyzer returns. It never runs an engine or the simulator.
+analyses, capacity, display and the plotly builders in figures); this module picks runs,
+methods and layers, and places what the analyzer returns. It never runs an engine or the
+simulator.
 
-Safety: it binds 127.0.0.1 unless told otherwise, never runs in debug mode by default, serves
-its assets and plotly.js itself (no CDN, works offline), and reads only inside the traces
-folder: run names arriving from the browser pass dashboards.runs.run_path.
+Safety: it binds 127.0.0.1 unless told otherwise and refuses debug mode (the Werkzeug
+debugger runs code sent to it) on any other address; it serves its assets and plotly.js
+itself (no CDN, works offline) and reads only inside the traces folder: run names arriving
+from the browser pass dashboards.runs.run_path, and traces are read by paca_prof.trace.load.
+Every request is data from outside: each input is checked (type, size, one of the choices)
+and a bad one shows as an alert in its view, never a failed request; every value from a
+trace is placed as text (`_text`), never as a component or markup.
 
     paca-prof dash traces/            # or: python -m dashboards.app traces/
 """
@@ -14,26 +19,94 @@ folder: run names arriving from the browser pass dashboards.runs.run_path.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
-import math
+import reprlib
 import threading
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import dash
 import pandas as pd
+import yaml
 from dash import Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
+from werkzeug.exceptions import HTTPException
 
-from paca_prof.analyze import capacity, figures
+from paca_prof import validate
+from paca_prof.analyze import capacity, display, figures
 from paca_prof.budget import DEFAULT_HEADROOM, make_budget
-from paca_prof.units import GIB, MIB
+from paca_prof.units import GIB
 from dashboards import runs
 
 log = logging.getLogger(__name__)
 
 BASELINE = "lora"
 GRAPH_CONFIG = {"displaylogo": False, "responsive": True}
+REQUEST_LIMIT = 4 * 2**20  # bytes of one request body; the browser sends a few KiB
+TEXT_LIMIT = 2000  # characters of one trace value shown inline
+DETAILS_LIMIT = 20_000  # characters of the run details
+RUNS_PAGE = 25  # rows of the Runs table at a time: Dash draws many components slowly
+SOURCES = ("measured", "simulated", "projected")
+
+
+# --- Text: every value from a trace or a request is shown through these -----------------------
+
+def _text(value, limit: int = TEXT_LIMIT) -> str:
+    """A value as plain text for the page: str() of it (so a mapping shaped like a Dash
+    component is shown as text, never rendered), lone surrogates replaced (JSON cannot carry
+    them), cut to `limit` characters."""
+    text = value if isinstance(value, str) else str(value)
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _show(value) -> str:
+    """A short repr of a value from a request, for messages."""
+    return _text(reprlib.repr(value), 80)
+
+
+# --- Inputs from the browser: checked before use (paca_prof.validate's rules) ----------------
+
+def _name(value, what: str, limit: int = 1000) -> str:
+    """A non-empty string of at most `limit` characters without NUL."""
+    if value == "":
+        raise ValueError(f"{what} must not be empty")
+    return validate.text(value, what, limit)
+
+
+def _choice(value, choices, what: str) -> str:
+    """`value` if it is one of `choices`; ValueError otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {what} {_show(value)}")
+    return value
+
+
+def _method_list(value) -> list[str]:
+    """The picked methods: a list of names; PreventUpdate while none is picked."""
+    if value is None or value == []:
+        raise PreventUpdate
+    if not isinstance(value, list) or len(value) > 64:
+        raise ValueError(f"methods must be a list of method names, got {_show(value)}")
+    return [_name(m, "a method", 200) for m in value]
+
+
+def _free_memory(value) -> int | None:
+    """Bytes of the free-memory box (GiB), or None when it is empty."""
+    if value is None or value == "":
+        return None
+    try:
+        gib = validate.number(value, "free memory (GiB)", above=0, maximum=2**30)
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(f"free memory (GiB) must be at most {2**30:g}") from None
+    return int(gib * GIB)
+
+
+def _headroom(value) -> str:
+    """The headroom box's text ("0" when empty); budget.parse_headroom reads it."""
+    if value is None or value == "":
+        return "0"
+    return validate.text(value, "headroom (a size such as 1GiB+5%)", 200)
 
 
 # --- Small view helpers (formatting and placement only) --------------------------------------
@@ -54,90 +127,33 @@ def _controls(*pairs) -> html.Div:
         for label, control in pairs])
 
 
-def _is_bytes(column: str) -> bool:
-    return "bytes" in column and "ratio" not in column
-
-
-def _cell(value, column: str) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if _is_bytes(column):
-        return f"{float(value) / MIB:,.2f}"
-    if isinstance(value, float):
-        if value.is_integer() and "_vs_" not in column and "ratio" not in column:
-            return f"{value:,.0f}"
-        return f"{value:,.3f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def _table(frame: pd.DataFrame, id_: str | None = None) -> html.Div:
-    """An HTML table of a (small) analyzer DataFrame; byte columns are shown in MiB."""
-    frame = frame.astype(object).where(frame.notna(), None)
-    names = [c.replace("bytes", "MiB") if _is_bytes(c) else c for c in frame.columns]
-    head = html.Thead(html.Tr([html.Th(name) for name in names]))
-    body = html.Tbody([html.Tr([html.Td(_cell(v, c)) for c, v in zip(frame.columns, row)])
-                       for row in frame.itertuples(index=False)])
+    """An HTML table of a (small) analyzer DataFrame as display shows it (bytes in MiB)."""
+    headers, rows = display.table_text(frame)
+    head = html.Thead(html.Tr([html.Th(_text(h)) for h in headers]))
+    body = html.Tbody([html.Tr([html.Td(_text(c)) for c in row]) for row in rows])
     props = {"id": id_} if id_ else {}
     return html.Div(className="table-wrap",
                     children=html.Table(className="table", children=[head, body], **props))
 
 
-def _badge(source: str | None, prefix: str = "") -> html.Span:
-    text = source or "none"
-    return html.Span(f"{prefix}{text}", className=f"badge badge-{text}")
+def _badge(source, prefix: str = "") -> html.Span:
+    text = _text(source or "none", 40)
+    kind = text if text in (*SOURCES, "unreadable", "none") else "none"
+    return html.Span(f"{prefix}{text}", className=f"badge badge-{kind}")
 
 
 def _alert(message: str) -> html.Div:
-    return html.Div(message, className="view-error", role="alert")
+    return html.Div(_text(message), className="view-error", role="alert")
 
 
-def _guard(*defaults):
-    """Wrap a view callback whose last output is its message area: a bad run name, a broken
-    trace or an analysis error shows as a message with `defaults` in the other outputs,
-    instead of a failed request."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args):
-            try:
-                return fn(*args)
-            except PreventUpdate:
-                raise
-            except Exception as error:  # shown to the user; logged with its traceback
-                log.warning("%s: %s", fn.__name__, error, exc_info=not isinstance(
-                    error, (runs.RunPathError, ValueError)))
-                values = [d() if callable(d) else d for d in defaults]
-                return (*values, _alert(str(error)))
-        return inner
-    return wrap
-
-
-def _on_tab(tab: str):
-    """Compute a view only while its tab is shown: the wrapped callback's first input is the
-    selected tab; on another tab nothing is computed (the view updates when it is opened)."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(selected, *args):
-            if selected != tab:
-                raise PreventUpdate
-            return fn(*args)
-        return inner
-    return wrap
+def _options(values, labels=None) -> list[dict]:
+    labels = values if labels is None else labels
+    return [{"label": _text(label, 300), "value": value} for value, label in zip(values, labels)]
 
 
 def _empty(message: str = ""):
     return lambda: figures.empty_figure(message)
-
-
-def _methods(analysis, methods: list[str] | None) -> list[str]:
-    """The picked methods in the trace's order; PreventUpdate while none is picked yet."""
-    if not methods:
-        raise PreventUpdate
-    return [m for m in analysis.check_methods(None) if m in methods] or \
-        analysis.check_methods(methods)
 
 
 def _sources(analysis) -> tuple[str, str]:
@@ -149,20 +165,49 @@ def _rows(table: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return table[table["method"].isin(methods)]
 
 
+def _methods(analysis, methods) -> list[str]:
+    """The picked methods (checked against the trace) in the trace's order."""
+    picked = set(analysis.check_methods(_method_list(methods)))
+    return [m for m in analysis.trace.methods if m in picked]
+
+
+def _run_details(run: dict) -> html.Details:
+    """run.yaml's settings, recipe, methods and assumptions as YAML text."""
+    keys = ("recipe", "methods", "settings", "assumptions", "plan", "gpu", "versions",
+            "created", "seed")
+    shown = {key: run[key] for key in keys if key in run}
+    try:
+        text = yaml.safe_dump(shown, sort_keys=False, width=100, allow_unicode=True)
+    except yaml.YAMLError:
+        text = str(shown)
+    return html.Details(className="run-details", children=[
+        html.Summary("Run details (run.yaml)"),
+        html.Pre(_text(text, DETAILS_LIMIT), id="run-details-text")])
+
+
 # --- Layout -----------------------------------------------------------------------------------
+
+def _gpu_options(gpus: dict, spec=None) -> list[dict]:
+    """The GPU picker's choices: the built-in table, with the trace's own GPU spec (run.yaml
+    gpu) in place of a built-in of the same name, or added when it is a custom one."""
+    options = [{"label": f"{name} ({g.memory_bytes / GIB:.1f} GiB)", "value": name}
+               for name, g in gpus.items() if spec is None or name != spec.name]
+    if spec is not None:
+        options.insert(0, {"label": _text(f"{spec.name} ({spec.memory_bytes / GIB:.1f} GiB, "
+                                          f"this run's GPU)", 200), "value": spec.name})
+    return options
+
 
 def _views(gpus: dict) -> list[tuple[str, str, html.Section]]:
     """The tabs as (value, label, section). Only the selected tab is computed and drawn."""
-    gpu_options = [{"label": f"{name} ({spec.memory_bytes / GIB:.1f} GiB)", "value": name}
-                   for name, spec in gpus.items()]
     return [
         ("overview", "Overview", _section("overview", "Overview (ratios to lora)", [
-            html.Div(id="overview-table"),
+            html.Div(id="overview-table"), html.Div(id="overview-errors", className="note"),
             html.Div(className="row", children=[_graph("overview-bars"),
                                                 _graph("overview-ratios")])])),
         ("latency", "Layer latency", _section("latency", "Latency per layer", [
-            _controls(("Drill into (or click a bar)", dcc.Dropdown(
-                          id="drill", placeholder="all decoder layers", className="wide")),
+            _controls(("Drill into (or click a bar; type to search)", dcc.Dropdown(
+                          id="drill", placeholder="all layers", className="wide")),
                       ("", html.Button("Up one level", id="drill-up", n_clicks=0,
                                        className="button"))),
             _graph("latency-bars", 600)])),
@@ -183,7 +228,7 @@ def _views(gpus: dict) -> list[tuple[str, str, html.Section]]:
                                                 _graph("peak-bars", 460)])])),
         ("capacity", "Capacity", _section("capacity", "Capacity planning", [
             _controls(
-                ("GPU", dcc.Dropdown(id="gpu", options=gpu_options, clearable=False,
+                ("GPU", dcc.Dropdown(id="gpu", options=_gpu_options(gpus), clearable=False,
                                      value=next(iter(gpus), None), className="wide")),
                 ("Free memory GiB (empty: the GPU's)", dcc.Input(
                     id="free-gib", type="number", min=0, step=0.5, debounce=False)),
@@ -198,6 +243,11 @@ def _views(gpus: dict) -> list[tuple[str, str, html.Section]]:
             html.Div(id="compare-table"),
             html.Div(className="row", children=[_graph("compare-a"), _graph("compare-b")])])),
         ("runs", "Runs", _section("runs", "Runs in the traces folder", [
+            _controls(("Filter (name, model, device or error)", dcc.Input(
+                          id="runs-filter", type="text", debounce=True)),
+                      ("Page", dcc.Dropdown(id="runs-page", value=1, clearable=False,
+                                            options=[1]))),
+            html.Div(id="runs-count", className="note"),
             html.Div(id="runs-table")])),
     ]
 
@@ -237,21 +287,70 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
             raise PreventUpdate
         return runs.analysis(root, name)
 
+    def message(error: Exception) -> str:
+        """An error as one line for the page, without the server's paths."""
+        text = str(error).replace(str(root) + "/", "").replace(str(root), "traces")
+        return (text.splitlines() or [type(error).__name__])[0]
+
+    def guard(*defaults, alert: bool = True):
+        """Wrap a callback whose last output is its message area: a bad input, a broken
+        trace or an analysis error shows as an alert there with `defaults` in the other
+        outputs, instead of a failed request; a request with the wrong number of inputs is
+        answered the same way. Without `alert` (a callback with no message area), an error
+        is logged and answered with no update."""
+        def wrap(fn):
+            arity = getattr(fn, "arity", fn.__code__.co_argcount)
+
+            @functools.wraps(fn)
+            def inner(*args):
+                try:
+                    if len(args) != arity:
+                        raise ValueError(f"malformed request: {len(args)} inputs, not {arity}")
+                    return fn(*args)
+                except PreventUpdate:
+                    raise
+                except Exception as error:  # shown to the user; logged with its traceback
+                    known = (runs.RunPathError, ValueError, OSError)
+                    log.warning("%s: %s", fn.__name__, message(error),
+                                exc_info=not isinstance(error, known))
+                    if not alert:
+                        raise PreventUpdate from None
+                    values = [d() if callable(d) else d for d in defaults]
+                    return (*values, _alert(message(error)))
+            return inner
+        return wrap
+
+    def on_tab(tab: str):
+        """Compute a view only while its tab is shown: the wrapped callback's first input is
+        the selected tab; on another tab nothing is computed (the view updates when opened)."""
+        def wrap(fn):
+            @functools.wraps(fn)
+            def inner(selected, *args):
+                if selected != tab:
+                    raise PreventUpdate
+                return fn(*args)
+            inner.arity = fn.__code__.co_argcount + 1  # the tab, then the view's inputs
+            return inner
+        return wrap
+
     @app.callback(
         Output("run", "options"), Output("run", "value"),
         Output("compare-run", "options"), Output("compare-run", "value"),
-        Output("runs-table", "children"), Output("run-alert", "children"),
+        Output("run-alert", "children"),
         Input("url", "search"), Input("refresh", "n_clicks"),
         State("run", "value"), State("compare-run", "value"))
+    @guard(*[dash.no_update] * 4)
     def list_runs(search, _clicks, current, compare):
         """Re-list the folder on every page load and refresh; ?run=NAME picks a run."""
         alert = None
         try:
             listing = runs.list_runs(root)
         except OSError as error:
-            return [], None, [], None, None, _alert(f"cannot list the traces folder: {error}")
+            return [], None, [], None, _alert(f"cannot list the traces folder: "
+                                              f"{error.strerror}")
         ok = [r.name for r in listing if r.ok]
-        wanted = parse_qs((search or "").lstrip("?")).get("run", [None])[0]
+        query = search if isinstance(search, str) and len(search) <= 4096 else ""
+        wanted = parse_qs(query.lstrip("?")).get("run", [None])[0]
         if wanted is not None and ctx.triggered_id != "refresh":
             try:
                 runs.run_path(root, wanted)
@@ -259,139 +358,196 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
                     raise runs.RunPathError(f"run {wanted!r} is not a readable trace")
                 current = wanted
             except runs.RunPathError as error:
-                alert = _alert(str(error))
-        if current not in ok:
+                alert = _alert(message(error))
+        if not isinstance(current, str) or current not in ok:
             current = ok[0] if ok else None
-        if compare not in ok:
+        if not isinstance(compare, str) or compare not in ok:
             compare = next((name for name in ok if name != current), None)
-        options = [{"label": r.label, "value": r.name, "disabled": not r.ok} for r in listing]
+        options = [{"label": _text(r.label, 300), "value": r.name, "disabled": not r.ok}
+                   for r in listing]
         compare_options = [o for o in options if not o["disabled"]]
+        return options, current, compare_options, compare, alert
+
+    @app.callback(
+        Output("runs-table", "children"), Output("runs-page", "options"),
+        Output("runs-page", "value"), Output("runs-count", "children"),
+        Output("runs-msg", "children"),
+        Input("tabs", "value"), Input("run", "options"), Input("runs-filter", "value"),
+        Input("runs-page", "value"))
+    @guard(None, dash.no_update, dash.no_update, None)
+    @on_tab("runs")
+    def runs_table(_options, typed, page):
+        """One page of the Runs table (the listing is cached: a page costs a directory scan),
+        the runs whose name, model, device or error hold the filter's text."""
+        listing = runs.list_runs(root)
+        if typed not in (None, ""):
+            typed = _name(typed, "the filter", 200).lower()
+            listing = [r for r in listing if any(typed in field.lower() for field in (
+                r.name, r.model, r.device, r.error or ""))]
+        pages = max(1, -(-len(listing) // RUNS_PAGE))
+        if isinstance(page, bool) or not isinstance(page, int) or not 1 <= page <= pages:
+            page = 1
+        shown = listing[(page - 1) * RUNS_PAGE: page * RUNS_PAGE]
         rows = [html.Tr(className="ok" if r.ok else "broken", children=[
-            html.Td(r.name), html.Td(r.model), html.Td(r.seq), html.Td(r.batch),
-            html.Td(r.device),
+            html.Td(_text(r.name)), html.Td(_text(r.model)),
+            html.Td(_text(r.seq if r.seq is not None else "")),
+            html.Td(_text(r.batch if r.batch is not None else "")), html.Td(_text(r.device)),
             html.Td(_badge(r.source) if r.ok else _badge("unreadable")),
-            html.Td(", ".join(r.methods) if r.ok else html.Span(r.error, className="error"))])
-            for r in listing]
+            html.Td(_text(", ".join(r.methods)) if r.ok else
+                    html.Span(_text(r.error), className="error"))])
+            for r in shown]
         table = html.Table(id="runs-list", className="table", children=[
             html.Thead(html.Tr([html.Th(c) for c in ("run", "model", "seq", "batch", "device",
                                                       "source", "methods / error")])),
             html.Tbody(rows)])
+        count = (f"{len(listing)} runs" + (f"; rows {(page - 1) * RUNS_PAGE + 1}-"
+                                           f"{(page - 1) * RUNS_PAGE + len(shown)} shown"
+                                           if pages > 1 else ""))
         if not listing:
-            table = html.P(f"No trace folders in {root}. Write one with `paca-prof run --out "
-                           f"{root}/NAME`, then press Refresh.")
-        return options, current, compare_options, compare, table, alert
+            table = html.P(f"No trace folders in {root.name}. Write one with `paca-prof run "
+                           f"--out {root.name}/NAME`, then press Refresh." if typed in (None, "")
+                           else "No run matches the filter.")
+        return table, list(range(1, pages + 1)), page, count, None
 
     @app.callback(
-        Output("methods", "options"), Output("methods", "value"), Output("run-info", "children"),
+        Output("methods", "options"), Output("methods", "value"),
         Output("timeline-layer", "options"), Output("timeline-layer", "value"),
         Output("timeline-method", "options"), Output("timeline-method", "value"),
         Output("memory-method", "options"), Output("memory-method", "value"),
-        Output("gpu", "value"), Output("capacity-batch", "options"),
-        Output("capacity-batch", "value"),
+        Output("gpu", "options"), Output("gpu", "value"), Output("capacity-batch", "options"),
+        Output("capacity-batch", "value"), Output("run-info", "children"),
         Input("run", "value"), State("gpu", "value"))
+    @guard([], [], [], None, [], None, [], None, _gpu_options(gpus), dash.no_update, [], None)
     def pick_run(name, gpu):
         """A new run: its methods, layers and defaults for the per-method views."""
-        try:
-            analysis = load(name)
-        except (runs.RunPathError, ValueError) as error:
-            info = _alert(str(error))
-            return [], [], info, [], None, [], None, [], None, gpu, [], None
+        analysis = load(name)
         run = analysis.trace.run
         methods = analysis.trace.methods
+        if not all(isinstance(m, str) for m in methods):
+            raise ValueError("summary.parquet has a row without a method")
         preferred = BASELINE if BASELINE in methods else methods[0]
         time_source, bytes_source = _sources(analysis)
         info = [
             _badge(analysis.source),
-            html.Span(analysis.title, className="what"),
+            html.Span(_text(analysis.title), className="what"),
             _badge(time_source, "times: "), _badge(bytes_source, "bytes: "),
-            html.Code(run.get("command", ""), className="command"),
+            html.Code(_text(run.get("command", "")), className="command"),
         ]
+        try:
+            spec = analysis.gpu()
+        except ValueError as error:
+            spec = None
+            info.append(_alert(message(error)))
+        gpu_options = _gpu_options(gpus, spec)
+        if spec is not None:
+            gpu = spec.name
+        elif gpu not in gpus:
+            gpu = next(iter(gpus), None)
+        info.append(_run_details(run))
         layers = analysis.decoder_layers()
-        run_gpu = (run.get("gpu") or {}).get("name")
-        if run_gpu in gpus:
-            gpu = run_gpu
         batch_options, batch = [], None
         found = analysis.capacity_curve()
         if found is not None:
             batch = found[1]
             batch_options = [{"label": str(b), "value": b}
                              for b in capacity.batches(analysis.trace.capacity)]
-        method_options = [{"label": m, "value": m} for m in methods]
-        return (method_options, methods, info,
-                [{"label": layer, "value": layer} for layer in layers],
-                layers[0] if layers else None, method_options, preferred, method_options,
-                preferred, gpu, batch_options, batch)
+        method_options = _options(methods)
+        return (method_options, methods, _options(layers), layers[0] if layers else None,
+                method_options, preferred, method_options, preferred, gpu_options, gpu,
+                batch_options, batch, info)
 
     @app.callback(
-        Output("overview-table", "children"), Output("overview-bars", "figure"),
-        Output("overview-ratios", "figure"), Output("overview-msg", "children"),
+        Output("overview-table", "children"), Output("overview-errors", "children"),
+        Output("overview-bars", "figure"), Output("overview-ratios", "figure"),
+        Output("overview-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"))
-    @_guard(None, _empty(), _empty())
-    @_on_tab("overview")
+    @guard(None, None, _empty(), _empty())
+    @on_tab("overview")
     def overview(name, methods):
         analysis = load(name)
         methods = _methods(analysis, methods)
         time_source, _ = _sources(analysis)
-        table = analysis.summary(baseline=BASELINE)
-        table = table[table["method"].isin(methods)]
-        return (_table(table, "summary-table"),
-                figures.overview_bars(_rows(analysis.trace.summary, methods), time_source),
+        table = analysis.summary(baseline=BASELINE, methods=methods)
+        summary = _rows(analysis.trace.summary, methods)
+        failed = summary[summary["status"] != "ok"]
+        errors = [html.Div(_text(f"{row.method}: {row.status}" + (
+            f": {row.error}" if isinstance(row.error, str) and row.error else "")))
+            for row in failed.itertuples()]
+        return (_table(table, "summary-table"), errors or None,
+                figures.overview_bars(summary, time_source),
                 figures.summary_ratio_bars(table, time_source, BASELINE), None)
 
     @app.callback(
         Output("drill", "options"), Output("drill", "value"),
         Input("tabs", "value"), Input("run", "value"), Input("latency-bars", "clickData"),
-        Input("drill-up", "n_clicks"), State("drill", "value"))
-    def drill(tab, name, click, _up, current):
-        """Drill-down target of the latency view: a clicked bar's module, one level up, or
-        (on a new run or on opening the tab) the current target if the run has it."""
+        Input("drill-up", "n_clicks"), Input("drill", "value"), Input("drill", "search_value"))
+    @guard(alert=False)
+    def drill(tab, name, click, _up, current, search):
+        """Drill-down target of the latency view: a clicked bar's module, one level up, a
+        picked module, or (on a new run or on opening the tab) the current target if the run
+        has it. The options stay short: the way up and the modules one level down, plus
+        whatever matches the text typed in the picker."""
         if tab != "latency":
             raise PreventUpdate
-        try:
-            analysis = load(name)
-        except (runs.RunPathError, ValueError):
-            return [], None
+        analysis = load(name)
         targets = analysis.drill_targets()
-        if ctx.triggered_id == "latency-bars" and click:
-            module = (click["points"][0].get("customdata") or [None])[0]
-            if module not in targets:
-                raise PreventUpdate  # a leaf: nothing below it
-            return dash.no_update, module
-        if ctx.triggered_id == "drill-up":
-            return dash.no_update, analysis.drill_up(current)
-        options = [{"label": t, "value": t} for t in targets]
-        return options, current if current in targets else None
+        current = current if isinstance(current, str) and current in targets else None
+        value = dash.no_update
+        if ctx.triggered_id == "latency-bars":
+            points = click.get("points") if isinstance(click, dict) else None
+            point = points[0] if isinstance(points, list) and points else None
+            data = point.get("customdata") if isinstance(point, dict) else None
+            module = data[0] if isinstance(data, list) and data else None
+            if not isinstance(module, str) or module not in targets:
+                raise PreventUpdate  # a leaf, or a group of layers: nothing below it
+            current = value = module
+        elif ctx.triggered_id == "drill-up":
+            current = value = analysis.drill_up(current)
+        elif ctx.triggered_id in ("tabs", "run"):
+            value = current
+        options = analysis.drill_options(current)
+        if isinstance(search, str) and search:
+            typed = search[:200]
+            options += [t for t in targets if typed in t and t not in options][:50]
+        return _options(options), value
 
     @app.callback(
         Output("latency-bars", "figure"), Output("latency-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"),
         Input("drill", "value"))
-    @_guard(_empty())
-    @_on_tab("latency")
+    @guard(_empty())
+    @on_tab("latency")
     def latency(name, methods, parent):
         analysis = load(name)
         methods = _methods(analysis, methods)
         time_source, _ = _sources(analysis)
-        layers = _rows(analysis.trace.layers, methods)
-        if not layers["latency_ms"].notna().any():
-            return figures.empty_figure(f"no times in this trace ({time_source})"), None
-        return figures.layer_latency_bars(layers, time_source, parent=parent or None), None
+        if parent is not None:
+            _name(parent, "a module")
+        rows = analysis.latency_bars(methods, parent or None)
+        if rows.empty:
+            reason = ("no times in this trace" if not analysis.trace.layers["latency_ms"]
+                      .notna().any() else "no layers found in this trace's modules")
+            return figures.empty_figure(f"{reason} ({time_source})"), None
+        return figures.layer_latency_bars(rows, time_source, parent=parent or None), None
 
     @app.callback(
         Output("timeline-graph", "figure"), Output("timeline-overhead", "children"),
         Output("timeline-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("timeline-layer", "value"),
         Input("timeline-method", "value"), Input("timeline-phase", "value"))
-    @_guard(_empty(), None)
-    @_on_tab("timeline")
+    @guard(_empty(), None)
+    @on_tab("timeline")
     def timeline(name, layer, method, phase):
         analysis = load(name)
-        if not layer or not method:
+        if layer is None and not analysis.decoder_layers():
+            return figures.empty_figure("no layers found in this trace's modules"), None, None
+        if layer is None or method is None:
             raise PreventUpdate
-        analysis.check_methods([method])
+        layer = _choice(layer, analysis.decoder_layers(), "layer")
+        method = _choice(method, analysis.trace.methods, "method")
+        phase = _choice(phase, ("forward", "backward"), "phase")
         time_source, _ = _sources(analysis)
-        ops = analysis.trace.ops
-        if not ops["start_us"].notna().any():
+        if not analysis.trace.ops["start_us"].notna().any():
             return figures.empty_figure(f"no op times in this trace ({time_source})"), None, None
         overhead = analysis.adapter_overhead_by_layer([method])
         row = overhead[overhead["layer"] == layer]
@@ -403,15 +559,18 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
                     f"forward and backward, "
                     f"{row['adapter_busy_ms']:.3f} ms busy and {row['adapter_idle_ms']:.3f} ms "
                     f"idle just before them ({time_source}).")
-        ops = ops[ops["phase"] == phase] if phase else ops  # one phase: a compact time axis
-        return figures.kernel_timeline(ops, method, layer, f"{phase}, {time_source}"), note, None
+        ops = analysis.layer_ops(method, layer, phase)
+        if (ops["count"] > 1).any():
+            note += f" Ops merged into {len(ops)} bars (very many in one layer)."
+        return (figures.kernel_timeline(ops, method, layer, f"{phase}, {time_source}"),
+                _text(note), None)
 
     @app.callback(
         Output("activation-bars", "figure"), Output("activation-table", "children"),
         Output("activations-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"))
-    @_guard(_empty(), None)
-    @_on_tab("activations")
+    @guard(_empty(), None)
+    @on_tab("activations")
     def activations(name, methods):
         analysis = load(name)
         methods = _methods(analysis, methods)
@@ -424,13 +583,14 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Output("memory-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"),
         Input("memory-method", "value"))
-    @_guard(_empty(), _empty())
-    @_on_tab("memory")
+    @guard(_empty(), _empty())
+    @on_tab("memory")
     def memory(name, methods, method):
         analysis = load(name)
         methods = _methods(analysis, methods)
-        if not method:
+        if method is None:
             raise PreventUpdate
+        method = _choice(method, analysis.trace.methods, "method")
         _, bytes_source = _sources(analysis)
         timeline = analysis.memory_timeline(method, max_points=2000)
         run = analysis.trace.run
@@ -448,37 +608,45 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Input("gpu", "value"),
         Input("free-gib", "value"), Input("headroom", "value"),
         Input("capacity-batch", "value"))
-    @_guard(_empty(), None, None)
-    @_on_tab("capacity")
+    @guard(_empty(), None, None)
+    @on_tab("capacity")
     def capacity_plan(name, methods, gpu, free_gib, headroom, batch):
         analysis = load(name)
         methods = _methods(analysis, methods)
         if analysis.capacity_curve() is None:
-            message = ("This run holds no capacity sweep (capacity.parquet, written by "
-                       "`paca-prof plan --out`). The dashboard never simulates.")
-            return figures.empty_figure("no capacity sweep in this run"), None, message, None
-        if free_gib in (None, ""):
-            budget = make_budget(gpu=gpu, headroom=headroom or "0")
+            message_ = ("This run holds no capacity sweep (capacity.parquet, written by "
+                        "`paca-prof plan --out`). The dashboard never simulates.")
+            return figures.empty_figure("no capacity sweep in this run"), None, message_, None
+        held = capacity.batches(analysis.trace.capacity)
+        if batch is not None and (isinstance(batch, bool) or batch not in held):
+            raise ValueError(f"no capacity points at batch {_show(batch)} (have {held})")
+        memory, headroom = _free_memory(free_gib), _headroom(headroom)
+        if memory is None:
+            spec = analysis.gpu()
+            device = spec if spec is not None and gpu == spec.name else gpus.get(
+                _choice(gpu, gpus, "GPU"))
+            budget = make_budget(gpu=device, headroom=headroom)
+            where = gpu
         else:
-            budget = make_budget(memory=int(float(free_gib) * GIB), headroom=headroom or "0")
+            budget = make_budget(memory=memory, headroom=headroom)
+            where = f"{free_gib:g} GiB free"
         table, curve, batch = analysis.capacity_answers(budget.budget_bytes, batch, methods,
                                                         BASELINE)
         best = dict(zip(table["method"], table["max_seq"]))
-        where = gpu if free_gib in (None, "") else f"{free_gib} GiB free"
         note = (f"{budget.describe()}. Batch {batch}; {where}. The longest sequence per "
                 f"method (a star) interpolates linearly between the sweep's points; "
                 f"lower_bound: even the longest point fits.")
         return (figures.memory_vs_seq(curve, budget.budget_bytes, best,
                                       f"simulated, batch {batch}"),
-                _table(table, "capacity-max-seq"), note, None)
+                _table(table, "capacity-max-seq"), _text(note), None)
 
     @app.callback(
         Output("compare-table", "children"), Output("compare-a", "figure"),
         Output("compare-b", "figure"), Output("compare-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("compare-run", "value"),
         Input("methods", "value"))
-    @_guard(None, _empty(), _empty())
-    @_on_tab("compare")
+    @guard(None, _empty(), _empty())
+    @on_tab("compare")
     def compare(name, other_name, methods):
         analysis = load(name)
         methods = _methods(analysis, methods)
@@ -491,8 +659,9 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
                    "latency_ms_delta", "latency_ms_ratio", "n_kernels_a", "n_kernels_b",
                    "activation_bytes_a", "activation_bytes_b"]
         other_methods = [m for m in methods if m in other.trace.methods]
-        return (html.Div([html.P(f"a = {name}, b = {other_name}: the 15 largest latency "
-                                 f"changes (b - a), matched by method, module and phase."),
+        return (html.Div([html.P(_text(f"a = {name}, b = {other_name}: the 15 largest latency "
+                                       f"changes (b - a), matched by method, module and "
+                                       f"phase.")),
                           _table(changes[columns], "compare-changes")]),
                 figures.overview_bars(_rows(analysis.trace.summary, methods),
                                       f"a: {name}, {_sources(analysis)[0]}"),
@@ -500,11 +669,34 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
                                       f"b: {other_name}, {_sources(other)[0]}"), None)
 
 
+def _guard_dispatch(app: dash.Dash) -> None:
+    """The callback endpoint never fails: a request Dash itself cannot take apart (no outputs,
+    an unknown output, a body that is not a mapping) is logged and answered with no update
+    (HTTP 204, as for PreventUpdate) instead of a server error. Bodies over REQUEST_LIMIT are
+    refused (413) before they are read."""
+    app.server.config["MAX_CONTENT_LENGTH"] = REQUEST_LIMIT
+    endpoint = app.config.routes_pathname_prefix + "_dash-update-component"
+    view = app.server.view_functions[endpoint]
+
+    @functools.wraps(view)
+    def guarded(*args, **kwargs):
+        try:
+            return view(*args, **kwargs)
+        except (PreventUpdate, HTTPException):
+            raise
+        except Exception as error:  # a malformed request; never a traceback in the reply
+            log.warning("malformed callback request: %s: %s", type(error).__name__,
+                        _text(error, 200))
+            return "", 204
+
+    app.server.view_functions[endpoint] = guarded
+
+
 # --- Entry points -----------------------------------------------------------------------------
 
 def create_app(traces_dir: str | Path, preload: bool = True) -> dash.Dash:
     """The dashboard over the trace folders in `traces_dir` (listed afresh on each page load).
-    With `preload`, a background thread starts loading the traces into the cache at once.
+    With `preload`, a background thread starts describing the folder's runs at once.
     Raises ValueError if `traces_dir` is not a folder."""
     root = Path(traces_dir).resolve()
     if not root.is_dir():
@@ -516,6 +708,7 @@ def create_app(traces_dir: str | Path, preload: bool = True) -> dash.Dash:
                     assets_folder=str(Path(__file__).with_name("assets")))
     app.layout = lambda: _layout(GPUS)  # a function: rebuilt on every page load
     _register(app, root, GPUS)
+    _guard_dispatch(app)
     if preload:
         figures.empty_figure()  # loads plotly's template once, not in the first request
         threading.Thread(target=_preload, args=(root,), name="paca-prof-preload",
@@ -524,16 +717,34 @@ def create_app(traces_dir: str | Path, preload: bool = True) -> dash.Dash:
 
 
 def _preload(root: Path) -> None:
-    """Load the folder's traces into the cache while the browser loads the page."""
+    """Describe the folder's runs and load the one the page opens on (the first readable)
+    while the browser loads the page."""
     try:
-        runs.list_runs(root)
-    except OSError:
-        pass  # the page reports it
+        first = next((r.name for r in runs.list_runs(root) if r.ok), None)
+        if first is not None:
+            runs.analysis(root, first)
+    except Exception as error:  # the page reports it when it asks
+        log.info("preload: %s", _text(error, 200))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or "localhost"."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(traces_dir: str | Path, host: str = "127.0.0.1", port: int = 8050,
           debug: bool = False) -> None:
-    """Serve the dashboard (blocks). Binds 127.0.0.1 by default; debug mode only if asked."""
+    """Serve the dashboard (blocks). Binds 127.0.0.1 by default; debug mode only if asked,
+    and only on a loopback address: ValueError otherwise (the Werkzeug debugger runs any
+    code sent to it)."""
+    if debug and not is_loopback(str(host)):
+        raise ValueError(f"debug mode serves the Werkzeug debugger, which runs code sent to "
+                         f"it: only on a loopback address (127.0.0.1), not {host}")
     app = create_app(traces_dir)
     app.run(host=host, port=port, debug=debug)
 

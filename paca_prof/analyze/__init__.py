@@ -20,6 +20,12 @@ class TraceAnalysis:
 
     def __init__(self, source: str | Path | trace_io.Trace):
         self.trace = source if isinstance(source, trace_io.Trace) else trace_io.load(source)
+        self._memo: dict = {}  # navigation lists, computed once: the trace never changes
+
+    def _once(self, key: str, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def source(self) -> str:
@@ -58,8 +64,9 @@ class TraceAnalysis:
                                          self.check_methods(methods))
 
     def adapter_overhead_by_layer(self, methods: list[str] | None = None) -> pd.DataFrame:
-        """The same per decoder layer."""
-        return analyses.adapter_overhead_by_layer(self.trace.ops, self.check_methods(methods))
+        """The same per layer (decoder_layers)."""
+        return analyses.adapter_overhead_by_layer(self.trace.ops, self.check_methods(methods),
+                                                  self.decoder_layers())
 
     def activation_savings(self, methods: list[str] | None = None) -> pd.DataFrame:
         """Activation bytes per base module: the frozen floor and what each method adds."""
@@ -93,9 +100,10 @@ class TraceAnalysis:
         return analyses.memory_time_label(self.sources)
 
     def activation_by_layer(self, methods: list[str] | None = None) -> pd.DataFrame:
-        """Activation bytes per decoder layer and method: the frozen floor and what the method
-        adds (the Activations view's bars)."""
-        return analyses.activation_by_layer(self.activation_savings(methods))
+        """Activation bytes per layer (decoder_layers) and method: the frozen floor and what
+        the method adds (the Activations view's bars)."""
+        return analyses.activation_by_layer(self.activation_savings(methods),
+                                            self.decoder_layers())
 
     def layer_latency(self, methods: list[str] | None = None, phase: str | None = None,
                       kind: str | None = None, top_k: int | None = None) -> pd.DataFrame:
@@ -104,12 +112,59 @@ class TraceAnalysis:
                                       kind, top_k)
 
     def decoder_layers(self) -> list[str]:
-        """The decoder layers' paths in layer order."""
-        return analyses.decoder_layers(self.trace.layers)
+        """The model's layers (its repeated blocks) in order, for any module tree: decoder
+        layers, or the items of its module lists; [] if the layers table has neither."""
+        return list(self._once("layers", lambda: analyses.decoder_layers(self.trace.layers)))
 
     def drill_targets(self) -> list[str]:
-        """Modules inside decoder layers that have timed children (for drill-down)."""
-        return analyses.drill_targets(self.trace.layers)
+        """Modules inside layers that have timed children (for drill-down)."""
+        return list(self._once("drill", lambda: analyses.drill_targets(
+            self.trace.layers, self.decoder_layers())))
+
+    def drill_options(self, current: str | None) -> list[str]:
+        """The short list the drill-down picker offers at `current` (None: the layers)."""
+        return analyses.drill_options(self.drill_targets(), self.decoder_layers(), current)
+
+    def latency_bars(self, methods: list[str] | None = None,
+                     parent: str | None = None) -> pd.DataFrame:
+        """The latency view's rows: forward and backward latency per layer, or per child of
+        `parent` (a drill target; ValueError otherwise), very deep models grouped."""
+        if parent is not None and parent not in self.drill_targets():
+            raise ValueError(f"no module {str(parent)[:80]!r} to drill into in this trace")
+        layers = self.trace.layers
+        layers = layers[layers["method"].isin(self.check_methods(methods))]
+        return analyses.latency_bars(layers, parent, self.decoder_layers())
+
+    def layer_ops(self, method: str, layer: str, phase: str | None = None,
+                  max_ops: int = 3000) -> pd.DataFrame:
+        """The ops of one layer and method in one phase (or all), timed from the layer's first
+        op, merged into at most about `max_ops` bars. ValueError for an unknown method,
+        layer or phase."""
+        self.check_methods([method])
+        if layer not in self.decoder_layers():
+            raise ValueError(f"no layer {str(layer)[:80]!r} in this trace")
+        if phase is not None and phase not in trace_io.PHASES:
+            raise ValueError(f"phase must be one of {', '.join(trace_io.PHASES)}")
+        return analyses.layer_ops(self.trace.ops, method, layer, phase, max_ops)
+
+    def gpu(self):
+        """The GPU a projected or planned trace was made for (run.yaml gpu, a gpus.GpuSpec),
+        or None. Older traces recorded fewer fields of a built-in GPU (its table entry is
+        used then) or, for plans, its name in plan.gpu only. ValueError (one line) for a
+        recorded spec that is neither a valid GpuSpec nor a built-in GPU's name."""
+        from paca_prof.gpus import GPUS, GpuSpec
+
+        run = self.trace.run
+        recorded = run.get("gpu")
+        if recorded:
+            try:
+                return GpuSpec.from_dict(recorded, "run.yaml gpu")
+            except ValueError:
+                if recorded.get("name") in GPUS:
+                    return GPUS[recorded["name"]]
+                raise
+        named = (run.get("plan") or {}).get("gpu")
+        return GPUS.get(named) if isinstance(named, str) else None
 
     def top_changes(self, other: TraceAnalysis, methods: list[str] | None = None,
                     n: int = 20) -> pd.DataFrame:
@@ -144,10 +199,9 @@ class TraceAnalysis:
         curve = curve[curve["method"].isin(self.check_methods(methods))]
         return capacity.max_seq_table(curve, budget_bytes, baseline), curve, batch
 
-    @staticmethod
-    def drill_up(module: str | None) -> str | None:
+    def drill_up(self, module: str | None) -> str | None:
         """The parent to show after `module` when going one level up in the latency view."""
-        return analyses.drill_up(module)
+        return analyses.drill_up(module, self.decoder_layers())
 
     def diff(self, other: TraceAnalysis, level: str = "layers") -> pd.DataFrame:
         """This trace (a) against another (b), matched by method, module path and phase, and

@@ -22,9 +22,42 @@ PAPER_HEADLINE = {"training_time": -0.22, "total_memory": -0.16, "max_seq": 0.23
 
 
 def decoder_layer(path: str) -> str | None:
-    """"model.layers.3" for any module inside the fourth decoder layer; None outside them."""
-    match = LAYER_PATTERN.match(path)
+    """"model.layers.3" for any module inside the fourth decoder layer, by the common naming
+    *.layers.N alone; None outside them. Used where no layers table says which modules are the
+    layers (layer_of with a list of layers handles any module tree)."""
+    match = LAYER_PATTERN.match(path) if isinstance(path, str) else None
     return match.group(1) if match else None
+
+
+def _natural_key(path: str) -> tuple:
+    """Sort key that orders "h.2" before "h.10": digit runs compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", path) if part)
+
+
+def layer_of(modules: pd.Series, layers: list[str] | None = None) -> pd.Series:
+    """The layer (one of `layers`, see decoder_layers) that holds each module path: the longest
+    of them that is the path itself or one of its ancestors; None outside every layer. Without
+    `layers`, by the *.layers.N naming (decoder_layer)."""
+    values = modules.astype(object)
+    if layers is None:
+        return pd.Series([decoder_layer(path) for path in values], index=modules.index,
+                         dtype=object)
+    known = set(layers)
+
+    def find(path):
+        if not isinstance(path, str):
+            return None
+        parts = path.split(".")
+        for end in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:end])
+            if prefix in known:
+                return prefix
+        return None
+
+    found = {path: find(path) for path in values.dropna().unique()}
+    return pd.Series([found.get(path) if isinstance(path, str) else None for path in values],
+                     index=modules.index, dtype=object)
 
 
 def with_gaps(ops: pd.DataFrame) -> pd.DataFrame:
@@ -63,10 +96,12 @@ def adapter_overhead(summary: pd.DataFrame, ops: pd.DataFrame, methods: list[str
     return pd.DataFrame(rows)
 
 
-def adapter_overhead_by_layer(ops: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """Per method and decoder layer: adapter-branch ops, busy and idle ms (see with_gaps)."""
+def adapter_overhead_by_layer(ops: pd.DataFrame, methods: list[str],
+                              layers: list[str] | None = None) -> pd.DataFrame:
+    """Per method and layer (`layers`, see layer_of): adapter-branch ops, busy and idle ms (see
+    with_gaps)."""
     timed = with_gaps(ops[ops["method"].isin(methods)])
-    timed = timed.assign(layer=timed["module"].map(decoder_layer)).dropna(subset=["layer"])
+    timed = timed.assign(layer=layer_of(timed["module"], layers)).dropna(subset=["layer"])
     branch = timed[timed["adapter_branch"]]
     grouped = branch.groupby(["method", "layer"], sort=False).agg(
         adapter_ops=("name", "size"), adapter_busy_ms=("dur_us", "sum"),
@@ -137,18 +172,25 @@ def peak_breakdown_wide(breakdown: pd.DataFrame, categories: tuple[str, ...]) ->
     return wide.reset_index().rename_axis(columns=None)
 
 
-def activation_by_layer(savings: pd.DataFrame) -> pd.DataFrame:
-    """activation_savings summed per decoder layer: layer, layer_no, method, floor_bytes,
-    added_bytes, in layer order then the methods' order."""
-    rows = savings.assign(layer=savings["module"].map(decoder_layer)).dropna(subset=["layer"])
+def activation_by_layer(savings: pd.DataFrame, layers: list[str] | None = None) -> pd.DataFrame:
+    """activation_savings summed per layer (`layers`, see layer_of): layer, layer_no (its
+    position in `layers`, or N of *.layers.N without them), method, floor_bytes, added_bytes,
+    in layer order then the methods' order."""
+    columns = ["layer", "layer_no", "method", "floor_bytes", "added_bytes"]
+    rows = savings.assign(layer=layer_of(savings["module"], layers)).dropna(subset=["layer"])
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
     per = rows.groupby(["layer", "method"], sort=False)[["floor_bytes", "added_bytes"]].sum()
     per = per.reset_index()
-    per["layer_no"] = per["layer"].str.rsplit(".", n=1).str[-1].astype(int)
+    if layers is None:
+        position = {p: int(p.rsplit(".", 1)[-1]) for p in per["layer"].unique()}
+    else:
+        position = {p: i for i, p in enumerate(layers)}
+    per["layer_no"] = per["layer"].map(position).astype(int)
     order = {m: i for i, m in enumerate(dict.fromkeys(savings["method"]))}
     per = per.sort_values(["layer_no", "method"], key=lambda c: c.map(order) if c.name ==
                           "method" else c, kind="stable")
-    return per[["layer", "layer_no", "method", "floor_bytes", "added_bytes"]].reset_index(
-        drop=True)
+    return per[columns].reset_index(drop=True)
 
 
 def memory_timeline(memory: pd.DataFrame, method: str, categories: tuple[str, ...]) -> pd.DataFrame:
@@ -257,30 +299,136 @@ def projection_error(measured: pd.DataFrame, projected: pd.DataFrame) -> pd.Data
 # --- Helpers for interactive views (the dashboard): navigation and size limits --------------
 
 def decoder_layers(layers: pd.DataFrame) -> list[str]:
-    """The decoder layer paths of a layers table ("model.layers.0", ...) in layer order."""
-    paths = layers.loc[layers["kind"] == "decoder_layer", "module"].dropna().unique()
-    return sorted(paths, key=lambda p: int(p.rsplit(".", 1)[-1]))
+    """The model's layers (its repeated blocks) in a layers table, in order: the modules of
+    kind decoder_layer ("model.layers.0", ...); for a model whose blocks are of another class
+    (GPT-2's transformer.h.N), the items of its outermost module lists (kind container). Any
+    module tree works; a table with neither gives []. Ordered by name, numbers as numbers."""
+    modules = layers["module"].dropna().astype(str)
+    paths = set(modules[layers.loc[modules.index, "kind"] == "decoder_layer"])
+    if not paths:
+        containers = set(modules[layers.loc[modules.index, "kind"] == "container"])
+        items = {m for m in set(modules) if "." in m and m.rsplit(".", 1)[0] in containers}
+        paths = {m for m in items if not any(m.startswith(other + ".") for other in items)}
+    return sorted(paths, key=_natural_key)
 
 
-def drill_targets(layers: pd.DataFrame) -> list[str]:
-    """Modules inside decoder layers that have timed children (decoder layers, attention, MLP,
-    adapted linears with their adapter parts), in layer order then module order: the parents
-    one can drill into with figures.layer_latency_bars(parent=...)."""
+def drill_targets(layers: pd.DataFrame, layer_list: list[str] | None = None) -> list[str]:
+    """Modules inside layers that have timed children (layers, attention, MLP, adapted
+    linears with their adapter parts), in layer order then module order: the parents one can
+    drill into with figures.layer_latency_bars(parent=...)."""
+    layer_list = decoder_layers(layers) if layer_list is None else layer_list
     timed = layers[layers["latency_ms"].notna()]
-    modules = pd.Series(timed["module"].dropna().unique())
-    inside = modules[modules.map(decoder_layer).notna()]
-    parents = set(inside.str.rsplit(".", n=1).str[0]) & set(inside)
-    order = {path: i for i, path in enumerate(decoder_layers(layers))}
-    return sorted(parents, key=lambda p: (order.get(decoder_layer(p), len(order)),
-                                          p != decoder_layer(p), p))
+    modules = pd.Series(timed["module"].dropna().astype(str).unique(), dtype=object)
+    owner = layer_of(modules, layer_list)
+    inside = set(modules[owner.notna()])
+    parents = {m.rsplit(".", 1)[0] for m in inside if "." in m} & inside
+    owners = dict(zip(modules, owner))
+    order = {path: i for i, path in enumerate(layer_list)}
+    return sorted(parents, key=lambda p: (order.get(owners.get(p), len(order)),
+                                          p != owners.get(p), _natural_key(p)))
 
 
-def drill_up(module: str | None) -> str | None:
-    """The parent to show after `module` when going one level up: None (all decoder layers)
-    from a decoder layer, else the module's parent."""
-    if not module or decoder_layer(module) in (None, module):
+def drill_options(targets: list[str], layer_list: list[str], current: str | None) -> list[str]:
+    """What the drill-down picker offers at `current` (None: all layers): the layers at the
+    top; inside a layer, the way back up (its drillable ancestors) and the drillable modules
+    directly below it, so the list stays short for a model of any depth."""
+    if current is None or current not in targets:
+        return [t for t in targets if t in set(layer_list)] or targets[:200]
+    known = set(targets)
+    above = [a for a in _ancestors(current) if a in known]
+    below = [t for t in targets if t.startswith(current + ".")
+             and _nearest_target(t, known) == current]
+    return above + [current] + below
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:end]) for end in range(1, len(parts))]
+
+
+def _nearest_target(path: str, targets: set[str]) -> str | None:
+    for ancestor in reversed(_ancestors(path)):
+        if ancestor in targets:
+            return ancestor
+    return None
+
+
+def drill_up(module: str | None, layer_list: list[str] | None = None) -> str | None:
+    """The parent to show after `module` when going one level up: None (all layers) from a
+    layer, else the module's parent."""
+    if not module or not isinstance(module, str):
+        return None
+    owner = layer_of(pd.Series([module], dtype=object), layer_list).iloc[0]
+    if not isinstance(owner, str) or owner == module or "." not in module:
         return None
     return module.rsplit(".", 1)[0]
+
+
+def latency_bars(layers: pd.DataFrame, parent: str | None = None,
+                 layer_list: list[str] | None = None, max_bars: int = 96) -> pd.DataFrame:
+    """The rows the latency view draws: forward and backward latency of each layer (parent
+    None) or of each direct child of `parent`, with a short `label` (the layer's last name
+    part, or the path below `parent`), in model order. Over `max_bars` layers, consecutive
+    layers are grouped into about `max_bars` bars, each their mean (label "i-j", `layers` the
+    number averaged), so a very deep model stays readable."""
+    layer_list = decoder_layers(layers) if layer_list is None else layer_list
+    timed = layers[layers["phase"].isin(["forward", "backward"]) & layers["latency_ms"].notna()]
+    if parent is None:
+        order = {p: i for i, p in enumerate(layer_list)}
+        rows = timed[timed["module"].isin(order)].copy()
+        rows["position"] = rows["module"].map(order)
+        rows["label"] = rows["module"].map(lambda p: p.rsplit(".", 1)[-1])
+    else:
+        depth = parent.count(".") + 1
+        modules = timed["module"].astype(str)
+        rows = timed[modules.str.startswith(parent + ".") & (modules.str.count(r"\.") == depth)]
+        rows = rows.copy()
+        first = {m: i for i, m in enumerate(dict.fromkeys(rows["module"]))}
+        rows["position"] = rows["module"].map(first)
+        rows["label"] = rows["module"].str.slice(len(parent) + 1)
+    rows["layers"] = 1
+    columns = ["method", "module", "label", "phase", "latency_ms", "n_kernels", "layers"]
+    if parent is None and len(layer_list) > max_bars:
+        size = -(-len(layer_list) // max_bars)
+        rows["group"] = rows["position"] // size
+        grouped = rows.groupby(["group", "method", "phase"], sort=False).agg(
+            module=("module", "first"), last=("module", "last"),
+            latency_ms=("latency_ms", "mean"), n_kernels=("n_kernels", "mean"),
+            layers=("layers", "sum"), first_pos=("position", "min"),
+            last_pos=("position", "max")).reset_index()
+        grouped["label"] = [f"{a}-{b}" for a, b in zip(grouped["first_pos"],
+                                                         grouped["last_pos"])]
+        grouped["module"] = grouped["module"] + " .. " + grouped["last"]
+        rows = grouped.rename(columns={"first_pos": "position"})
+    rows = rows.sort_values("position", kind="stable")
+    return rows[columns].reset_index(drop=True)
+
+
+def layer_ops(ops: pd.DataFrame, method: str, layer: str, phase: str | None = None,
+              max_ops: int = 3000) -> pd.DataFrame:
+    """The ops of one layer's modules and method (in one phase, or all; ops attributed to the
+    layer itself, such as its residual adds, are not drawn), in time order, with `t_us`:
+    microseconds from the first of them, so the axis spans the layer, not the step; `row`:
+    the module path below the layer. Over `max_ops` ops, neighbouring ops of one module row
+    and kind (base or adapter branch) are merged into one bar per time slot (`count` ops,
+    their summed dur_us, name "N ops"), so the view draws at most about max_ops bars."""
+    rows = ops[(ops["method"] == method) & ops["module"].astype(str).str.startswith(layer + ".")]
+    if phase:
+        rows = rows[rows["phase"] == phase]
+    rows = rows.dropna(subset=["start_us", "dur_us"]).sort_values(["start_us", "seq_no"])
+    rows = rows.assign(t_us=rows["start_us"] - (rows["start_us"].min() if len(rows) else 0),
+                       row=rows["module"].astype(str).str.slice(len(layer) + 1), count=1)
+    if len(rows) > max_ops:
+        span = float((rows["t_us"] + rows["dur_us"]).max()) or 1.0
+        slots = max(1, max_ops // max(1, rows.groupby(["row", "adapter_branch"]).ngroups))
+        rows = rows.assign(slot=(rows["t_us"] / span * slots).astype(int).clip(upper=slots - 1))
+        merged = rows.groupby(["row", "adapter_branch", "slot"], sort=False).agg(
+            module=("module", "first"), phase=("phase", "first"), t_us=("t_us", "min"),
+            dur_us=("dur_us", "sum"), count=("count", "sum"),
+            start_us=("start_us", "min")).reset_index()
+        merged["name"] = merged["count"].map(lambda n: f"{n} ops")
+        rows = merged.drop(columns="slot").sort_values("t_us")
+    return rows.reset_index(drop=True)
 
 
 def downsample_timeline(timeline: pd.DataFrame, max_points: int = 2000) -> pd.DataFrame:

@@ -7,8 +7,9 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-
+from paca_prof.analyze import analyses
 from paca_prof.units import GIB, MIB
+
 METHOD_COLORS = {"frozen": "#9e9e9e", "full": "#6d4c41", "lora": "#1f77b4", "dora": "#9467bd",
                  "paca": "#d62728", "qlora": "#17becf", "qpaca": "#ff7f0e"}
 CATEGORY_COLORS = {"weights": "#90a4ae", "trainable": "#4db6ac", "gradients": "#ffb74d",
@@ -64,23 +65,31 @@ def memory_timeline_area(timeline: pd.DataFrame, method: str, source: str,
 
 
 def layer_latency_bars(layers: pd.DataFrame, source: str, parent: str | None = None) -> go.Figure:
-    """Latency per decoder layer (or per child of `parent`, for drill-down), forward and
-    backward side by side, one colour per method."""
-    if parent is None:
-        rows = layers[layers["kind"] == "decoder_layer"]
-    else:
-        depth = parent.count(".") + 1
-        rows = layers[layers["module"].str.startswith(parent + ".")
-                      & (layers["module"].str.count(r"\.") == depth)]
-    rows = rows[rows["phase"].isin(["forward", "backward"]) & rows["latency_ms"].notna()]
-    rows = rows.assign(label=rows["module"].str.replace(parent + ".", "", regex=False)
-                       if parent else rows["module"].str.rsplit(".", n=1).str[-1])
-    fig = px.bar(rows, x="label", y="latency_ms", color="method", facet_row="phase",
-                 barmode="group", color_discrete_map=METHOD_COLORS,
-                 hover_data={"module": True, "n_kernels": True, "latency_ms": ":.3f"})
-    fig.update_xaxes(title="")
-    where = parent or "decoder layers"
-    return _layout(fig, f"Latency per module in {where} ({source})")
+    """Latency per layer (or per child of `parent`, for drill-down), forward and backward in
+    two rows, one colour per method. `layers` is a layers table, or the rows of
+    analyses.latency_bars (TraceAnalysis.latency_bars) when it has their `label` column."""
+    rows = layers if "label" in layers else analyses.latency_bars(layers, parent)
+    fig = go.Figure()
+    fig.set_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                     subplot_titles=("forward", "backward"))
+    order = list(dict.fromkeys(rows["label"]))
+    for row, phase in enumerate(("forward", "backward"), start=1):
+        part = rows[rows["phase"] == phase]
+        for method, group in part.groupby("method", sort=False):
+            fig.add_bar(x=group["label"], y=group["latency_ms"], name=method,
+                        legendgroup=method, showlegend=row == 1,
+                        marker_color=METHOD_COLORS.get(method),
+                        customdata=group[["module", "n_kernels", "layers"]].astype(object),
+                        hovertemplate="%{customdata[0]}<br>%{y:.3f} ms, %{customdata[1]} ops"
+                                      "<extra></extra>", row=row, col=1)
+    fig.update_xaxes(categoryorder="array", categoryarray=order, title="")
+    fig.update_yaxes(title="ms")
+    fig.update_layout(barmode="group")
+    if parent:
+        return _layout(fig, f"Latency per module in {parent} ({source})")
+    grouped = bool(len(rows)) and rows["layers"].max() > 1
+    return _layout(fig, f"Latency per layer{', consecutive layers averaged' if grouped else ''} "
+                        f"({source})")
 
 
 def activation_by_layer(per_layer: pd.DataFrame, source: str) -> go.Figure:
@@ -89,7 +98,7 @@ def activation_by_layer(per_layer: pd.DataFrame, source: str) -> go.Figure:
     fig = go.Figure()
     first = per_layer["method"].iloc[0] if len(per_layer) else None
     for method, group in per_layer.groupby("method", sort=False):
-        x = [group["layer_no"].astype(str), [method] * len(group)]
+        x = [group["layer_no"].astype(str).tolist(), [method] * len(group)]
         fig.add_bar(x=x, y=group["floor_bytes"] / MIB, name="frozen floor",
                     marker_color=METHOD_COLORS["frozen"], legendgroup="floor",
                     showlegend=method == first,
@@ -102,21 +111,22 @@ def activation_by_layer(per_layer: pd.DataFrame, source: str) -> go.Figure:
 
 
 def kernel_timeline(ops: pd.DataFrame, method: str, layer: str, source: str) -> go.Figure:
-    """The ops (kernels on CUDA) of one decoder layer and method on a time axis, one row per
-    module; adapter-branch ops highlighted, idle gaps visible as empty space."""
-    rows = ops[(ops["method"] == method) & ops["module"].str.startswith(layer + ".")]
-    rows = rows.dropna(subset=["start_us", "dur_us"]).sort_values("start_us")
+    """The ops (kernels on CUDA) of one layer and method on a time axis from the layer's first
+    op, one row per module; adapter-branch ops highlighted, idle gaps visible as empty space.
+    `ops` is an ops table, or the rows of analyses.layer_ops (TraceAnalysis.layer_ops: one
+    phase, merged when there are very many) when it has their `t_us` column."""
+    rows = ops if "t_us" in ops else analyses.layer_ops(ops, method, layer)
     fig = go.Figure()
     for branch, color, name in ((False, "#90a4ae", "base model"), (True, "#d62728",
                                                                     "adapter branch")):
         part = rows[rows["adapter_branch"] == branch]
-        fig.add_bar(base=part["start_us"], x=part["dur_us"].clip(lower=0.05), y=part["module"].str.
-                    replace(layer + ".", "", regex=False), orientation="h", name=name,
-                    marker_color=color, customdata=part[["name", "phase", "dur_us"]],
+        fig.add_bar(base=part["t_us"], x=part["dur_us"].clip(lower=0.05), y=part["row"],
+                    orientation="h", name=name, marker_color=color,
+                    customdata=part[["name", "phase", "dur_us"]].astype(object),
                     hovertemplate="%{customdata[0]} (%{customdata[1]})<br>%{customdata[2]:.1f} us"
                                   "<extra></extra>")
-    fig.update_layout(barmode="overlay", xaxis_title="us from the step's start",
-                      yaxis=dict(autorange="reversed"))
+    fig.update_layout(barmode="overlay", xaxis_title="us from the layer's first op",
+                      yaxis=dict(autorange="reversed", type="category"))
     return _layout(fig, f"Ops of {layer}, {method} ({source})")
 
 
