@@ -42,10 +42,13 @@ class Timeline:
 
 
 def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
-                    saved_owner: dict[int, str], grad_keys: set[int]) -> Timeline:
+                    saved_owner: dict[int, str], grad_keys: set[int],
+                    start_keys: dict[int, str] | None = None) -> Timeline:
     """Replay allocation events into running totals per memory category.
 
-    `static` holds the bytes alive when the step starts, by category. An allocation is an
+    `static` holds the bytes alive when the step starts, by category; `start_keys` the keys of
+    those the step may free, with their category (gradients a loop keeps from the step
+    before, freed by its zero_grad), so that their frees leave that category. An allocation is an
     activation if a saved tensor lives at its key (the last allocation there during forward:
     saved tensors stay alive until backward), a gradient likewise for the gradients alive
     after backward. Saved tensors of lm_head and the loss, and whatever those two allocate,
@@ -68,7 +71,7 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     totals = {c: static.get(c, 0) for c in MEMORY_CATEGORIES}
     rows = [{"t": 0.0, "category": c, "allocated_bytes": b, "phase": None,
              "logits_scope": False, "delta_bytes": b} for c, b in totals.items()]
-    live: dict[int, str] = {}
+    live: dict[int, str] = dict(start_keys or {})
     peak, breakdown = sum(totals.values()), dict(totals)
     total = peak
     for i, e in enumerate(events):

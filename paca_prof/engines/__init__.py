@@ -144,7 +144,8 @@ def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
         seq=spec.seq, batch=spec.batch, dtype=spec.dtype, seed=spec.seed,
         device=device_info(spec.device, gpu), gpu=gpu.to_dict() if gpu else None,
         sources=sources,
-        methods={m: methods.get(m).describe(spec.settings) for m in spec.methods},
+        methods={m: methods.get(m).describe(spec.settings, spec.peft_config)
+                 for m in spec.methods},
         recipe=spec.recipe.describe(spec.device), assumptions=assumptions,
         settings=spec.settings.to_dict())
 

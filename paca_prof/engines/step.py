@@ -84,7 +84,7 @@ def prepare(spec: RunSpec, method: str, device: str) -> Prepared:
 
     model = presets.build_model(spec.config, spec.torch_dtype, device,
                                 implementation_name(spec.recipe.attention))
-    model = registry.prepare(model, method, spec.settings, spec.recipe)
+    model = registry.prepare(model, method, spec.settings, spec.recipe, spec.peft_config)
     if spec.recipe.grad_ckpt:
         enable_checkpointing(model)
     model.train()
@@ -122,4 +122,5 @@ def validate_against_model(spec: RunSpec) -> None:
 
     model = presets.build_model(spec.config, spec.torch_dtype, "meta",
                                 implementation_name(spec.recipe.attention))
-    registry.check_settings(model, spec.methods, spec.settings, spec.recipe, spec.device)
+    registry.check_settings(model, spec.methods, spec.settings, spec.recipe, spec.device,
+                            spec.peft_config)
