@@ -43,12 +43,15 @@ class Timeline:
 
 def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
                     saved_owner: dict[int, str], grad_keys: set[int],
-                    start_keys: dict[int, str] | None = None) -> Timeline:
+                    start_keys: dict[int, str] | None = None,
+                    saved_events: dict[int, str] | None = None) -> Timeline:
     """Replay allocation events into running totals per memory category.
 
     `static` holds the bytes alive when the step starts, by category; `start_keys` the keys of
     those the step may free, with their category (gradients a loop keeps from the step
-    before, freed by its zero_grad), so that their frees leave that category. An allocation is an
+    before, freed by its zero_grad), so that their frees leave that category. A step with
+    several forwards (gradient accumulation's micro-batches) gives `saved_events` instead of
+    `saved_owner`: the index of each event that allocated a saved tensor, with its module. An allocation is an
     activation if a saved tensor lives at its key (the last allocation there during forward:
     saved tensors stay alive until backward), a gradient likewise for the gradients alive
     after backward. Saved tensors of lm_head and the loss, and whatever those two allocate,
@@ -58,11 +61,11 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     for i, e in enumerate(events):
         if e.nbytes > 0:
             last_alloc[(e.key, e.phase)] = i
-    category_of: dict[int, str] = {}
-    for key, owner in saved_owner.items():
-        index = last_alloc.get((key, "forward"))
-        if index is not None:
-            category_of[index] = "logits_loss" if is_logits_owner(owner) else "activations"
+    if saved_events is None:
+        saved_events = {last_alloc[(key, "forward")]: owner for key, owner in
+                        saved_owner.items() if (key, "forward") in last_alloc}
+    category_of = {index: "logits_loss" if is_logits_owner(owner) else "activations"
+                   for index, owner in saved_events.items()}
     for key in grad_keys:
         index = last_alloc.get((key, "backward"))
         if index is not None:

@@ -156,10 +156,11 @@ class ProfiledStep:
             ...                                          # the training step, as it is
         tables = profiled.result(method, record, wrappers, step_index, r, chrome_path)
 
-    Shared by the engines' profiler pass and paca_prof.profile() over a user's own loop.
-    Limits: a phase may have several ranges (one per micro-batch under gradient
-    accumulation); the ledger keeps the last forward's saved tensors (ledger.py), so the
-    memory timeline calls the earlier micro-batches' saved tensors rest.
+    Shared by the engines' profiler pass and paca_prof.profile() over a user's own loop. A
+    phase may have several ranges (one per micro-batch under gradient accumulation); the
+    ledger's owners are kept at the end of each forward, so every micro-batch's saved tensors
+    are activations in the memory timeline. The activation bytes per module are the last
+    forward's (ledger.py).
     """
 
     def __init__(self, capture: Capture, optimizer, cuda: bool):
@@ -168,6 +169,7 @@ class ProfiledStep:
         self.static: dict[str, int] | None = None
         self.start_keys: dict[int, str] = {}
         self.grad_ptrs: set[int] = set()
+        self.forward_owners: list[dict[int, str]] = []  # the ledger's, at each forward's end
         self._ranges: dict[tuple[str, str], list] = defaultdict(list)
         capture.on_phase(start=self._phase_start, end=self._phase_end)
         capture.on_scope(self._enter, self._leave)
@@ -208,6 +210,8 @@ class ProfiledStep:
 
     def _phase_end(self, phase):
         self._leave(f"phase:{phase}", phase)
+        if phase == "forward":  # the ledger, subscribed first, has just taken its account
+            self.forward_owners.append(dict(self.ledger.ptr_owner))
         if phase == "backward":  # the pass is over: every gradient is there
             self.grad_ptrs.update(p.grad.data_ptr() for p in self.capture.model.parameters()
                                   if p.grad is not None)
@@ -234,7 +238,7 @@ class ProfiledStep:
         events = json.loads(chrome_path.read_text())["traceEvents"]
         ops = _op_table(events, method_name, method, self.module_paths, wrappers, self.cuda,
                         step_index, r)
-        timeline = _memory_timeline(events, self.static, self.ledger, self.grad_ptrs,
+        timeline = _memory_timeline(events, self.static, self.forward_owners, self.grad_ptrs,
                                     self.cuda, self.start_keys)
         return {"ops": ops, "ledger": self.ledger, "peak_breakdown": timeline.breakdown,
                 "memory": pd.DataFrame(timeline.rows).assign(method=method_name),
@@ -398,10 +402,12 @@ def _op_row(method_name, method, name, op: _Op | None, start_us, dur_us, wrapper
     }
 
 
-def _memory_timeline(events, static, ledger, grad_ptrs, cuda, start_keys=None):
+def _memory_timeline(events, static, forward_owners, grad_ptrs, cuda, start_keys=None):
     """The profiler's allocation events of the step's device from its first phase on,
     categorised (memory.memory_timeline); keys are addresses. Events before the first phase
-    (a loop fetching its next batch) are not the step's."""
+    (a loop fetching its next batch) are not the step's. `forward_owners` holds, per forward
+    range in time order, the saved tensors' addresses and modules at its end: the last
+    allocation at such an address within that forward is the saved tensor."""
     device_type = 1 if cuda else 0
     windows = _Windows(events)
     logits_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events
@@ -417,4 +423,12 @@ def _memory_timeline(events, static, ledger, grad_ptrs, cuda, start_keys=None):
             t=e["ts"] - windows.start, key=e["args"]["Addr"], nbytes=nbytes,
             phase=windows.phase_at(e["ts"]),
             logits_scope=nbytes > 0 and any(s <= e["ts"] <= f for s, f in logits_windows)))
-    return memory_timeline(memory_events, static, ledger.ptr_owner, grad_ptrs, start_keys)
+    forwards = [(start, end) for start, end, phase in windows.spans if phase == "forward"]
+    saved_events: dict[int, str] = {}
+    for (start, end), owners in zip(forwards, forward_owners):
+        last: dict[int, int] = {}
+        for i, e in enumerate(memory_events):
+            if e.nbytes > 0 and start <= e.t + windows.start <= end:
+                last[e.key] = i
+        saved_events.update({last[key]: owner for key, owner in owners.items() if key in last})
+    return memory_timeline(memory_events, static, {}, grad_ptrs, start_keys, saved_events)
