@@ -374,8 +374,8 @@ def _cmd_compare(args) -> int:
     print(f"simulated: {simulated.title} ({args.simulated})")
     print("simulated - measured; bytes in MiB, measured on one side and simulated on the other")
     print("\ntotals")
-    print(tables["totals"].to_string(index=False, float_format=lambda v: f"{v:,.3f}",
-                                     na_rep="-"))
+    print(tables["totals"].to_string(index=False, na_rep="-", float_format=lambda v: (
+        f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3f}")))
     print("\nmemory at the peak, by category (MiB)")
     print(_bytes_as_mib(tables["peak"]).to_string(index=False, float_format=lambda v: f"{v:,.3f}",
                                                   na_rep="-"))
