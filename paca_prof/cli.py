@@ -66,6 +66,21 @@ def _method_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _method_names(text: str) -> tuple[str, ...]:
+    """Method names as a trace holds them (a profiled loop's may be custom, ia3, ...)."""
+    from paca_prof import validate
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("no method named")
+    for name in names:
+        try:
+            validate.text(name, "a method name", max_len=100)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return names
+
+
 def _add_method_settings(parser: argparse.ArgumentParser) -> None:
     """The adapter methods' settings, the same in `run` and `plan`."""
     group = parser.add_argument_group("method settings (PEFT's meaning)")
@@ -145,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
     run.add_argument("--seq", type=_positive_int, required=True, help="tokens per sequence")
     run.add_argument("--batch", type=_positive_int, default=1, help="sequences (default 1)")
-    run.add_argument("--methods", type=_method_list, default=method_names.DEFAULT_METHODS,
+    run.add_argument("--methods", type=_method_list, default=None,
                      help=f"comma-separated, from {','.join(method_names.METHODS)} "
-                          f"(default {default_methods})")
+                          f"(default {default_methods}; with --peft-config, its method)")
     run.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                      help="default: fp32 on cpu, bf16 on cuda and meta")
     run.add_argument("--device", choices=["cpu", "cuda", "meta"], default=None,
@@ -167,14 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None,
                      help="trace folder to write (default traces/<model>-seq<N>-<device>-<time>)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    run.add_argument("--peft-config", type=Path, default=None, metavar="PATH",
+                     help="a PEFT adapter_config.json (as save_pretrained writes it, or its "
+                          "folder): lora, or dora with use_dora, trains exactly that adapter "
+                          "(its r, alpha, dropout, targets, rank and alpha patterns); the other "
+                          "methods keep the settings below")
     _add_method_settings(run)
     _add_recipe(run)
     run.set_defaults(handler=_cmd_run)
 
+    compare = sub.add_parser("compare", help="where a measured run and the simulation of the "
+                                             "same configuration disagree, in bytes")
+    compare.add_argument("measured", type=Path, help="a measured trace (run --device cpu|cuda, "
+                                                     "or paca_prof.profile)")
+    compare.add_argument("simulated", type=Path, help="a simulated trace of the same "
+                                                      "configuration (run --device meta)")
+    compare.add_argument("--methods", type=_method_names, default=None,
+                         help="methods to compare (default: every method ok in both)")
+    compare.add_argument("--top", type=_positive_int, default=10,
+                         help="modules shown per method, largest disagreement first "
+                              "(default 10)")
+    compare.add_argument("--json", action="store_true", help="print the tables as JSON")
+    compare.set_defaults(handler=_cmd_compare)
+
     analyze = sub.add_parser("analyze", help="analyse a trace folder (or compare two)")
     analyze.add_argument("trace", type=Path, help="trace folder written by paca-prof run")
     analyze.add_argument("--vs", type=Path, default=None, help="a second trace to compare with")
-    analyze.add_argument("--methods", type=_method_list, default=None,
+    analyze.add_argument("--methods", type=_method_names, default=None,
                          help="methods to show (default: all in the trace)")
     analyze.add_argument("--top", type=_positive_int, default=5,
                          help="slowest modules shown per method (default 5)")
@@ -273,11 +307,16 @@ def _cmd_run(args) -> int:
     try:
         gpu = gpu_spec(args.gpu)
         budget = make_budget(gpu=gpu, headroom=args.headroom)
+        peft_config, methods = None, args.methods or method_names.DEFAULT_METHODS
+        if args.peft_config is not None:
+            from paca_prof.methods import peft_config as peft_configs
+
+            peft_config = peft_configs.read(args.peft_config)
+            methods = args.methods or (peft_configs.method_of(peft_config),)
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
-                       device=device, methods=args.methods, settings=_settings(args),
-                       recipe=_recipe(args, args.methods, dtype), steps=args.steps,
-                       warmup=args.warmup,
-                       seed=args.seed)
+                       device=device, methods=methods, settings=_settings(args),
+                       recipe=_recipe(args, methods, dtype), steps=args.steps,
+                       warmup=args.warmup, seed=args.seed, peft_config=peft_config)
     except ValueError as error:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
@@ -322,6 +361,9 @@ def _cmd_analyze(args) -> int:
     }
     if other is not None:
         tables["diff"] = analysis.top_changes(other, methods=methods)
+    batches = analysis.batch_shapes()
+    if batches is not None:
+        tables["batches"] = batches
     if args.html:
         try:
             write_html(analysis, args.html, methods)
@@ -344,6 +386,8 @@ def _cmd_analyze(args) -> int:
         "top_layers": f"slowest modules per method (ms, {sources.get('time')})",
         "headline": "paca against lora, in the paper's terms",
         "diff": f"largest latency changes, {args.trace} (a) vs {args.vs} (b)",
+        "batches": "batches the model saw in the active steps (measured; padding from "
+                   f"{(analysis.trace.run.get('batches') or {}).get('padding_from', '?')})",
     }
     tables["peak_breakdown"] = analysis.peak_breakdown_table(methods)
     for name, table in tables.items():
@@ -352,6 +396,43 @@ def _cmd_analyze(args) -> int:
         print(table.to_string(index=False, float_format=lambda v: f"{v:,.3f}", na_rep="-"))
     if args.html:
         print(f"\nreport: {args.html}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from paca_prof.analyze import TraceAnalysis
+
+    try:
+        measured, simulated = TraceAnalysis(args.measured), TraceAnalysis(args.simulated)
+        methods = list(args.methods) if args.methods else None
+        tables = {"totals": measured.compare_totals(simulated, methods),
+                  "peak": measured.compare_peak(simulated, methods),
+                  "activations": measured.compare_activations(simulated, methods)}
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        payload = {"measured": str(args.measured), "simulated": str(args.simulated)}
+        payload.update({name: _records(table) for name, table in tables.items()})
+        print(json.dumps(payload, indent=2))
+        return 0
+    activations = tables["activations"]
+    print(f"measured: {measured.title} ({args.measured})")
+    print(f"simulated: {simulated.title} ({args.simulated})")
+    print("simulated - measured; bytes in MiB, measured on one side and simulated on the other")
+    print("\ntotals")
+    print(tables["totals"].to_string(index=False, na_rep="-", float_format=lambda v: (
+        f"{v:,.0f}" if float(v).is_integer() else f"{v:,.3f}")))
+    print("\nmemory at the peak, by category (MiB)")
+    print(_bytes_as_mib(tables["peak"]).to_string(index=False, float_format=lambda v: f"{v:,.3f}",
+                                                  na_rep="-"))
+    for method, rows in activations.groupby("method", sort=False):
+        agree = int((rows["diff_bytes"] == 0).sum())
+        shown = rows[rows["diff_bytes"].fillna(1) != 0].head(args.top)
+        print(f"\nactivation bytes per module, {method}: {agree} of {len(rows)} modules agree "
+              "exactly" + ("; largest disagreements (MiB):" if len(shown) else ""))
+        if len(shown):
+            print(_bytes_as_mib(shown.drop(columns="method")).to_string(
+                index=False, float_format=lambda v: f"{v:,.4f}", na_rep="-"))
     return 0
 
 

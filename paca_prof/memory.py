@@ -43,16 +43,22 @@ class Timeline:
 
 
 def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
-                    saved_owner: dict[int, str],
-                    gradients: list[tuple[int, float]]) -> Timeline:
+                    saved_owner: dict[int, str], gradients: list[tuple[int, float]],
+                    start_keys: dict[int, str] | None = None,
+                    saved_events: dict[int, str] | None = None) -> Timeline:
     """Replay allocation events into running totals per memory category.
 
-    `static` holds the bytes alive when the step starts, by category. An allocation is an
-    activation if a saved tensor lives at its key (the last allocation there during forward:
-    saved tensors stay alive until backward). `gradients` lists (key, t): the storage at key
-    held a parameter's gradient at time t (a snapshot at the end of each backward pass); the
-    last allocation at that key up to t is a gradient, so a gradient made in an earlier
-    micro-batch, or replaced by a later one, is found whatever reused its key since. Saved
+    `static` holds the bytes alive when the step starts, by category; `start_keys` the keys of
+    those the step may free, with their category (gradients a loop keeps from the step
+    before, freed by its zero_grad), so that their frees leave that category. An allocation is
+    an activation if a saved tensor lives at its key (the last allocation there during
+    forward: saved tensors stay alive until backward). A step with several forwards (gradient
+    accumulation's micro-batches) may give `saved_events` instead of `saved_owner`: the index
+    of each event that allocated a saved tensor, with its module. `gradients` lists (key, t):
+    the storage at key held a parameter's gradient at time t (a snapshot at the end of each
+    backward pass); the last allocation at that key up to t is a gradient, so a gradient made
+    in an earlier micro-batch, or replaced by a later one, is found whatever reused its key
+    since. Saved
     tensors of lm_head and the loss, and whatever those two allocate, are logits_loss.
     Everything else is rest (temporaries, optimizer scratch).
     """
@@ -62,11 +68,11 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
         if e.nbytes > 0:
             last_alloc[(e.key, e.phase)] = i
             allocations.setdefault(e.key, []).append((e.t, i))
-    category_of: dict[int, str] = {}
-    for key, owner in saved_owner.items():
-        index = last_alloc.get((key, "forward"))
-        if index is not None:
-            category_of[index] = "logits_loss" if is_logits_owner(owner) else "activations"
+    if saved_events is None:
+        saved_events = {last_alloc[(key, "forward")]: owner for key, owner in
+                        saved_owner.items() if (key, "forward") in last_alloc}
+    category_of = {index: "logits_loss" if is_logits_owner(owner) else "activations"
+                   for index, owner in saved_events.items()}
     for key, t in gradients:
         made = allocations.get(key, [])
         before = bisect.bisect_right(made, (t, len(events))) - 1
@@ -76,7 +82,7 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     totals = {c: static.get(c, 0) for c in MEMORY_CATEGORIES}
     rows = [{"t": 0.0, "category": c, "allocated_bytes": b, "phase": None,
              "logits_scope": False, "delta_bytes": b} for c, b in totals.items()]
-    live: dict[int, str] = {}
+    live: dict[int, str] = dict(start_keys or {})
     peak, breakdown = sum(totals.values()), dict(totals)
     total = peak
     for i, e in enumerate(events):

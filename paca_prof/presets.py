@@ -180,6 +180,19 @@ def load_config(model: str):
     return path.parent.name or path.stem, _config_from(values, str(path))
 
 
+def config_of(model_config, where: str = "model_config"):
+    """(display name, transformers config) for a transformers config object or a mapping of
+    its values (model_type included), checked as load_config checks a file; the caller's
+    object is not changed."""
+    if hasattr(model_config, "to_dict") and hasattr(model_config, "model_type"):
+        values = model_config.to_dict()
+    else:
+        values = copy.deepcopy(dict(validate.mapping(model_config, where)))
+    name = values.get("_name_or_path") or values.get("model_type")
+    config = _config_from(values, where)
+    return (name if isinstance(name, str) and name else config.model_type)[:200], config
+
+
 def _config_from(values: dict, where: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

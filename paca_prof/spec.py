@@ -19,8 +19,14 @@ class RunSpec:
     """Everything that defines a run. The recipe's attention is resolved for the device and
     dtype here (recipe.resolve_attention), so `spec.recipe` says what really runs.
 
-    ValueError (one line) for a bad size, dtype, device or method, or a model that is not a
-    preset nor a valid local causal-LM config (presets.load_config)."""
+    `model`: a preset, a local config.json or model folder, or a transformers config (or a
+    mapping of its values). `peft_config`: a user's LoraConfig as checked fields
+    (methods/peft_config.py), which the PEFT method it names (lora, or dora with use_dora)
+    trains exactly, in place of `settings` and the recipe's targets.
+
+    ValueError (one line) for a bad size, dtype, device or method, a model that is not a
+    preset nor a valid causal-LM config (presets.load_config), or a PEFT config beside the
+    other PEFT method or without its own."""
 
     model: str
     seq: int
@@ -33,6 +39,7 @@ class RunSpec:
     steps: int = 5
     warmup: int = 2
     seed: int = 0
+    peft_config: dict | None = None
 
     def __post_init__(self):
         from paca_prof import presets
@@ -49,7 +56,12 @@ class RunSpec:
         if device_type not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         self.methods = check_methods(self.methods)
-        self.model_name, self.config = presets.load_config(self.model)
+        if isinstance(self.model, str):
+            self.model_name, self.config = presets.load_config(self.model)
+        else:
+            self.model_name, self.config = presets.config_of(self.model)
+        if self.peft_config is not None:
+            _check_peft_methods(self.peft_config, self.methods)
         attention = resolve_attention(
             self.recipe.attention, device_type, self.dtype in ("bf16", "fp16"),
             required=presets.ATTENTION_REQUIREMENTS.get(self.config.model_type))
@@ -60,3 +72,19 @@ class RunSpec:
         from paca_prof import presets
 
         return presets.torch_dtype(self.dtype)
+
+
+def _check_peft_methods(peft_config: dict, methods: tuple[str, ...]) -> None:
+    """A user's PEFT config trains its own method (lora, or dora with use_dora): ValueError if
+    the methods lack it or name the other one, or qlora (not supported with a config)."""
+    from paca_prof.methods.peft_config import PEFT_METHODS, method_of
+
+    own = method_of(peft_config)
+    other = next(m for m in PEFT_METHODS if m != own)
+    if other in methods:
+        raise ValueError(f"the PEFT config is a {own} config (use_dora "
+                         f"{str(own == 'dora').lower()}): name {own}, not {other}")
+    if "qlora" in methods:
+        raise ValueError("qlora with a PEFT config is not supported yet; name lora")
+    if own not in methods:
+        raise ValueError(f"the PEFT config trains {own}: name it among the methods")

@@ -7,6 +7,7 @@
       ops.parquet         one row per op (CPU, simulation) or kernel (CUDA)
       memory.parquet      memory timeline per method and category
       capacity.parquet    optional: peak bytes by category over probed sequence lengths (plan)
+      batches.parquet     optional: the batches a profiled loop's model saw (profile())
       trace-<method>.json Chrome trace events (opens in Perfetto), measured runs only
 
 Writes are atomic: everything goes to a hidden staging folder beside the target, which is
@@ -65,6 +66,9 @@ SUMMARY_COLUMNS = {
     **{column: "Int64" for column in PEAK_COLUMNS},
     # Plan traces only: the longest sequence (or largest batch) that fits the budget.
     "max_seq": "Int64", "max_batch": "Int64",
+    # profile() traces only: the median time of a whole loop iteration, prof.step() to
+    # prof.step() (data loading and the loop's own code included; step_ms is its phases').
+    "loop_ms": "float64",
 }
 # latency_ms, n_kernels and flops include submodules; activation_bytes belong to the innermost
 # module only (forward rows; NA on backward rows).
@@ -94,13 +98,23 @@ CAPACITY_COLUMNS = {
     "method": "string", "seq": "Int64", "batch": "Int64", "category": "string",
     "bytes": "Int64",
 }
+# The batches a profiled loop's model was called with in the active steps (written by
+# paca_prof.profile()), one row per training forward: the step, the micro-batch within it, the
+# pass (timed or profiled), the shape, padding tokens (padding_from says how they were found:
+# attention_mask == 0, else labels == -100; NA when neither was given) and sequences
+# (position_ids == 0: more than batch means packed sequences; NA without position_ids).
+BATCH_COLUMNS = {
+    "step": "Int64", "micro_batch": "Int64", "pass": "string", "batch": "Int64",
+    "seq": "Int64", "tokens": "Int64", "padding_tokens": "Int64", "padding_fraction": "float64",
+    "padding_from": "string", "sequences": "Int64",
+}
 TABLES = {
     "summary": SUMMARY_COLUMNS,
     "layers": LAYER_COLUMNS,
     "ops": OP_COLUMNS,
     "memory": MEMORY_COLUMNS,
 }
-OPTIONAL_TABLES = {"capacity": CAPACITY_COLUMNS}
+OPTIONAL_TABLES = {"capacity": CAPACITY_COLUMNS, "batches": BATCH_COLUMNS}
 ALL_TABLES = {**TABLES, **OPTIONAL_TABLES}
 
 
@@ -138,6 +152,7 @@ class Trace:
     memory: pd.DataFrame
     chrome_traces: dict[str, Path] = field(default_factory=dict)
     capacity: pd.DataFrame | None = None
+    batches: pd.DataFrame | None = None
 
     @property
     def source(self) -> str:
@@ -348,6 +363,7 @@ RUN_KEYS = {
     "seed": (_optional(int), False), "device": (dict, True), "gpu": (_optional(dict), False),
     "methods": (dict, False), "recipe": (dict, False), "assumptions": (dict, False),
     "settings": (dict, False), "versions": (dict, False), "plan": (dict, False),
+    "profile": (dict, False), "batches": (dict, False),
 }
 _NESTED_STRINGS = {"model": ("name",), "device": ("type", "name")}
 

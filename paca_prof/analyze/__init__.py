@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from paca_prof import trace as trace_io
-from paca_prof.analyze import analyses, overview
+from paca_prof.analyze import analyses, compare, overview
 
 
 class TraceAnalysis:
@@ -104,6 +104,13 @@ class TraceAnalysis:
         the method adds (the Activations view's bars)."""
         return analyses.activation_by_layer(self.activation_savings(methods),
                                             self.decoder_layers())
+
+    def batch_shapes(self) -> pd.DataFrame | None:
+        """The batch shapes a profiled loop's model saw, with their padding (profile()
+        traces; None for others)."""
+        if self.trace.batches is None:
+            return None
+        return analyses.batch_shapes(self.trace.batches)
 
     def layer_latency(self, methods: list[str] | None = None, phase: str | None = None,
                       kind: str | None = None, top_k: int | None = None) -> pd.DataFrame:
@@ -216,6 +223,30 @@ class TraceAnalysis:
         summary = self.trace.summary
         column = "reserved_bytes" if summary["reserved_bytes"].notna().any() else "peak_bytes"
         return analyses.headline(summary, column)
+
+    def compare_activations(self, simulated: TraceAnalysis,
+                            methods: list[str] | None = None) -> pd.DataFrame:
+        """This measured trace against a simulation of the same configuration: activation
+        bytes per method and module, largest disagreement first (analyze/compare.py).
+        ValueError if the traces are not comparable or share none of `methods`."""
+        return compare.activations(self.trace.layers, simulated.trace.layers,
+                                   self._compared(simulated, methods))
+
+    def compare_peak(self, simulated: TraceAnalysis,
+                     methods: list[str] | None = None) -> pd.DataFrame:
+        """The same for the bytes of each memory category at the peak, and the peak."""
+        return compare.peak(self.trace.summary, simulated.trace.summary,
+                            self._compared(simulated, methods))
+
+    def compare_totals(self, simulated: TraceAnalysis,
+                       methods: list[str] | None = None) -> pd.DataFrame:
+        """The same for activation bytes, peak bytes, trainable parameters and ops per step."""
+        return compare.totals(self.trace.summary, simulated.trace.summary,
+                              self._compared(simulated, methods))
+
+    def _compared(self, simulated: TraceAnalysis, methods: list[str] | None) -> list[str]:
+        compare.check_comparable(self.trace.run, simulated.trace.run)
+        return compare.common_methods(self.trace.summary, simulated.trace.summary, methods)
 
     def projection_error(self, projected: TraceAnalysis) -> pd.DataFrame:
         """This measured trace against a projected trace of the same model, shape and dtype:

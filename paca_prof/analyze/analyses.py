@@ -460,3 +460,17 @@ def memory_time_label(sources: dict) -> str:
     if sources.get("bytes") == "measured":
         return "us from the step's start"
     return "allocation event (simulated order)"
+
+
+def batch_shapes(batches: pd.DataFrame) -> pd.DataFrame:
+    """Per batch shape a profiled loop's model saw (the batches table): micro-batches, tokens,
+    padding tokens and their share (NaN where no padding was found), and sequences per
+    micro-batch (more than the batch: packed)."""
+    grouped = batches.groupby(["batch", "seq"], sort=True)
+    table = grouped.agg(micro_batches=("tokens", "size"), tokens=("tokens", "sum"),
+                        padding_tokens=("padding_tokens", lambda c: c.sum(min_count=1)),
+                        sequences=("sequences", lambda c: c.mean() if c.notna().any()
+                                   else np.nan)).reset_index()
+    table["padding_fraction"] = (table["padding_tokens"].astype(float)
+                                 / table["tokens"].astype(float))
+    return table

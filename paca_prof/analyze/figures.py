@@ -167,6 +167,35 @@ def summary_ratio_bars(overview: pd.DataFrame, source: str, baseline: str = "lor
     return _layout(fig, f"Ratios to {baseline} ({source})")
 
 
+def compare_peak_bars(peak: pd.DataFrame, method: str) -> go.Figure:
+    """Measured against simulated bytes at the peak, per memory category, for one method
+    (TraceAnalysis.compare_peak): two bars per category, the peak itself left out."""
+    rows = peak[(peak["method"] == method) & (peak["category"] != "total")]
+    fig = go.Figure()
+    for side, color in (("measured", "#455a64"), ("simulated", "#90caf9")):
+        fig.add_bar(x=rows["category"], y=rows[f"{side}_bytes"] / MIB, name=side,
+                    marker_color=color, customdata=rows["diff_bytes"] / MIB,
+                    hovertemplate=f"{side} %{{y:.2f}} MiB (simulated - measured "
+                                  "%{customdata:+.2f} MiB)<extra></extra>")
+    fig.update_layout(barmode="group", yaxis_title="MiB", xaxis_title="")
+    return _layout(fig, f"Memory at the peak, measured vs simulated, {method}")
+
+
+def compare_activation_bars(activations: pd.DataFrame, method: str, top: int = 20) -> go.Figure:
+    """The modules whose activation bytes disagree most (TraceAnalysis.compare_activations),
+    for one method: simulated - measured, in MiB, largest first."""
+    rows = activations[(activations["method"] == method)
+                       & (activations["diff_bytes"].fillna(1) != 0)].head(top)
+    fig = go.Figure()
+    fig.add_bar(x=rows["diff_bytes"] / MIB, y=rows["module"], orientation="h",
+                marker_color=[METHOD_COLORS.get(method, "#1f77b4")] * len(rows),
+                customdata=rows[["measured_bytes", "simulated_bytes"]] / MIB,
+                hovertemplate="%{y}<br>measured %{customdata[0]:.3f} MiB, simulated "
+                              "%{customdata[1]:.3f} MiB<extra></extra>")
+    fig.update_layout(xaxis_title="simulated - measured (MiB)", yaxis=dict(autorange="reversed"))
+    return _layout(fig, f"Activation bytes where measured and simulated disagree, {method}")
+
+
 def empty_figure(message: str = "no data") -> go.Figure:
     """A blank figure carrying `message` in its middle, for views with nothing to show."""
     fig = go.Figure()

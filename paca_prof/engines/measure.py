@@ -28,6 +28,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from paca_prof import methods
+from paca_prof.capture import Capture
 from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import Prepared, make_batch, prepare
 from paca_prof.flops import profiled_op_flops
@@ -138,51 +139,113 @@ def timing_pass(run: Prepared, ids: torch.Tensor, warmup: int, steps: int):
 def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: Path,
                    step_index: int) -> dict:
     """One profiled step: ops, activation bytes, and the categorised memory timeline."""
-    cuda = device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    ranges: dict[tuple[str, str], list] = defaultdict(list)
-    gradients: list[tuple[int, str]] = []  # (address, marker) of each backward pass's end
+    with ProfiledStep(run.capture(), run.optimizer, device.startswith("cuda")) as profiled:
+        run.step(ids)
+    method = methods.get(run.method)
+    return profiled.result(run.method, method, method.wrapper_paths(run.model), step_index,
+                           run.r, chrome_path)
 
-    def enter(name, phase):
+
+class ProfiledStep:
+    """The profiler pass's instruments over one step (or any span of steps) of a Capture
+    session: torch.profiler with ranges named by module path and phase, the saved-tensor
+    ledger, and the bytes alive when the step's first phase starts (weights, trainable
+    parameters, optimizer state, and gradients a loop keeps from the step before).
+
+        with ProfiledStep(capture, optimizer, cuda) as profiled:
+            ...                                          # the training step, as it is
+        tables = profiled.result(method, record, wrappers, step_index, r, chrome_path)
+
+    Shared by the engines' profiler pass and paca_prof.profile() over a user's own loop. A
+    phase may have several ranges (one per micro-batch under gradient accumulation); the
+    ledger's owners are kept at the end of each forward, so every micro-batch's saved tensors
+    are activations in the memory timeline. The activation bytes per module are the last
+    forward's (ledger.py).
+    """
+
+    def __init__(self, capture: Capture, optimizer, cuda: bool):
+        self.capture, self.optimizer, self.cuda = capture, optimizer, cuda
+        self.ledger = SavedTensorLedger(capture)
+        self.static: dict[str, int] | None = None
+        self.start_keys: dict[int, str] = {}
+        self.gradients: list[tuple[int, str]] = []  # (address, marker) at each backward's end
+        self.forward_owners: list[dict[int, str]] = []  # the ledger's, at each forward's end
+        self._ranges: dict[tuple[str, str], list] = defaultdict(list)
+        capture.on_phase(start=self._phase_start, end=self._phase_end)
+        capture.on_scope(self._enter, self._leave)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.profiler = profile(activities=activities, record_shapes=True, profile_memory=True)
+
+    def __enter__(self) -> ProfiledStep:
+        self.capture.__enter__()
+        self.ledger.__enter__()
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None and self.capture.phase != "idle":
+                self.capture.mark_step()  # an explicit step's last phase ends here
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.profiler.__exit__(*exc)
+        finally:
+            self.module_paths = self.capture.scope_names
+            self.ledger.__exit__(*exc)
+            self.capture.__exit__(*exc)
+
+    def _enter(self, name, phase):
         scope = record_function(name)
         scope.__enter__()
-        ranges[(name, phase)].append(scope)
+        self._ranges[(name, phase)].append(scope)
 
-    def leave(name, phase):
-        if ranges.get((name, phase)):
-            ranges[(name, phase)].pop().__exit__(None, None, None)
+    def _leave(self, name, phase):
+        if self._ranges.get((name, phase)):
+            self._ranges[(name, phase)].pop().__exit__(None, None, None)
 
-    def phase_end(phase):
-        leave(f"phase:{phase}", phase)
+    def _phase_start(self, phase):
+        if self.static is None:  # the step's first phase: what is alive before it
+            self._snapshot()
+        self._enter(f"phase:{phase}", phase)
+
+    def _phase_end(self, phase):
+        self._leave(f"phase:{phase}", phase)
+        if phase == "forward":  # the ledger, subscribed first, has just taken its account
+            self.forward_owners.append(dict(self.ledger.ptr_owner))
         if phase == "backward":  # the pass is over: every gradient is there
-            marker = f"[gradients {len(gradients)}]"  # its time, on the profiler's clock
+            marker = f"[gradients {len(self.gradients)}]"  # its time, on the profiler's clock
             with record_function(marker):
-                gradients.extend((p.grad.data_ptr(), marker) for p in run.model.parameters()
-                                 if p.grad is not None)
+                self.gradients.extend((p.grad.data_ptr(), marker)
+                                      for p in self.capture.model.parameters()
+                                      if p.grad is not None)
 
-    static = static_bytes(run.model, run.optimizer)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        static["rest"] = torch.cuda.memory_allocated() - sum(static.values())
-    with run.capture() as capture, SavedTensorLedger(capture) as ledger:
-        capture.on_scope(enter, leave)
-        capture.on_phase(start=lambda phase: enter(f"phase:{phase}", phase), end=phase_end)
-        with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
-            run.step(ids)
-            if cuda:
-                torch.cuda.synchronize()
-        module_paths = capture.scope_names
-    prof.export_chrome_trace(str(chrome_path))
-    events = json.loads(chrome_path.read_text())["traceEvents"]
-    method = methods.get(run.method)
-    wrappers = method.wrapper_paths(run.model)
-    ops = _op_table(events, run.method, method, module_paths, wrappers, cuda, step_index,
-                    run.r)
-    timeline = _memory_timeline(events, static, ledger, gradients, cuda)
-    return {"ops": ops, "ledger": ledger, "peak_breakdown": timeline.breakdown,
-            "memory": pd.DataFrame(timeline.rows).assign(method=run.method),
-            "device_peaks": cuda_memory_peaks() if cuda else {}}
+    def _snapshot(self) -> None:
+        model = self.capture.model
+        self.static = static_bytes(model, self.optimizer)
+        for param in model.parameters():
+            if param.grad is not None:  # kept from the step before (zero_grad to zeros)
+                storage = param.grad.untyped_storage()
+                self.static["gradients"] += storage.nbytes()
+                self.start_keys[storage.data_ptr()] = "gradients"
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.static["rest"] = torch.cuda.memory_allocated() - sum(self.static.values())
+
+    def result(self, method_name: str, method, wrappers: set[str], step_index: int, r: int,
+               chrome_path: Path) -> dict:
+        """The step's ops, ledger, peak breakdown, memory table and device peaks; writes the
+        Chrome trace to `chrome_path`. `method`: the registry record that flags the adapter
+        branch; `wrappers`: its wrapper modules' paths in this model."""
+        self.profiler.export_chrome_trace(str(chrome_path))
+        events = json.loads(chrome_path.read_text())["traceEvents"]
+        ops = _op_table(events, method_name, method, self.module_paths, wrappers, self.cuda,
+                        step_index, r)
+        timeline = _memory_timeline(events, self.static, self.forward_owners, self.gradients,
+                                    self.cuda, self.start_keys)
+        return {"ops": ops, "ledger": self.ledger, "peak_breakdown": timeline.breakdown,
+                "memory": pd.DataFrame(timeline.rows).assign(method=method_name),
+                "device_peaks": cuda_memory_peaks() if self.cuda else {}}
 
 
 def cuda_memory_peaks() -> dict[str, int]:
@@ -212,16 +275,17 @@ class _Op:
 
 
 class _Windows:
-    """The phase ranges of the profiled step, and its start."""
+    """The phase ranges of the profiled step (a phase has one per micro-batch under gradient
+    accumulation), and the start of the first."""
 
     def __init__(self, events):
-        self.spans = {e["name"].removeprefix("phase:"): (e["ts"], e["ts"] + e["dur"])
-                      for e in events if e.get("cat") == "user_annotation"
-                      and e["name"].startswith("phase:")}
-        self.start = min(start for start, _ in self.spans.values())
+        self.spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"].removeprefix("phase:"))
+                            for e in events if e.get("cat") == "user_annotation"
+                            and e["name"].startswith("phase:"))
+        self.start = self.spans[0][0]
 
     def phase_at(self, ts: float) -> str | None:
-        for phase, (start, end) in self.spans.items():
+        for start, end, phase in self.spans:
             if start <= ts <= end:
                 return phase
         return None
@@ -341,9 +405,12 @@ def _op_row(method_name, method, name, op: _Op | None, start_us, dur_us, wrapper
     }
 
 
-def _memory_timeline(events, static, ledger, gradients, cuda):
-    """The profiler's allocation events of the step's device, categorised (memory.
-    memory_timeline); keys are addresses."""
+def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys=None):
+    """The profiler's allocation events of the step's device from its first phase on,
+    categorised (memory.memory_timeline); keys are addresses. Events before the first phase
+    (a loop fetching its next batch) are not the step's. `forward_owners` holds, per forward
+    range in time order, the saved tensors' addresses and modules at its end: the last
+    allocation at such an address within that forward is the saved tensor."""
     device_type = 1 if cuda else 0
     windows = _Windows(events)
     logits_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events
@@ -351,15 +418,23 @@ def _memory_timeline(events, static, ledger, gradients, cuda):
                       and is_logits_owner(e["name"])]
     memory_events = []
     for e in sorted((e for e in events if e.get("name") == "[memory]"
-                     and e.get("args", {}).get("Device Type") == device_type),
+                     and e.get("args", {}).get("Device Type") == device_type
+                     and e["ts"] >= windows.start),
                     key=lambda e: e["ts"]):
         nbytes = e["args"]["Bytes"]
         memory_events.append(MemoryEvent(
             t=e["ts"] - windows.start, key=e["args"]["Addr"], nbytes=nbytes,
             phase=windows.phase_at(e["ts"]),
             logits_scope=nbytes > 0 and any(s <= e["ts"] <= f for s, f in logits_windows)))
+    forwards = [(start, end) for start, end, phase in windows.spans if phase == "forward"]
+    saved_events: dict[int, str] = {}
+    for (start, end), owners in zip(forwards, forward_owners):
+        last: dict[int, int] = {}
+        for i, e in enumerate(memory_events):
+            if e.nbytes > 0 and start <= e.t + windows.start <= end:
+                last[e.key] = i
+        saved_events.update({last[key]: owner for key, owner in owners.items() if key in last})
     markers = {e["name"]: e["ts"] - windows.start for e in events
                if e.get("cat") == "user_annotation" and e["name"].startswith("[gradients ")}
-    return memory_timeline(memory_events, static, ledger.ptr_owner,
-                           [(ptr, markers[marker]) for ptr, marker in gradients
-                            if marker in markers])
+    gradient_times = [(ptr, markers[marker]) for ptr, marker in gradients if marker in markers]
+    return memory_timeline(memory_events, static, {}, gradient_times, start_keys, saved_events)

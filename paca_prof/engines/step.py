@@ -90,7 +90,7 @@ def prepare(spec: RunSpec, method: str, device: str) -> Prepared:
     dtype = torch.float32 if recipe.amp else spec.torch_dtype
     model = presets.build_model(spec.config, dtype, device,
                                 implementation_name(recipe.attention))
-    model = registry.prepare(model, method, spec.settings, recipe)
+    model = registry.prepare(model, method, spec.settings, recipe, spec.peft_config)
     if recipe.grad_ckpt:
         enable_checkpointing(model)
     model.train()
@@ -137,4 +137,4 @@ def validate_against_model(spec: RunSpec) -> dict:
     model = presets.build_model(spec.config, spec.torch_dtype, "meta",
                                 implementation_name(spec.recipe.attention))
     return registry.check_settings(model, spec.methods, spec.settings, spec.recipe,
-                                   spec.device)
+                                   spec.device, spec.peft_config)

@@ -40,6 +40,9 @@ class Method:
         branch's grad GEMM (the authors' scheme computes it with the same op as grad_x).
     stale_counter: model -> forwards run on stale columns so far (the authors' scheme), so a
         run can say how many of its steps ran on stale columns.
+    peft: a PEFT LoRA-family method (lora, dora): prepare also takes a user's LoraConfig
+        (peft_config=, the checked fields of methods/peft_config.py), which then replaces the
+        settings and the recipe's targets.
     """
 
     name: str
@@ -54,6 +57,7 @@ class Method:
     extra: Callable[[MethodSettings], dict] = lambda settings: {}
     r_gemm: bool = False
     stale_counter: Callable[[nn.Module], int] | None = None
+    peft: bool = False
 
     def check_r(self, name: str, linear: nn.Linear, r: int) -> None:
         """ValueError naming the layer if r does not fit it by this method's rule."""
@@ -62,11 +66,17 @@ class Method:
             raise ValueError(f"--r (--rank) {r} does not fit {name} ({linear.out_features} x "
                              f"{linear.in_features}) for {self.name}: {why}")
 
-    def describe(self, settings: MethodSettings) -> dict:
-        """The settings that matter for this method, as run.yaml records them."""
+    def describe(self, settings: MethodSettings, peft_config: dict | None = None) -> dict:
+        """The settings that matter for this method, as run.yaml records them (a user's PEFT
+        config's instead, for a PEFT method given one)."""
         described = {"method": self.name}
         values = settings.to_dict()
-        described.update({k: values[k] for k in self.settings})
+        if peft_config is not None and self.peft:
+            from paca_prof.methods.peft_config import describe
+
+            described.update({**describe(peft_config), "adapter_dtype": settings.adapter_dtype})
+        else:
+            described.update({k: values[k] for k in self.settings})
         if self.implementation is not None:
             described["implementation"] = self.implementation()
         described.update(self.extra(settings))
@@ -112,13 +122,19 @@ def _prepare_frozen(model: nn.Module, settings: MethodSettings, recipe: Recipe) 
 
 
 def _prepare_peft(use_dora: bool) -> Prepare:
-    def prepare(model: nn.Module, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+    def prepare(model: nn.Module, settings: MethodSettings, recipe: Recipe,
+                peft_config: dict | None = None) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
-                            lora_dropout=settings.dropout,
-                            target_modules=list(resolve_targets(model, recipe.targets)),
-                            use_dora=use_dora, bias="none")
+        if peft_config is not None:  # the user's own adapter, exactly
+            from paca_prof.methods.peft_config import lora_config
+
+            config = lora_config(peft_config)
+        else:
+            config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
+                                lora_dropout=settings.dropout,
+                                target_modules=list(resolve_targets(model, recipe.targets)),
+                                use_dora=use_dora, bias="none")
         peft_model = get_peft_model(model, config,
                                     autocast_adapter_dtype=settings.adapter_dtype == "fp32")
         # PEFT skips its adapter cast on the meta device; apply the dtype it would have chosen.
@@ -248,9 +264,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("frozen", _prepare_frozen),
     Method("full", _prepare_full),
     Method("lora", _prepare_peft(use_dora=False), _lora_layer_types, _LORA_PARTS,
-           settings=_LORA_SETTINGS, implementation=_peft_version, extra=_peft_extra),
+           settings=_LORA_SETTINGS, implementation=_peft_version, extra=_peft_extra, peft=True),
     Method("dora", _prepare_peft(use_dora=True), _lora_layer_types, _DORA_PARTS,
-           settings=_LORA_SETTINGS, implementation=_peft_version, extra=_peft_extra),
+           settings=_LORA_SETTINGS, implementation=_peft_version, extra=_peft_extra, peft=True),
     Method("paca", _prepare_paca, _paca_layer_types, branch_ops=PACA_BRANCH_OPS,
            r_rule=_paca_r_rule, settings=_PACA_SETTINGS, implementation=_paca_implementation,
            extra=_paca_extra),
@@ -304,13 +320,17 @@ def describe_targets(model: nn.Module, targets) -> dict:
     return {"names": leaves, "linears": len(found), "rule": rule}
 
 
-def prepare(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe) -> nn.Module:
+def prepare(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe,
+            peft_config: dict | None = None) -> nn.Module:
     """Prepare a transformers model for method `name`, in place, and return the model to train.
     A quantized method's bases are first stored in 4 bits by bitsandbytes (recipe quantize:
     every linear but the head, or the targets), then cast and set up as PEFT's
     prepare_model_for_kbit_training does (recipe kbit_prep). ValueError for targets that match
-    nothing or an r that does not fit a target (check_settings)."""
+    nothing or an r that does not fit a target (check_settings). A PEFT method given
+    `peft_config` (a user's LoraConfig fields) trains exactly that adapter."""
     method = REGISTRY[name]
+    if peft_config is not None and method.peft:
+        return method.prepare(model, settings, recipe, peft_config=peft_config)
     targets = resolve_targets(model, recipe.targets)
     for path, linear in targets.items():
         method.check_r(path, linear, settings.r)
@@ -336,16 +356,42 @@ def _quantize(model: nn.Module, linears: dict[str, nn.Linear], recipe: Recipe) -
 
 
 def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Recipe,
-                   device: str = "meta") -> dict:
+                   device: str = "meta", peft_config: dict | None = None) -> dict:
     """ValueError (one line) before anything is built at full size: targets that match no
-    linear of `model` (naming the linears it has), or an r that a method's rule refuses for a
-    target. `model` may be on meta. Returns the targets as resolved (describe_targets)."""
+    linear of `model` (naming the linears it has), an r that a method's rule refuses for a
+    target, or a user's PEFT config (for the PEFT methods, which then ignore the recipe's
+    targets) that PEFT cannot apply to `model`. `model` may be on meta; it is left as it was.
+    Returns the recipe's targets as resolved (describe_targets)."""
+    own_config = [n for n in names if peft_config is not None and REGISTRY[n].peft]
+    names = [n for n in names if n not in own_config]
+    if own_config:
+        _check_peft_config(model, own_config[0], settings, recipe, peft_config)
+    if not names:
+        return {"names": [], "linears": 0,
+                "rule": "--peft-config: its target_modules (see methods)"}
     targets = resolve_targets(model, recipe.targets)
     for name in names:
         method = REGISTRY[name]
         for path, linear in targets.items():
             method.check_r(path, linear, settings.r)
     return describe_targets(model, recipe.targets)
+
+
+def _check_peft_config(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe,
+                       peft_config: dict) -> None:
+    """ValueError (one line) if PEFT cannot apply the config to (a copy of) `model`: targets
+    that match nothing, a pattern it refuses."""
+    import copy
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            REGISTRY[name].prepare(copy.deepcopy(model), settings, recipe,
+                                   peft_config=peft_config)
+    except Exception as error:  # PEFT raises ValueError, KeyError, TypeError, ...
+        message = (str(error).splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"--peft-config does not apply to this model: {message}") from None
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,91 @@
+"""Profile your own training: fine-tune a tiny Llama with HF Trainer and PEFT LoRA for a few
+steps on the CPU, profile it with paca-prof's ProfilerCallback, and open the trace with
+`paca-prof analyze`.
+
+    python examples/profile_trainer.py                  # the trace goes under the temp dir
+    python examples/profile_trainer.py --out traces/my-run
+
+The model has random weights, built from a config (nothing is downloaded); the data are random
+token sequences of uneven length, padded by the collator, so the trace shows their padding.
+Replace the model, the data and the arguments with your own: the callback is the only line
+that profiling adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from paca_prof.cli import main as paca_prof
+from paca_prof.integrations.transformers import ProfilerCallback
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+PAD = 0
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=PAD)
+    return LlamaForCausalLM(config)
+
+
+def examples(n: int = 64) -> list[dict]:
+    """Random sequences of 24 to 48 tokens (labels = the tokens; collate pads them)."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(24, 49, (n,), generator=generator)
+    rows = []
+    for length in lengths.tolist():
+        ids = torch.randint(1, 512, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids})
+    return rows
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of the batch: pad tokens, attention_mask 0, labels -100
+    (what a tokenizer's collator does)."""
+    longest = max(len(row["input_ids"]) for row in rows)
+
+    def padded(key, value):
+        return torch.tensor([row[key] + [value] * (longest - len(row[key])) for row in rows])
+
+    return {"input_ids": padded("input_ids", PAD), "attention_mask": padded("attention_mask", 0),
+            "labels": padded("labels", -100)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the trace folder (default: a new folder under the temp dir)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps (default 6)")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="paca-prof-example-"))
+    out = args.out or work / "trace"
+
+    model = get_peft_model(tiny_llama(), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    profiler = ProfilerCallback(out, warmup=1, active=3)  # the one line profiling adds
+    training = TrainingArguments(
+        output_dir=str(work / "trainer"), max_steps=args.steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, activation_checkpointing=True, learning_rate=1e-3,
+        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True)
+    Trainer(model=model, args=training, train_dataset=examples(),
+            data_collator=collate,
+            callbacks=[profiler]).train()
+
+    print(f"\ntrace: {profiler.path}\n")
+    return paca_prof(["analyze", str(profiler.path)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
