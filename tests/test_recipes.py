@@ -180,3 +180,21 @@ def test_gradient_accumulation_keeps_gradients_across_micro_batches():
     assert grads.iloc[-1] == one.summary["trainable_params"] * 4
     assert one.summary["peak_gradients_bytes"] <= two.summary["peak_gradients_bytes"]
     assert two.summary["n_kernels"] > one.summary["n_kernels"]
+
+
+def test_every_micro_batch_saves_activations_measured_and_simulated():
+    spec = RunSpec(device="cpu", dtype="fp32", methods=("lora",), grad_accum=2, **TINY)
+    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-test-"))
+    for source, result in (("measured", measure_method(spec, "lora", workdir)),
+                           ("simulated", simulate_method(spec, "lora"))):
+        memory = result.memory.reset_index(drop=True)
+        first_backward = memory.index[memory["phase"] == "backward"][0]
+        before = memory.loc[:first_backward - 1]
+        activations = before[before["category"] == "activations"]["allocated_bytes"]
+        # the first micro-batch's saved tensors are activations too, as many as the second's
+        # (its logits and loss are logits_loss, not activations)
+        saved = result.summary["activation_bytes"]
+        logits_owned = int(result.layers.query("phase == 'forward' and module in "
+                                               "['lm_head', '[loss]']")["activation_bytes"]
+                           .sum())
+        assert activations.iloc[-1] == saved - logits_owned, source

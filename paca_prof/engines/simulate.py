@@ -15,6 +15,8 @@ mode.
 
 from __future__ import annotations
 
+import bisect
+
 import json
 import weakref
 from dataclasses import dataclass, field
@@ -165,19 +167,28 @@ class Simulator:
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         static = static_bytes(run.model, run.optimizer)
         gradients: list[tuple[int, float]] = []
+        forwards: list[tuple[int, int, dict[int, str]]] = []  # (start, end, saved keys) each
+        forward_start = [0]
 
-        def backward_done(phase):
+        def phase_start(phase):
+            if phase == "forward":
+                forward_start[0] = recorder.tick
+
+        def phase_end(phase):
+            if phase == "forward":  # the ledger, subscribed first, has just taken its account
+                forwards.append((forward_start[0], recorder.tick, dict(ledger.keys)))
             if phase == "backward":  # the pass is over: every gradient is there
                 gradients.extend((storage_key(p.grad), float(recorder.tick))
                                  for p in run.model.parameters() if p.grad is not None)
 
         with run.capture() as capture, SavedTensorLedger(capture) as ledger:
-            capture.on_phase(end=backward_done)
+            capture.on_phase(start=phase_start, end=phase_end)
             recorder = OpRecorder(capture, self.method, self.wrappers, self.spec.settings.r)
             with recorder:
                 run.step(ids)
             paths = capture.paths
-        timeline = memory_timeline(recorder.events, static, ledger.keys, gradients)
+        timeline = memory_timeline(recorder.events, static, {}, gradients,
+                                   saved_events=_saved_events(recorder.events, forwards))
         ops = pd.DataFrame(recorder.ops)
         latencies, times = {}, {}
         if gpu is not None:
@@ -196,6 +207,20 @@ class Simulator:
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
         return MethodResult(summary, layers, ops, memory, memory_events=recorder.events,
                             start_bytes=static)
+
+
+def _saved_events(events: list[MemoryEvent], forwards) -> dict[int, str]:
+    """The index of each event that allocated a tensor still saved at the end of its forward
+    (every micro-batch's, each within its own forward), with the saving module."""
+    times = [e.t for e in events]  # in order
+    saved: dict[int, str] = {}
+    for start, end, keys in forwards:
+        last: dict[int, int] = {}
+        for i in range(bisect.bisect_left(times, start), bisect.bisect_right(times, end)):
+            if events[i].nbytes > 0:
+                last[events[i].key] = i
+        saved.update({last[key]: owner for key, owner in keys.items() if key in last})
+    return saved
 
 
 def simulate_method(spec: RunSpec, method: str, gpu: GpuSpec | None = None,
