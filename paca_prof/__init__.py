@@ -6,7 +6,14 @@ torch): profile(model, optimizer, out=...), a context manager over any training 
 (paca_prof/profiling.py), and simulate(model_config, peft_config, seq=..., batch=...), that
 setup simulated on the meta device (paca_prof/simulation.py)."""
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes' CPU backend tries, at import, to fetch an optional kernel from the Hugging Face
+# Hub and warns when it cannot. paca-prof never fetches anything; the warning is noise.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in str(record.msg))
 
 # name -> the module that defines it (PEP 562); the modules are not named like the functions,
 # so importing a module never hides its function.

@@ -1,8 +1,14 @@
-"""The memory a training step may use on a device: its memory less a stated headroom.
+"""The memory PyTorch's allocator may reserve for a training step on a device: the device's
+memory less its CUDA context and a stated headroom.
 
-Torch-free: the planner, `paca-prof run`'s ok/oom verdict and the dashboard's Capacity tab
-share this one budget. Any sum of byte sizes and percentages of the device memory is a
-headroom ("2GiB", "10%", "1GiB+5%", "0"); every answer states it.
+    budget = memory - CUDA context (the GPU table's cuda_context_bytes) - headroom
+
+A step fits when its reserved memory (reserved.py: its allocations replayed through the model
+of PyTorch's caching allocator) is within the budget. The headroom is only what stays
+unmodelled: DEFAULT_HEADROOM says what. Torch-free: the planner, `paca-prof run`'s ok/oom
+verdict and the dashboard's Capacity tab share this one budget. Any sum of byte sizes and
+percentages of the device memory is a headroom ("2GiB", "10%", "512MiB+1%", "0"); every answer
+states it.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from dataclasses import dataclass
 
 from paca_prof.units import format_bytes, parse_bytes
 
-DEFAULT_HEADROOM = "1GiB+5%"
-HEADROOM_MEANING = "1 GiB CUDA context + 5% of device memory for caching-allocator slack"
+DEFAULT_HEADROOM = "512MiB+1%"
+HEADROOM_MEANING = ("what is not modelled: 512 MiB for the driver's share (torch sees 0.2-0.6 "
+                    "GiB less than nvidia-smi) and cuBLAS/cuDNN workspaces, 1% for what the "
+                    "allocator model leaves out (other streams, first-step-only allocations)")
 _MAX_TERMS = 16
 
 
@@ -51,43 +59,50 @@ def parse_headroom(text: str | int, memory_bytes: int) -> int:
 
 @dataclass(frozen=True)
 class Budget:
-    """The memory a training step may use: device memory minus the headroom."""
+    """What PyTorch's allocator may reserve: device memory minus the CUDA context and the
+    headroom. A plain memory amount (no GPU) has no context unless given."""
 
     memory_bytes: int
     headroom_bytes: int
-    headroom: str  # as given, e.g. "1GiB+5%"
+    headroom: str  # as given, e.g. "512MiB+1%"
     gpu: str | None  # the GPU's name, or None for a plain --memory amount
     device: object = None  # the GPU's gpus.GpuSpec, or None
+    context_bytes: int = 0  # the CUDA context, outside the allocator
 
     @property
     def budget_bytes(self) -> int:
-        return self.memory_bytes - self.headroom_bytes
+        return self.memory_bytes - self.context_bytes - self.headroom_bytes
 
     def describe(self) -> str:
         source = self.gpu or "given memory"
-        meaning = f" = {HEADROOM_MEANING}" if self.headroom == DEFAULT_HEADROOM else ""
-        return (f"{source}: {format_bytes(self.memory_bytes)} - headroom "
+        meaning = f": {HEADROOM_MEANING}" if self.headroom == DEFAULT_HEADROOM else ""
+        context = (f" - CUDA context {format_bytes(self.context_bytes)}" if self.context_bytes
+                   else "")
+        return (f"{source}: {format_bytes(self.memory_bytes)}{context} - headroom "
                 f"{format_bytes(self.headroom_bytes)} ({self.headroom}{meaning}) = budget "
-                f"{format_bytes(self.budget_bytes)}")
+                f"{format_bytes(self.budget_bytes)} for reserved memory")
 
 
 def make_budget(gpu=None, memory: str | int | None = None,
                 headroom: str | int = DEFAULT_HEADROOM) -> Budget:
-    """The budget for a GPU (a gpus.GpuSpec, or a name or spec file for gpus.gpu_spec) or a
-    plain memory size, less
-    `headroom` (parse_headroom). Exactly one of gpu and memory. ValueError (one line) otherwise,
-    for an unknown GPU, or for a size that does not parse."""
+    """The budget for a GPU (a gpus.GpuSpec, or a name or spec file for gpus.gpu_spec: its
+    memory less its CUDA context) or a plain memory size (no context), less `headroom`
+    (parse_headroom). Exactly one of gpu and memory. ValueError (one line) otherwise, for an
+    unknown GPU, for a size that does not parse, or when nothing would be left."""
     from paca_prof.gpus import gpu_spec
 
     if (gpu is None) == (memory is None):
         raise ValueError("give exactly one of a GPU and a memory size")
-    spec = None
+    spec, context = None, 0
     if gpu is not None:
         spec = gpu if hasattr(gpu, "memory_bytes") else gpu_spec(gpu)
-        memory_bytes, name = spec.memory_bytes, spec.name
+        memory_bytes, name, context = spec.memory_bytes, spec.name, spec.cuda_context_bytes
     else:
         memory_bytes, name = parse_bytes(memory), None
         if memory_bytes <= 0:
             raise ValueError(f"memory size must be positive, got {memory!r}")
-    return Budget(memory_bytes, parse_headroom(headroom, memory_bytes), str(headroom), name,
-                  spec)
+    headroom_bytes = parse_headroom(headroom, memory_bytes)
+    if context + headroom_bytes >= memory_bytes:
+        raise ValueError(f"the CUDA context ({format_bytes(context)}) and headroom "
+                         f"{str(headroom)[:64]} leave nothing of {format_bytes(memory_bytes)}")
+    return Budget(memory_bytes, headroom_bytes, str(headroom), name, spec, context)

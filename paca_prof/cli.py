@@ -8,6 +8,7 @@ and `plan` import it when they start.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import shlex
 import sys
@@ -106,7 +107,8 @@ def _target_list(text: str):
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     """The recipe's flags (recipe.py), the same in `run` and `plan`."""
-    from paca_prof.recipe import DEFAULT_LOSS_CHUNKS, LOSSES, OPTIMIZERS, QUANTIZE_SCOPES
+    from paca_prof.recipe import (ALLOCATORS, DEFAULT_LOSS_CHUNKS, LOSSES, OPTIMIZERS,
+                                  QUANTIZE_SCOPES)
 
     group = parser.add_argument_group("recipe (how a step is trained, beside the method)")
     group.add_argument("--targets", type=_target_list, default=None,
@@ -139,6 +141,10 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=QUANTIZE_SCOPES, default=None,
                        help="qlora/qpaca: which linears are 4-bit: all-linear (default, as "
                             "load_in_4bit does) or targets")
+    group.add_argument("--allocator", choices=ALLOCATORS, default="caching",
+                       help="the CUDA caching allocator whose reserved memory is modelled: "
+                            "caching (PyTorch's default) or expandable "
+                            "(expandable_segments:True)")
     group.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
                        help="qlora/qpaca: skip PEFT's prepare_model_for_kbit_training casts "
                             "(fp32 embeddings, norms and head); its checkpointing is --grad-ckpt")
@@ -290,7 +296,8 @@ def _recipe(args, methods, dtype):
     return Recipe(targets=args.targets, attention=args.attention, grad_ckpt=args.grad_ckpt,
                   loss=args.loss, loss_chunks=args.loss_chunks, optimizer=args.optimizer,
                   grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, amp=args.amp,
-                  quantize=args.quantize or "all-linear", kbit_prep=args.kbit_prep)
+                  quantize=args.quantize or "all-linear", kbit_prep=args.kbit_prep,
+                  allocator=args.allocator)
 
 
 def _cmd_run(args) -> int:
@@ -534,43 +541,47 @@ def _print_plan(result) -> None:
     else:
         how = (f"{result.depths[0]}- and {result.depths[1]}-layer models simulated, "
                f"extrapolated to {result.n_layers} layers")
-    print(f"every byte below is simulated (meta device: exact tensor bytes, no allocator "
-          f"rounding, no CUDA context); {how}; {result.vary} searched to {result.granularity} "
-          f"{unit}; {result.elapsed_s:.1f} s")
+    print(f"every byte below is simulated (meta device: exact tensor bytes; reserved: the "
+          f"allocator model's, which must fit the budget); {how}; {result.vary} searched to "
+          f"{result.granularity} {unit}; {result.elapsed_s:.1f} s")
     for name, mp in result.methods.items():
         print()
         if mp.at_limit:
             head = (f"fits even at the search limit, {result.vary} {mp.max_size} "
-                    f"(simulated peak {format_bytes(mp.best.peak_bytes)}); longer may fit")
+                    f"(simulated reserved {format_bytes(mp.best.reserved_bytes)}); longer may "
+                    f"fit")
         elif mp.fits:
             what = "longest sequence" if result.vary == "seq" else "largest batch"
             head = (f"{what} that fits: {mp.max_size} {unit} "
-                    f"({getattr(mp.next, result.vary)} does not); simulated peak "
-                    f"{format_bytes(mp.best.peak_bytes)} = "
-                    f"{100 * mp.best.peak_bytes / budget:.1f}% of the {format_bytes(budget)} "
-                    f"budget")
+                    f"({getattr(mp.next, result.vary)} does not); simulated reserved "
+                    f"{format_bytes(mp.best.reserved_bytes)} = "
+                    f"{100 * mp.best.reserved_bytes / budget:.1f}% of the "
+                    f"{format_bytes(budget)} budget (peak allocated "
+                    f"{format_bytes(mp.best.peak_bytes)})")
         else:
             head = (f"NOTHING FITS: max {result.vary} 0; even {result.vary} "
-                    f"{getattr(mp.smallest, result.vary)} needs "
-                    f"{format_bytes(mp.smallest.peak_bytes)} (simulated), over the "
+                    f"{getattr(mp.smallest, result.vary)} reserves "
+                    f"{format_bytes(mp.smallest.reserved_bytes)} (simulated), over the "
                     f"{format_bytes(budget)} budget")
         print(f"{name}: {head}")
         print(f"  {mp.confirmation}")
         curve = result.curve[result.curve["method"] == name]
         table = curve.pivot_table(index=[result.vary, "probed"], columns="category",
                                   values="bytes", aggfunc="sum").reset_index()
+        reserved = curve.groupby(result.vary)["reserved_bytes"].first()
         categories = list(MEMORY_CATEGORIES)
-        header = (f"  {result.vary:>8} {'peak GiB':>9} {'% budget':>8} "
+        header = (f"  {result.vary:>8} {'reserved GiB':>12} {'% budget':>8} {'peak GiB':>9} "
                   + " ".join(f"{c:>11}" for c in categories) + "  source")
         print(header)
         for _, row in table.sort_values(result.vary).iterrows():
             size = int(row[result.vary])
             peak = sum(int(row[c]) for c in categories)
-            mark = "  <- max" if size == mp.max_size else ("  over budget" if peak > budget
+            held = int(reserved.loc[size])
+            mark = "  <- max" if size == mp.max_size else ("  over budget" if held > budget
                                                           else "")
             cells = " ".join(f"{int(row[c]) / GIB:>11.2f}" for c in categories)
-            print(f"  {size:>8} {peak / GIB:>9.2f} {100 * peak / budget:>8.1f} {cells}  "
-                  f"{'probed' if row['probed'] else 'fitted'}{mark}")
+            print(f"  {size:>8} {held / GIB:>12.2f} {100 * held / budget:>8.1f} "
+                  f"{peak / GIB:>9.2f} {cells}  {'probed' if row['probed'] else 'fitted'}{mark}")
 
 
 def _bytes_as_mib(frame):
@@ -596,13 +607,16 @@ def _print_summary(analysis, methods: list[str] | None = None) -> None:
     run = analysis.trace.run
     sources = analysis.sources
     has_baseline = baseline in set(table["method"]) and \
-        table.set_index("method").loc[baseline, "status"] == "ok"
+        table.set_index("method").loc[baseline, "peak_mib"] == \
+        table.set_index("method").loc[baseline, "peak_mib"]  # not NaN: it has numbers
     ratios = f"; ratios are to {baseline}" if has_baseline else "; no lora run, so no ratios"
     print(f"{trace.title(run)}: times {sources.get('time') or 'not available'}, "
-          f"bytes {sources.get('bytes')}{ratios}")
+          f"bytes {sources.get('bytes')}, reserved {sources.get('reserved') or 'not available'}"
+          f"{ratios}")
     columns = [("step_ms", "step ms", "{:.1f}"), ("forward_ms", "fwd ms", "{:.1f}"),
                ("backward_ms", "bwd ms", "{:.1f}"), ("ops_per_step", "ops/step", "{:.0f}"),
                ("activation_mib", "act MiB", "{:.1f}"), ("peak_mib", "peak MiB", "{:.1f}"),
+               ("reserved_mib", "reserved MiB", "{:.1f}"),
                ("trainable_params", "trainable", "{:,.0f}")]
     header = f"{'method':<8} {'status':<6} " + " ".join(f"{label:>16}" for _, label, _ in columns)
     print(header)
@@ -649,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' own deprecation notices, raised from inside its and PEFT's code: nothing a
     # user of this command can act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    # No network at run time: nothing this command loads may reach the Hugging Face Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import threading
 
     previous = {}

@@ -100,13 +100,14 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     return Timeline(rows, peak, breakdown)
 
 
-def static_storages(model, optimizer) -> list[tuple[int, int, str]]:
-    """(storage key, bytes, category) of every storage alive before the step starts: frozen
-    weights and buffers (with the quantization state of 4-bit weights: bitsandbytes keeps
-    absmax, code and offset in the parameter's quant_state, outside the buffers), trainable
-    parameters, and optimizer state (gradients are None after zero_grad(set_to_none=True)),
-    each storage once (tied weights, views), in that order. Paged optimizer states live outside
-    the allocator and are left out (paged_bytes)."""
+def static_storages(model, optimizer, by_address: bool = False) -> list[tuple[int, int, str]]:
+    """(key, bytes, category) of every storage alive before the step starts: frozen weights
+    and buffers (with the quantization state of 4-bit weights: bitsandbytes keeps absmax, code
+    and offset in the parameter's quant_state, outside the buffers), trainable parameters, and
+    optimizer state (gradients are None after zero_grad(set_to_none=True)), each storage once
+    (tied weights, views), in that order. The key is the storage's id (a simulation's event
+    keys), or with `by_address` its data pointer (the profiler's allocation addresses). Paged
+    optimizer states live outside the allocator and are left out (paged_bytes)."""
     seen: set[int] = set()
     found = []
 
@@ -114,7 +115,8 @@ def static_storages(model, optimizer) -> list[tuple[int, int, str]]:
         storage = tensor.untyped_storage()
         if storage._cdata not in seen:
             seen.add(storage._cdata)
-            found.append((storage._cdata, storage.nbytes(), category))
+            key = storage.data_ptr() if by_address else storage._cdata
+            found.append((key, storage.nbytes(), category))
 
     for p in model.parameters():
         add(p, "trainable" if p.requires_grad else "weights")

@@ -21,6 +21,7 @@ ATTENTION_ALIASES = {"math": "eager"}  # SDPA's name for the eager computation
 LOSSES = ("hf", "chunked", "fused-linear")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor")
 QUANTIZE_SCOPES = ("all-linear", "targets")
+ALLOCATORS = ("caching", "expandable")  # reserved.py models both
 DEFAULT_LR = 1e-4
 DEFAULT_LOSS_CHUNKS = 8  # torchtune's num_output_chunks
 
@@ -51,6 +52,9 @@ class Recipe:
         model and bf16=True); False: the parameters in the run's dtype.
     quantize: which linears the quantized methods (qlora, qpaca) store in 4 bits: "all-linear"
         (every linear but the head, as bitsandbytes' load_in_4bit does) or "targets".
+    allocator: the CUDA caching allocator's mode whose reserved memory is modelled
+        (reserved.ALLOCATORS): "caching" (PyTorch's default) or "expandable"
+        (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
     kbit_prep: PEFT's prepare_model_for_kbit_training for the quantized methods: every
         parameter that is not 4-bit (embeddings, norms, head) cast to fp32. Its gradient
         checkpointing, on by default in PEFT, is grad_ckpt here: QLoRA recipes pass both.
@@ -68,6 +72,7 @@ class Recipe:
     amp: bool = False
     quantize: str = "all-linear"
     kbit_prep: bool = True
+    allocator: str = "caching"
 
     def __post_init__(self):
         if self.targets is not None and self.targets != ALL_LINEAR:
@@ -83,6 +88,7 @@ class Recipe:
         _choice(self.loss, LOSSES, "loss")
         _choice(self.optimizer, OPTIMIZERS, "optimizer")
         _choice(self.quantize, QUANTIZE_SCOPES, "quantize")
+        _choice(self.allocator, ALLOCATORS, "allocator")
         validate.number(self.loss_chunks, "--loss-chunks", minimum=1, maximum=4096, integer=True)
         validate.number(self.grad_accum, "--grad-accum", minimum=1, maximum=1024, integer=True)
         validate.number(self.lr, "lr", above=0, maximum=1e3)

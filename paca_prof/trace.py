@@ -93,11 +93,14 @@ MEMORY_COLUMNS = {
     "delta_bytes": "Int64",
 }
 # A capacity sweep (written by `paca-prof plan --out`): bytes alive at the peak, by category,
-# per method and (seq, batch) probed. Optional: only plan traces have it.
+# per method and (seq, batch) probed, and the point's reserved memory (the same on each of its
+# rows; NA in sweeps written before reserved memory was modelled). Optional: only plan traces
+# have it.
 CAPACITY_COLUMNS = {
     "method": "string", "seq": "Int64", "batch": "Int64", "category": "string",
-    "bytes": "Int64",
+    "bytes": "Int64", "reserved_bytes": "Int64",
 }
+CAPACITY_REQUIRED = ("method", "seq", "batch", "category", "bytes")
 # The batches a profiled loop's model was called with in the active steps (written by
 # paca_prof.profile()), one row per training forward: the step, the micro-batch within it, the
 # pass (timed or profiled), the shape, padding tokens (padding_from says how they were found:

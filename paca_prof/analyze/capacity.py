@@ -2,8 +2,8 @@
 
 A capacity sweep (the planner's curve: `paca-prof plan --out`) is stored in a trace folder as
 the optional table capacity.parquet (trace.CAPACITY_COLUMNS: method, seq, batch, category,
-bytes): the bytes of each memory category alive at the peak of one simulated step at that
-sequence length and batch. trace.load reads it into Trace.capacity; these functions answer "how
+bytes, reserved_bytes): the bytes of each memory category alive at the peak of one simulated
+step at that sequence length and batch, and the reserved memory the allocator model gives it. trace.load reads it into Trace.capacity; these functions answer "how
 long a sequence fits in this much memory" from it without simulating anything. Pandas only; no
 torch here. The budget itself (device memory less headroom) is the planner's (budget.make_budget).
 """
@@ -34,7 +34,7 @@ def load_capacity(trace_path: str | Path) -> pd.DataFrame | None:
         table = pd.read_parquet(path)
     except Exception as error:  # pyarrow raises several types for a truncated file
         raise TraceError(f"{path}: unreadable ({type(error).__name__})") from None
-    missing = [c for c in trace_io.CAPACITY_COLUMNS if c not in table]
+    missing = [c for c in trace_io.CAPACITY_REQUIRED if c not in table]
     if missing:
         raise TraceError(f"{path}: missing column(s) {', '.join(missing)}")
     try:
@@ -64,18 +64,34 @@ def select_batch(capacity: pd.DataFrame, batch: int | None = None,
     return capacity[capacity["batch"] == chosen], chosen
 
 
-def max_seq_from_curve(curve: pd.DataFrame, budget_bytes: float) -> dict[str, int]:
-    """The longest sequence per method whose peak memory fits in `budget_bytes`.
+def holds_reserved(curve: pd.DataFrame) -> bool:
+    """Whether every point of the sweep has its reserved memory."""
+    return "reserved_bytes" in curve and bool(curve["reserved_bytes"].notna().all())
 
-    `curve` holds one batch size (see select_batch); a point's peak is the sum of its
-    categories' bytes. The answer interpolates linearly between the simulated points on
+
+def point_totals(curve: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, seq): the memory that must fit, `bytes`: the point's reserved
+    memory where the sweep holds it (the planner's criterion), else its peak, the sum of its
+    categories (sweeps written before reserved memory was modelled)."""
+    grouped = curve.groupby(["method", "seq"], sort=False)
+    peaks = grouped["bytes"].sum()
+    if holds_reserved(curve):
+        peaks = grouped["reserved_bytes"].first().astype("int64")
+    return peaks.reset_index(name="bytes")
+
+
+def max_seq_from_curve(curve: pd.DataFrame, budget_bytes: float) -> dict[str, int]:
+    """The longest sequence per method whose memory (point_totals: reserved, else the peak)
+    fits in `budget_bytes`.
+
+    `curve` holds one batch size (see select_batch). The answer interpolates linearly between the simulated points on
     either side of the budget (the planner's curve also holds points it fitted between its
     probes; the peak grows smoothly between points, but quadratically with eager attention,
     so a coarse curve slightly overestimates there) and is rounded down. It never
     extrapolates: a method whose longest point fits gets that point's length (a lower bound),
     and one whose shortest point does not fit gets 0.
     """
-    totals = curve.groupby(["method", "seq"], sort=False)["bytes"].sum().reset_index()
+    totals = point_totals(curve)
     result = {}
     for method, group in totals.groupby("method", sort=False):
         group = group.sort_values("seq")

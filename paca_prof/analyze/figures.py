@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from paca_prof.analyze import analyses
+from paca_prof.analyze import analyses, capacity
 from paca_prof.units import GIB, MIB
 
 METHOD_COLORS = {"frozen": "#9e9e9e", "full": "#6d4c41", "lora": "#1f77b4", "dora": "#9467bd",
@@ -132,9 +132,11 @@ def kernel_timeline(ops: pd.DataFrame, method: str, layer: str, source: str) -> 
 
 def memory_vs_seq(curve: pd.DataFrame, budget_bytes: float, max_seq: dict[str, int],
                   title_suffix: str = "simulated") -> go.Figure:
-    """Peak memory against sequence length per method (curve: method, seq, bytes at the
-    peak), the capacity line, and a marker at each method's longest sequence that fits."""
-    totals = curve.groupby(["method", "seq"], sort=False)["bytes"].sum().reset_index()
+    """Memory against sequence length per method (capacity.point_totals: reserved where the
+    curve holds it, else the peak), the budget line, and a marker at each method's longest
+    sequence that fits."""
+    reserved = capacity.holds_reserved(curve)
+    totals = capacity.point_totals(curve)
     fig = go.Figure()
     for method, group in totals.groupby("method", sort=False):
         fig.add_scatter(x=group["seq"], y=group["bytes"] / GIB, mode="lines+markers",
@@ -146,8 +148,10 @@ def memory_vs_seq(curve: pd.DataFrame, budget_bytes: float, max_seq: dict[str, i
                             marker=dict(symbol="star", size=14, color=METHOD_COLORS.get(method)),
                             hovertemplate=f"{method}: max seq {best}<extra></extra>")
     fig.add_hline(y=budget_bytes / GIB, line_dash="dash", annotation_text="budget")
-    fig.update_layout(xaxis_title="sequence length (tokens)", yaxis_title="peak GiB")
-    return _layout(fig, f"Peak memory vs sequence length ({title_suffix})")
+    what = "Reserved memory" if reserved else "Peak memory"
+    fig.update_layout(xaxis_title="sequence length (tokens)",
+                      yaxis_title=f"{'reserved' if reserved else 'peak'} GiB")
+    return _layout(fig, f"{what} vs sequence length ({title_suffix})")
 
 
 def summary_ratio_bars(overview: pd.DataFrame, source: str, baseline: str = "lora") -> go.Figure:

@@ -9,13 +9,14 @@ from paca_prof.units import MIB
 OVERVIEW_COLUMNS = {
     "step_ms": "step_ms", "forward_ms": "forward_ms", "backward_ms": "backward_ms",
     "n_kernels": "ops_per_step", "activation_bytes": "activation_mib", "peak_bytes": "peak_mib",
-    "trainable_params": "trainable_params",
+    "reserved_bytes": "reserved_mib", "trainable_params": "trainable_params",
 }
 
 
 def summary(table: pd.DataFrame, baseline: str, methods: list[str]) -> pd.DataFrame:
     """One row per method (in `methods` order) with the overview columns and their ratios to
-    `baseline`; a method whose status is not ok has NaN values."""
+    `baseline`. A method that ran out of memory keeps its numbers (simulated ones are kept);
+    one that failed has none (NaN)."""
     rows = table.set_index("method").loc[methods]
     out = pd.DataFrame(index=rows.index)
     out["status"] = rows["status"]

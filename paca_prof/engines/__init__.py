@@ -21,6 +21,7 @@ import torch
 from paca_prof import methods, trace
 from paca_prof.engines.step import validate_against_model
 from paca_prof.budget import Budget, make_budget
+from paca_prof.reserved import ALLOCATOR_WORDS
 from paca_prof.gpus import GpuSpec
 from paca_prof.metadata import config_dict, device_info, run_metadata
 from paca_prof.results import MethodResult, failed
@@ -63,9 +64,9 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
     """Run every method of `spec` and write the trace folder `out`; returns its path.
 
     On cpu or cuda the methods are measured. On the meta device they are simulated and, with
-    `gpu`, their times projected onto it; a method whose simulated peak exceeds `budget` (by
-    default the GPU's memory less budget.DEFAULT_HEADROOM, the planner's budget) gets status
-    oom, with its numbers kept. A measured method that runs out of memory gets status oom, one
+    `gpu`, their times projected onto it; a method whose simulated reserved memory does not fit
+    `budget` (by default the GPU's: its memory less its CUDA context and
+    budget.DEFAULT_HEADROOM, the planner's budget) gets status oom, with its numbers kept. A measured method that runs out of memory gets status oom, one
     that fails otherwise status error (with the message); the others still run. The output is
     reserved from the start (trace.Reservation) and written only when all are done.
     """
@@ -123,19 +124,28 @@ def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
     """run.yaml's content for a run of the engines (metadata.run_metadata). `sources` says where
     the times and the bytes come from: measured, or simulated bytes with projected (or no)
     times."""
+    cuda = spec.device.startswith("cuda")
+    allocator = ALLOCATOR_WORDS[spec.recipe.allocator]
     if spec.device != "meta":
-        sources = {"time": "measured", "bytes": "measured"}
+        sources = {"time": "measured", "bytes": "measured",
+                   "reserved": "measured" if cuda else "simulated"}
         timing = (f"median of {spec.steps} steps after {spec.warmup} warm-up steps; "
-                  + ("CUDA events" if spec.device.startswith("cuda") else "host perf_counter"))
+                  + ("CUDA events" if cuda else "host perf_counter"))
         memory = "allocator events of the profiled step"
+        reserved = ("torch.cuda.max_memory_reserved over the profiled step" if cuda else
+                    f"simulated: the profiled step's allocations replayed through the model of "
+                    f"{allocator} (paca_prof/reserved.py)")
     else:
-        sources = {"time": "projected" if gpu else None, "bytes": "simulated"}
+        sources = {"time": "projected" if gpu else None, "bytes": "simulated",
+                   "reserved": "simulated"}
         timing = (f"projected for {gpu.name} by the roofline + launch + dispatch cost model "
                   "(paca_prof/engines/project.py)" if gpu else "none (simulated bytes only)")
-        memory = "simulated: exact tensor bytes, no allocator rounding, no CUDA context"
-    assumptions = {"timing": timing, "memory": memory}
+        memory = "simulated: exact tensor bytes alive (peak_bytes, as memory_allocated counts)"
+        reserved = (f"simulated: the step's allocations replayed, model first, through the "
+                    f"model of {allocator} (paca_prof/reserved.py); no CUDA context")
+    assumptions = {"timing": timing, "memory": memory, "reserved": reserved}
     if budget is not None:
-        assumptions["oom_limit"] = (f"simulated peak against the budget {budget.describe()}; "
+        assumptions["oom_limit"] = (f"reserved memory against the budget {budget.describe()}; "
                                     "the same budget as paca-prof plan")
     if {"paca", "qpaca"} & set(spec.methods):
         assumptions["paca_autograd_function"] = paca_autograd_function(spec.device)

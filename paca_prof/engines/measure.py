@@ -33,7 +33,8 @@ from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import Prepared, make_batch, prepare
 from paca_prof.flops import profiled_op_flops
 from paca_prof.ledger import SavedTensorLedger
-from paca_prof.memory import MemoryEvent, memory_timeline, static_bytes
+from paca_prof.memory import MemoryEvent, memory_timeline, static_bytes, static_storages
+from paca_prof.reserved import allocator_config, replay_step
 from paca_prof.modules import ROOT, is_logits_owner, module_depth
 from paca_prof.ops import counts_as_op
 from paca_prof.results import MethodResult, summary_row
@@ -139,7 +140,8 @@ def timing_pass(run: Prepared, ids: torch.Tensor, warmup: int, steps: int):
 def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: Path,
                    step_index: int) -> dict:
     """One profiled step: ops, activation bytes, and the categorised memory timeline."""
-    with ProfiledStep(run.capture(), run.optimizer, device.startswith("cuda")) as profiled:
+    with ProfiledStep(run.capture(), run.optimizer, device.startswith("cuda"),
+                      run.recipe.allocator) as profiled:
         run.step(ids)
     method = methods.get(run.method)
     return profiled.result(run.method, method, method.wrapper_paths(run.model), step_index,
@@ -163,8 +165,9 @@ class ProfiledStep:
     forward's (ledger.py).
     """
 
-    def __init__(self, capture: Capture, optimizer, cuda: bool):
+    def __init__(self, capture: Capture, optimizer, cuda: bool, allocator: str = "caching"):
         self.capture, self.optimizer, self.cuda = capture, optimizer, cuda
+        self.allocator = allocator  # the allocator model's mode, for reserved memory off CUDA
         self.ledger = SavedTensorLedger(capture)
         self.static: dict[str, int] | None = None
         self.start_keys: dict[int, str] = {}
@@ -222,11 +225,13 @@ class ProfiledStep:
     def _snapshot(self) -> None:
         model = self.capture.model
         self.static = static_bytes(model, self.optimizer)
+        self.static_storages = static_storages(model, self.optimizer, by_address=True)
         for param in model.parameters():
             if param.grad is not None:  # kept from the step before (zero_grad to zeros)
                 storage = param.grad.untyped_storage()
                 self.static["gradients"] += storage.nbytes()
                 self.start_keys[storage.data_ptr()] = "gradients"
+                self.static_storages.append((storage.data_ptr(), storage.nbytes(), "gradients"))
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -241,11 +246,18 @@ class ProfiledStep:
         events = json.loads(chrome_path.read_text())["traceEvents"]
         ops = _op_table(events, method_name, method, self.module_paths, wrappers, self.cuda,
                         step_index, r)
-        timeline = _memory_timeline(events, self.static, self.forward_owners, self.gradients,
-                                    self.cuda, self.start_keys)
+        timeline, memory_events = _memory_timeline(events, self.static, self.forward_owners,
+                                                   self.gradients, self.cuda, self.start_keys)
+        if self.cuda:
+            device_peaks = cuda_memory_peaks()
+        else:  # no CUDA allocator here: its model, over the allocations this step made
+            replayed = replay_step(self.static_storages, memory_events,
+                                   allocator_config(self.allocator))
+            device_peaks = {"allocator_peak_bytes": replayed.allocated_bytes,
+                            "reserved_bytes": replayed.reserved_bytes}
         return {"ops": ops, "ledger": self.ledger, "peak_breakdown": timeline.breakdown,
                 "memory": pd.DataFrame(timeline.rows).assign(method=method_name),
-                "device_peaks": cuda_memory_peaks() if self.cuda else {}}
+                "device_peaks": device_peaks}
 
 
 def cuda_memory_peaks() -> dict[str, int]:
@@ -410,7 +422,8 @@ def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys
     categorised (memory.memory_timeline); keys are addresses. Events before the first phase
     (a loop fetching its next batch) are not the step's. `forward_owners` holds, per forward
     range in time order, the saved tensors' addresses and modules at its end: the last
-    allocation at such an address within that forward is the saved tensor."""
+    allocation at such an address within that forward is the saved tensor. Returns the
+    timeline and the events it was made from."""
     device_type = 1 if cuda else 0
     windows = _Windows(events)
     logits_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events
@@ -437,4 +450,5 @@ def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys
     markers = {e["name"]: e["ts"] - windows.start for e in events
                if e.get("cat") == "user_annotation" and e["name"].startswith("[gradients ")}
     gradient_times = [(ptr, markers[marker]) for ptr, marker in gradients if marker in markers]
-    return memory_timeline(memory_events, static, {}, gradient_times, start_keys, saved_events)
+    return (memory_timeline(memory_events, static, {}, gradient_times, start_keys, saved_events),
+            memory_events)

@@ -6,20 +6,19 @@ the next runs in a Capture session under OpRecorder, a TorchDispatchMode that se
 with its module, phase and step, shapes, dtype, FLOPs (flops.py) and bytes moved, and tracks
 storage lifetimes by weak reference, so that the memory timeline, its peak and the peak's
 breakdown come out as on a real device's allocator, without its block rounding and without
-kernels' internal workspaces.
+kernels' internal workspaces. The step's allocations are then replayed through the model of
+PyTorch's caching allocator (reserved.py) for its reserved memory and rounded peak.
 
-Limits: no time (see engines/project.py); CUDA caching-allocator rounding and reserved memory
-are not modelled here; CPU-only kernels' internal scratch buffers are invisible to a dispatch
-mode.
+Limits: no time (see engines/project.py); kernels' internal scratch buffers (CPU-only ones,
+cuBLAS workspaces) are invisible to a dispatch mode.
 """
 
 from __future__ import annotations
 
 import bisect
-
 import json
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -34,7 +33,9 @@ from paca_prof.engines.step import prepare
 from paca_prof.flops import op_flops
 from paca_prof.gpus import GpuSpec
 from paca_prof.ledger import SavedTensorLedger, storage_key
-from paca_prof.memory import MemoryEvent, memory_timeline, paged_bytes, static_bytes
+from paca_prof.memory import (MemoryEvent, memory_timeline, paged_bytes, static_bytes,
+                              static_storages)
+from paca_prof.reserved import ReservedMemory, allocator_config, replay_step
 from paca_prof.modules import ancestors, is_logits_owner
 from paca_prof.ops import counts_as_op
 from paca_prof.results import MethodResult, summary_row
@@ -197,16 +198,32 @@ class Simulator:
             times = project.phase_times_ms(ops)
         layers = layer_table(self.method.name, module_kinds(paths), latencies, ops,
                              ledger.by_module, container_paths(paths))
-        fits = budget is None or timeline.peak_bytes <= budget.budget_bytes
+        reserved = self._reserved(recorder.events, budget)
         paged = paged_bytes(run.optimizer)
         summary = summary_row(
-            self.method.name, "ok" if fits else "oom", times_ms=times,
+            self.method.name, "oom" if reserved.oom else "ok", times_ms=times,
             peak_breakdown=timeline.breakdown, n_kernels=len(ops),
             activation_bytes=ledger.total_bytes, trainable_params=self.trainable,
+            allocator_peak_bytes=reserved.allocated_bytes,
+            reserved_bytes=reserved.reserved_bytes,
             **({"paged_bytes": paged} if paged else {}))
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
         return MethodResult(summary, layers, ops, memory, memory_events=recorder.events,
                             start_bytes=static)
+
+
+    def _reserved(self, events: list[MemoryEvent], budget) -> ReservedMemory:
+        """The step replayed through the caching-allocator model (reserved.py); out of memory
+        when it cannot be served within `budget`, then what it would reserve without one."""
+        static = static_storages(self.run.model, self.run.optimizer)
+        allocator = self.spec.recipe.allocator
+        if budget is not None:
+            bounded = replay_step(static, events, allocator_config(allocator,
+                                                                   budget.budget_bytes))
+            if not bounded.oom:
+                return bounded
+        unbounded = replay_step(static, events, allocator_config(allocator))
+        return replace(unbounded, oom=budget is not None)
 
 
 def _saved_events(events: list[MemoryEvent], forwards) -> dict[int, str]:

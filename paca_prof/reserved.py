@@ -1,0 +1,94 @@
+"""Reserved memory of a training step: its allocations replayed, in the order a training run
+makes them, through the model of PyTorch's CUDA caching allocator (allocator.py).
+
+What torch.cuda.max_memory_reserved() reports after a few steps (what published measurements
+mostly give, or nvidia-smi, which adds the CUDA context) depends on the order of everything the
+process allocated, not only on the step's peak. A training run allocates:
+  1. the model: weights, buffers and trainable parameters, in the model's parameter order;
+  2. the first step, during which the optimizer makes its state at its first update (AdamW's
+     moments, created just before the update);
+  3. the next steps, each served from the blocks the step before left cached.
+replay_step reproduces that order from one step's events (a simulated step's, or a measured
+one's): the static storages less the optimizer state, the step with the optimizer state
+allocated where its optimizer phase starts, then the step again. The second pass is the steady
+state; the peak is over both, as max_memory_reserved is over a run.
+
+Limits: the events of the first step are taken to be those of a later one (the same tensors in
+the same order), so what only the first step does besides creating the optimizer state (lazy
+cuBLAS workspaces, autotuning) is not here; what the step leaves allocated at its end (the
+loss a loop keeps) is freed before the second pass, where a real loop frees it when the next
+loss replaces it; one device, one stream (the allocator model's limits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paca_prof.allocator import AllocatorConfig, replay
+from paca_prof.memory import MemoryEvent
+from paca_prof.recipe import ALLOCATORS  # PyTorch's default, and expandable_segments:True
+
+ALLOCATOR_WORDS = {
+    "caching": "PyTorch's CUDA caching allocator, default settings",
+    "expandable": "PyTorch's CUDA caching allocator with expandable_segments:True",
+}
+
+
+@dataclass(frozen=True)
+class ReservedMemory:
+    """A replayed step: torch's max_memory_reserved and max_memory_allocated (block sizes), and
+    whether a request failed under the capacity given (out of memory, after the allocator
+    released its cache and retried, as PyTorch does)."""
+
+    reserved_bytes: int
+    allocated_bytes: int
+    oom: bool
+    oom_request_bytes: int | None = None
+
+
+def allocator_config(allocator: str, capacity_bytes: int | None = None) -> AllocatorConfig:
+    """The allocator model's settings for a recipe's `allocator` (ALLOCATORS), with the memory
+    PyTorch may reserve (None: unlimited)."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
+    return AllocatorConfig(expandable_segments=allocator == "expandable",
+                           capacity_bytes=capacity_bytes)
+
+
+def replay_step(static: list[tuple[int, int, str]], events: list[MemoryEvent],
+                config: AllocatorConfig = AllocatorConfig()) -> ReservedMemory:
+    """Replay a step as a run allocates it (see the module docstring). `static`: (key, bytes,
+    category) of the storages alive when the step starts (memory.static_storages), in the
+    order the model holds them; `events`: the step's allocations and frees, keys in the same
+    space. A free of a storage that is not live (made before the storages listed) is left
+    out."""
+    model_storages = [(("model", key), nbytes) for key, nbytes, category in static
+                      if category != "optimizer"]
+    optimizer_state = [(("model", key), nbytes) for key, nbytes, category in static
+                       if category == "optimizer"]
+    sequence = list(model_storages)
+    live = {key for key, _ in model_storages}
+    for step in (1, 2):
+        state_pending = step == 1
+        made: dict[int, int] = {}
+        for e in events:
+            if state_pending and e.phase == "optimizer":
+                sequence.extend(optimizer_state)
+                live.update(key for key, _ in optimizer_state)
+                state_pending = False
+            if e.nbytes > 0:
+                sequence.append(((step, e.key), e.nbytes))
+                made[e.key] = e.nbytes
+            elif e.key in made:
+                sequence.append(((step, e.key), e.nbytes))
+                del made[e.key]
+            elif ("model", e.key) in live:
+                sequence.append((("model", e.key), e.nbytes))
+                live.discard(("model", e.key))
+        if state_pending:  # no optimizer phase (frozen): states, if any, come at the end
+            sequence.extend(optimizer_state)
+            live.update(key for key, _ in optimizer_state)
+        sequence.extend(((step, key), -nbytes) for key, nbytes in made.items())
+    result = replay(sequence, config)
+    return ReservedMemory(result.peak_reserved, result.peak_allocated, result.oom_at is not None,
+                          result.oom_bytes)
