@@ -30,8 +30,8 @@ _PACA = ("PaCA on r input columns of every expert (paca/experts.py; the same col
          "positions for every expert of one parameter), only x[:, columns] saved")
 _NOT_LINEAR = ("frozen: not nn.Linear (3-D parameters), so all-linear and target names do not "
                "reach them; --experts adapt to adapt them")
-_NF4_NOTE = ("; bitsandbytes quantizes nn.Linear only: the experts stay unquantized (fp32 "
-             "after PEFT's kbit prep, else the model's dtype)")
+_NF4_NOTE = "; bitsandbytes quantizes nn.Linear only: the experts stay unquantized ({dtype})"
+_KBIT_DTYPE = "fp32: PEFT's kbit prep casts every parameter that is not 4-bit"
 _DORA = "frozen: PEFT 0.21 has no DoRA for target_parameters (ParamWrapper refuses use_dora)"
 _AUTHORS = "frozen: the authors' scheme has no layer for 3-D expert parameters"
 
@@ -90,7 +90,8 @@ def words(method: str, recipe: Recipe) -> str:
         return _TRAINED
     if method == "frozen":
         return _FROZEN
-    nf4 = _NF4_NOTE if method in ("qlora", "qpaca") else ""
+    nf4 = (_NF4_NOTE.format(dtype=_KBIT_DTYPE if recipe.kbit_prep else "the model's dtype")
+           if method in ("qlora", "qpaca") else "")
     if recipe.experts != "adapt":
         return _NOT_LINEAR + nf4
     if method == "dora":
