@@ -106,8 +106,9 @@ def allow_meta_lora_factors() -> None:
 
     Its _LoraFactorsProxy folds W + scaling * lhs @ rhs into one baddbmm inside
     torch.autocast(device_type=W.device.type, enabled=False), and torch.autocast takes no meta
-    device (it raises). On meta autocast does nothing anyway, so there the same baddbmm runs
-    without the context; on any other device PEFT's own forward runs unchanged. Installed once,
+    device (it raises). On meta the same baddbmm runs without the context, and outside the
+    simulation's autocast emulation (amp.py, a TorchFunctionMode), which the context would have
+    turned off on a GPU; on any other device PEFT's own forward runs unchanged. Installed once,
     on the class (the proxy is made anew on every forward)."""
     from peft.tuners.lora import layer
 
@@ -120,7 +121,8 @@ def allow_meta_lora_factors() -> None:
         if W.device.type == "meta":
             import torch
 
-            return torch.baddbmm(W, self.lhs, self.rhs, alpha=self.scaling)
+            with torch._C.DisableTorchFunction():  # as autocast(enabled=False) on a GPU
+                return torch.baddbmm(W, self.lhs, self.rhs, alpha=self.scaling)
         return original(self, W)
 
     forward._paca_prof_meta = True
