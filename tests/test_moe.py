@@ -12,15 +12,12 @@ scalars that no dispatch mode sees."""
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import checkout_env
 from conftest import run_spec as RunSpec
 
 from paca_prof import trace
@@ -212,29 +209,30 @@ def test_the_branch_ops_of_paca_experts_are_its_gather_and_grad_gemm():
     assert len(grouped) == 4 + 4 + 4  # forward, input gradient, columns' gradient
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "paca_prof.cli", *args], capture_output=True,
-                          text=True, env=checkout_env(), timeout=600)
-
-
-def test_bad_expert_settings_are_one_line_and_exit_2(tmp_path):
+def test_bad_expert_settings_are_one_line_and_exit_2(tmp_path, capsys):
     import json
+
+    from paca_prof.cli import main
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(QWEN3_MOE))
-    base = ["run", "--model", str(config), "--seq", "16", "--device", "meta"]
+    base = ["run", "--model", str(config), "--seq", "16", "--device", "meta",
+            "--out", str(tmp_path / "out")]
     cases = {
         "--dropout 0.1": base + ["--methods", "lora", "--experts", "adapt", "--dropout", "0.1"],
         "--r (--rank) 64": base + ["--methods", "paca", "--experts", "adapt", "--r", "64"],
-        "no experts": ["run", "--model", "tiny", "--seq", "16", "--device", "meta",
-                       "--methods", "lora", "--experts", "adapt"],
+        "multiple of 8": base + ["--methods", "paca", "--experts", "adapt", "--r", "4"],
+        "no experts stored": ["run", "--model", "tiny", "--seq", "16", "--device", "meta",
+                              "--methods", "lora", "--experts", "adapt",
+                              "--out", str(tmp_path / "out")],
     }
     for needle, args in cases.items():
-        result = _cli(*args)
-        assert result.returncode == 2, (needle, result.stderr[-2000:])
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        assert (needle if needle != "no experts" else "no experts stored") in lines[0], lines
+        rc = main(args)
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert rc == 2 and len(lines) == 1, (needle, captured.err[-2000:])
+        assert needle in lines[0] and "Traceback" not in captured.err, lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_grouped_matmul_of_any_dtype_runs_on_meta():

@@ -51,7 +51,8 @@ def adapts_experts(method: str, recipe: Recipe) -> bool:
 def check(model: nn.Module, names, r: int, dropout: float, recipe: Recipe) -> None:
     """ValueError (one line) for --experts adapt on a model without 3-D expert parameters, for
     LoRA dropout with experts adapted (PEFT's ParamWrapper refuses it), and for a PaCA r above
-    an expert parameter's in dimension."""
+    an expert parameter's in dimension or not a multiple of 8 (the grouped matmul kernels'
+    16-byte alignment of the gathered columns, in bf16)."""
     if recipe.experts != "adapt":
         return
     found = expert_parameters(model)
@@ -63,6 +64,10 @@ def check(model: nn.Module, names, r: int, dropout: float, recipe: Recipe) -> No
         raise ValueError(f"--experts adapt with --dropout {dropout:g}: PEFT's LoRA on expert "
                          "parameters (target_parameters) takes no dropout; give --dropout 0")
     if any(n in ("paca", "qpaca") for n in adapting):
+        if r % 8:
+            raise ValueError(f"--r (--rank) {r} with --experts adapt: PaCA's expert columns go "
+                             "through grouped matmuls, whose kernels need rows of a multiple "
+                             "of 16 bytes (bf16): give a multiple of 8")
         for path, param in found.items():
             if r > param.shape[-1]:
                 raise ValueError(f"--r (--rank) {r} does not fit the experts' {path} (in "
