@@ -9,6 +9,12 @@ breakdown come out as on a real device's allocator, without its block rounding a
 kernels' internal workspaces. The step's allocations are then replayed through the model of
 PyTorch's caching allocator (reserved.py) for its reserved memory and rounded peak.
 
+Mixture-of-experts layers run as transformers runs them by default (its grouped_mm experts
+implementation): one grouped matmul over every token's top-k rows, whose sizes do not depend on
+the routing, so none is needed (meta tensors have no values to route by; meta_grouped_mm gives
+the grouped matmul's output in any dtype). Its eager per-expert loop reads the routing
+(torch.nonzero) and cannot run on meta.
+
 Limits: no time (see engines/project.py); kernels' internal scratch buffers (CPU-only ones,
 cuBLAS workspaces) are invisible to a dispatch mode.
 """
