@@ -292,3 +292,20 @@ def test_checkpointing_with_experts_adapted_keeps_every_category_but_the_rest(me
                    "activation_bytes"):
         assert int(measured[column]) == int(simulated[column]), column
     assert 0 <= measured["peak_bytes"] - simulated["peak_bytes"] <= 32 * 1024
+
+
+@pytest.mark.parametrize("refused", [dict(use_dora=True), dict(lora_dropout=0.1)])
+def test_peft_refuses_dora_and_dropout_on_expert_parameters(refused):
+    """Why dora keeps the experts frozen and lora with experts takes no dropout: PEFT's
+    ParamWrapper (the layer of target_parameters) refuses both."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(QWEN3_MOE)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(r=8, target_modules=["q_proj"],
+                      target_parameters=["experts.gate_up_proj", "experts.down_proj"], **refused)
+    with pytest.raises(ValueError, match="does not work with"):
+        get_peft_model(model, lora)
