@@ -202,9 +202,9 @@ def test_the_branch_ops_of_paca_experts_are_its_gather_and_grad_gemm():
     experts = ops[ops["module"].str.endswith("mlp.experts")]
     branch = experts[experts["adapter_branch"]]
     counts = branch.groupby(["phase", "name"]).size().to_dict()
-    # two 3-D parameters in each of two layers: one gather in forward, one grad GEMM in backward
-    assert counts[("forward", "aten::index_select")] == 4
-    assert counts[("backward", "aten::_grouped_mm")] == 4
+    # two 3-D parameters in each of two layers: one gather in forward, one grad GEMM in
+    # backward, and nothing else (the routing's sorts, casts and products are the model's)
+    assert counts == {("forward", "aten::index_select"): 4, ("backward", "aten::_grouped_mm"): 4}
     grouped = experts[experts["name"] == "aten::_grouped_mm"]
     assert len(grouped) == 4 + 4 + 4  # forward, input gradient, columns' gradient
 

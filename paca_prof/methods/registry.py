@@ -40,8 +40,9 @@ class Method:
         branch's grad GEMM (the authors' scheme computes it with the same op as grad_x).
     stale_counter: model -> forwards run on stale columns so far (the authors' scheme), so a
         run can say how many of its steps ran on stale columns.
-    expert_gemm: in backward, an aten::_grouped_mm in a wrapper whose first input is r x tokens
-        is the grad GEMM of PaCA's expert columns (paca/experts.py).
+    expert_gemm: in backward, an aten::_grouped_mm in an expert wrapper whose first input is
+        r x tokens is the grad GEMM of PaCA's expert columns (paca/experts.py); with the gather
+        (forward) the only branch ops there (WrapperPaths.experts).
     peft: a PEFT LoRA-family method (lora, dora): prepare also takes a user's LoraConfig
         (peft_config=, the checked fields of methods/peft_config.py), which then replaces the
         settings and the recipe's targets.
@@ -96,20 +97,36 @@ class Method:
             if (self.r_gemm and phase == "backward" and op == "aten::mm" and shapes
                     and len(shapes) > 1 and len(shapes[1]) == 2 and shapes[1][-1] == r):
                 return True
-            if (self.expert_gemm and phase == "backward" and op == "aten::_grouped_mm"
-                    and shapes and len(shapes[0]) == 2 and shapes[0][0] == r):
-                return True
+            if module in getattr(wrappers, "experts", ()):  # PaCA on 3-D expert parameters
+                return (op == "aten::index_select" and phase == "forward") or (
+                    self.expert_gemm and phase == "backward" and op == "aten::_grouped_mm"
+                    and bool(shapes) and len(shapes[0]) == 2 and shapes[0][0] == r)
             return op in self.branch_ops.get(phase, ())
         if module in wrappers:
             return True
         return bool(self.adapter_parts) and any(
             part in self.adapter_parts for part in module.split("."))
 
-    def wrapper_paths(self, model: nn.Module) -> set[str]:
+    def wrapper_paths(self, model: nn.Module) -> "WrapperPaths":
         kinds = self.wrapper_types()
         if not kinds:
-            return set()
-        return {name for name, module in model.named_modules() if isinstance(module, kinds)}
+            return WrapperPaths()
+        paths = WrapperPaths(name for name, module in model.named_modules()
+                             if isinstance(module, kinds))
+        if paths:
+            from paca.experts import PacaExperts
+
+            paths.experts = frozenset(name for name, module in model.named_modules()
+                                      if isinstance(module, PacaExperts))
+        return paths
+
+
+class WrapperPaths(set):
+    """The paths of a model's wrapper modules; `experts`: those of them that are PaCA's expert
+    layers (paca/experts.py), whose branch is only the gather (forward) and the columns' grad
+    GEMM (backward): the routing's own ops run in the same module."""
+
+    experts: frozenset = frozenset()
 
 
 # --- How each method prepares a model ------------------------------------------------------------
