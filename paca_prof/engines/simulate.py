@@ -224,6 +224,7 @@ class Simulator:
 
     def record(self, seq: int, batch: int) -> replication.Recording:
         """The step's Recording at the model's full depth (replicated where it can be)."""
+        rng = torch.get_rng_state()  # a method that draws (PaCA's columns) draws alike again
         while True:
             recording = self._record(seq, batch, journal=not self.full_depth_reason)
             if self.full_depth_reason:
@@ -232,6 +233,7 @@ class Simulator:
                 return replication.replicate(recording, self.prefix, self.n_layers)
             except replication.NotReplicable as error:
                 self._full_depth(str(error))
+                torch.set_rng_state(rng)
 
     def _record(self, seq: int, batch: int, journal: bool) -> replication.Recording:
         run = self.run
