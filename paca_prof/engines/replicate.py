@@ -19,8 +19,8 @@ was open; outside every layer (the optimizer step, zero_grad), the layer of the 
 touches (a parameter, its gradient, its optimizer state, a temporary made from them) or, for a
 free, of the allocation it frees. A foreach op spans layers: it stays once, its list arguments'
 shapes and bytes are extended, and each output is tagged by its position in the lists.
-Untagged entries between entries of the same or adjacent layers (a layer's input freed by the
-decoder after the next layer ran) belong to the earlier one. Runs of MIDDLE's entries are
+Entries outside every layer between two adjacent layers' (a layer's input freed by the decoder
+after the next layer ran) belong to the earlier one. Runs of MIDDLE's entries are
 repeated ascending where layers ascend around them (forward, parameter lists) and descending
 where they descend (backward, a list freed from its end).
 
@@ -360,27 +360,22 @@ def _scope(entry) -> str:
 
 
 def _assign_glue(tags: list[int | None], scoped: list[bool]) -> None:
-    """Entries outside every layer's scope that fall between two layers' entries of the same
-    or adjacent layers join the earlier layer (the decoder freeing a layer's input after the
-    next layer ran); then untagged entries between entries of the same or adjacent layers do
-    (a scalar op between two parameters' updates)."""
-    for flags, only_untagged in ((scoped, False), ([t is not None for t in tags], True)):
-        previous = None  # the last flagged entry
-        i = 0
-        while i < len(tags):
-            if flags[i]:
-                previous = i
-                i += 1
-                continue
-            j = i
-            while j < len(tags) and not flags[j]:
-                j += 1
-            if previous is not None and j < len(tags) and tags[previous] is not None and \
-                    tags[j] is not None and abs(tags[j] - tags[previous]) <= 1:
-                for k in range(i, j):
-                    if not only_untagged or tags[k] is None:
-                        tags[k] = tags[previous]
-            i = j
+    """Entries outside every layer's scope that fall between two adjacent layers' entries join
+    the earlier layer (the decoder freeing a layer's input after the next layer ran)."""
+    previous = None  # the last entry inside a layer's scope
+    i = 0
+    while i < len(tags):
+        if scoped[i]:
+            previous = i
+            i += 1
+            continue
+        j = i
+        while j < len(tags) and not scoped[j]:
+            j += 1
+        if previous is not None and j < len(tags) and abs(tags[j] - tags[previous]) == 1:
+            for k in range(i, j):
+                tags[k] = tags[previous]
+        i = j
 
 
 def _references(journal: list, rec: Recording) -> dict[int, int]:
@@ -449,7 +444,8 @@ def _check_alike(journal, tags, refs, positions, by_layer, rec: Recording,
     for index, alloc in refs.items():
         if tags[index] is not None and tags[alloc] is not None and \
                 abs(tags[alloc] - tags[index]) > 1:
-            raise NotReplicable("a free reaches beyond the next layer")
+            raise NotReplicable(f"a free reaches beyond the next layer ({journal[index]} of "
+                                f"{journal[alloc]})")
     middle = by_layer[MIDDLE]
     shapes = [shape(i) for i in middle]
     references = [reference(i) for i in middle]
@@ -457,13 +453,14 @@ def _check_alike(journal, tags, refs, positions, by_layer, rec: Recording,
         entries = by_layer[layer]
         if [shape(i) for i in entries] != shapes:
             raise NotReplicable(f"layer {layer} does not do what layer {MIDDLE} does")
-        for mine, theirs in zip(references, (reference(i) for i in entries)):
+        for k, (mine, theirs) in enumerate(zip(references, (reference(i) for i in entries))):
             if mine == theirs:
                 continue
             if mine is None or theirs is None or mine[0] != theirs[0] or \
                     mine[0] == "untagged" or mine[2] != theirs[2] or \
                     (mine[1] is not None and theirs[1] is not None):
-                raise NotReplicable(f"layer {layer} frees unlike layer {MIDDLE}")
+                raise NotReplicable(f"layer {layer} frees unlike layer {MIDDLE} ({mine} "
+                                    f"{theirs} {journal[middle[k]]} {journal[entries[k]]})")
 
 
 def _directions(tags) -> dict[int, bool]:
