@@ -20,7 +20,8 @@ touches (a parameter, its gradient, its optimizer state, a temporary made from t
 free, of the allocation it frees. A foreach op spans layers: it stays once, its list arguments'
 shapes and bytes are extended, and each output is tagged by its position in the lists.
 Entries outside every layer between two adjacent layers' (a layer's input freed by the decoder
-after the next layer ran) belong to the earlier one. Runs of MIDDLE's entries are
+after the next layer ran) belong to the earlier one, and so do the frees of the last layer's
+input right after it. Runs of MIDDLE's entries are
 repeated ascending where layers ascend around them (forward, parameter lists) and descending
 where they descend (backward, a list freed from its end).
 
@@ -204,7 +205,8 @@ def replicate(rec: Recording, prefix: str, n_layers: int) -> Recording:
     layers, plan = _Layers(prefix), _Plan(n_layers)
     journal = rec.journal
     tags, spans = _tag(journal, rec, layers)
-    _assign_glue(tags, [layers.of(_scope(entry)) is not None for entry in journal])
+    _assign_glue(tags, [layers.of(_scope(entry)) is not None for entry in journal],
+                 [entry[0] == "f" for entry in journal])
     refs = _references(journal, rec)
     positions, by_layer = _positions(tags)
     _check_alike(journal, tags, refs, positions, by_layer, rec, layers)
@@ -359,9 +361,11 @@ def _scope(entry) -> str:
     return entry[1] if entry[0] == "d" else entry[2]
 
 
-def _assign_glue(tags: list[int | None], scoped: list[bool]) -> None:
+def _assign_glue(tags: list[int | None], scoped: list[bool], frees: list[bool]) -> None:
     """Entries outside every layer's scope that fall between two adjacent layers' entries join
-    the earlier layer (the decoder freeing a layer's input after the next layer ran)."""
+    the earlier layer (the decoder freeing a layer's input after the next layer ran); after the
+    last layer of a pass, the frees right after it of its own or its predecessor's
+    allocations do (the last layer's input, freed once it ran)."""
     previous = None  # the last entry inside a layer's scope
     i = 0
     while i < len(tags):
@@ -372,9 +376,16 @@ def _assign_glue(tags: list[int | None], scoped: list[bool]) -> None:
         j = i
         while j < len(tags) and not scoped[j]:
             j += 1
-        if previous is not None and j < len(tags) and abs(tags[j] - tags[previous]) == 1:
-            for k in range(i, j):
-                tags[k] = tags[previous]
+        if previous is not None:
+            layer = tags[previous]
+            if j < len(tags) and abs(tags[j] - layer) == 1:
+                for k in range(i, j):
+                    tags[k] = layer
+            else:
+                for k in range(i, j):
+                    if not frees[k] or tags[k] not in (layer - 1, layer):
+                        break
+                    tags[k] = layer
         i = j
 
 
