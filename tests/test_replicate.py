@@ -54,8 +54,8 @@ def test_replicated_step_equals_the_full_depth_simulation(method):
     assert not layers.str.contains(r"layers\.7\.").any()
 
 
-@pytest.mark.parametrize("recipe", [dict(grad_ckpt=True), dict(amp=True)])
-def test_replication_is_exact_under_checkpointing_and_amp(recipe):
+@pytest.mark.parametrize("recipe", [dict(grad_ckpt=True), dict(amp=True), dict(grad_accum=2)])
+def test_replication_is_exact_under_checkpointing_amp_and_accumulation(recipe):
     full, replicated, simulator = both("lora", **recipe)
     assert simulator.full_depth_reason is None
     assert_same(full, replicated)
@@ -72,6 +72,12 @@ def test_layers_of_several_types_are_simulated_at_full_depth():
     assert simulator.depth == 7 and simulator.full_depth_reason
     result = simulator.step(32, 1)
     assert result.layers["module"].str.contains(r"layers\.6\.").any()
+
+
+def test_gradient_clipping_falls_back_to_full_depth_and_stays_exact():
+    full, replicated, simulator = both("lora", max_grad_norm=1.0)
+    assert simulator.depth == 7 and "depends on depth" in simulator.full_depth_reason
+    assert_same(full, replicated)
 
 
 def test_a_shallow_model_is_not_replicated():
