@@ -455,8 +455,8 @@ def _check_alike(journal, tags, refs, positions, by_layer, rec: Recording,
     for index, alloc in refs.items():
         if tags[index] is not None and tags[alloc] is not None and \
                 abs(tags[alloc] - tags[index]) > 1:
-            raise NotReplicable(f"a free reaches beyond the next layer ({journal[index]} of "
-                                f"{journal[alloc]})")
+            raise NotReplicable(f"a free in {_scope(journal[index])} reaches beyond the next "
+                                f"layer")
     middle = by_layer[MIDDLE]
     shapes = [shape(i) for i in middle]
     references = [reference(i) for i in middle]
@@ -464,14 +464,14 @@ def _check_alike(journal, tags, refs, positions, by_layer, rec: Recording,
         entries = by_layer[layer]
         if [shape(i) for i in entries] != shapes:
             raise NotReplicable(f"layer {layer} does not do what layer {MIDDLE} does")
-        for k, (mine, theirs) in enumerate(zip(references, (reference(i) for i in entries))):
+        for k, (mine, theirs) in enumerate(zip(references, (reference(i) for i in entries))):  # noqa: B007
             if mine == theirs:
                 continue
             if mine is None or theirs is None or mine[0] != theirs[0] or \
                     mine[0] == "untagged" or mine[2] != theirs[2] or \
                     (mine[1] is not None and theirs[1] is not None):
-                raise NotReplicable(f"layer {layer} frees unlike layer {MIDDLE} ({mine} "
-                                    f"{theirs} {journal[middle[k]]} {journal[entries[k]]})")
+                raise NotReplicable(f"layer {layer} frees unlike layer {MIDDLE} (in "
+                                    f"{_scope(journal[entries[k]])})")
 
 
 def _directions(tags) -> dict[int, bool]:
