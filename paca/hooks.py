@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 # Layers with an `_after_optimizer_step(stepped_ids)` method, in the order they subscribed (a
 # weak-keyed dict keeps insertion order; a WeakSet iterates in address order, which would make
 # the order of the column writes differ from run to run and from layer to layer).
-_SUBSCRIBERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SUBSCRIBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def subscribe(layer) -> None:

@@ -65,7 +65,6 @@ Bracket closed by fitted jumps), _confirm_all, the curve, and write_trace.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable

@@ -7,7 +7,6 @@ import math
 
 import pandas as pd
 import pytest
-
 from conftest import run_spec as RunSpec
 
 from paca_prof.engines import replicate
@@ -15,9 +14,9 @@ from paca_prof.engines.simulate import Simulator
 from paca_prof.gpus import gpu_spec
 from paca_prof.methods import DEFAULT_METHODS
 
-SEVEN = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=96,
-             num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=512)
+SEVEN = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+         "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 512}
 
 
 def both(method: str, config=SEVEN, **recipe):
@@ -54,7 +53,7 @@ def test_replicated_step_equals_the_full_depth_simulation(method):
     assert not layers.str.contains(r"layers\.7\.").any()
 
 
-@pytest.mark.parametrize("recipe", [dict(grad_ckpt=True), dict(amp=True), dict(grad_accum=2)])
+@pytest.mark.parametrize("recipe", [{"grad_ckpt": True}, {"amp": True}, {"grad_accum": 2}])
 def test_replication_is_exact_under_checkpointing_amp_and_accumulation(recipe):
     full, replicated, simulator = both("lora", **recipe)
     assert simulator.full_depth_reason is None
@@ -63,8 +62,8 @@ def test_replication_is_exact_under_checkpointing_amp_and_accumulation(recipe):
 
 def test_layers_of_several_types_are_simulated_at_full_depth():
     # qwen3 with a sliding window on its first layers only: layer_types mixes two kinds
-    config = dict(SEVEN, model_type="qwen3", head_dim=16, use_sliding_window=True,
-                  sliding_window=16, max_window_layers=3)
+    config = {**SEVEN, "model_type": "qwen3", "head_dim": 16, "use_sliding_window": True,
+              "sliding_window": 16, "max_window_layers": 3}
     spec = RunSpec(model=config, seq=32, batch=1, dtype="bf16", device="meta",
                    methods=("lora",), attention="eager")
     assert replicate.refusal(spec.config) is not None

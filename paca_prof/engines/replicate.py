@@ -302,7 +302,7 @@ def _tag(journal: list, rec: Recording, layers: _Layers
     for index, entry in enumerate(journal):
         kind = entry[0]
         if kind == "d":
-            _, scope, op, in_keys, out_keys, lists, nbytes, out_list, outputs = entry
+            _, scope, op, in_keys, out_keys, _, nbytes, _, outputs = entry
             tag = layers.of(scope)
             out_tags = dict.fromkeys(out_keys)
             if tag is None:
@@ -464,7 +464,7 @@ def _check_alike(journal, tags, refs, positions, by_layer, rec: Recording,
         entries = by_layer[layer]
         if [shape(i) for i in entries] != shapes:
             raise NotReplicable(f"layer {layer} does not do what layer {MIDDLE} does")
-        for k, (mine, theirs) in enumerate(zip(references, (reference(i) for i in entries))):  # noqa: B007
+        for k, (mine, theirs) in enumerate(zip(references, (reference(i) for i in entries))):
             if mine == theirs:
                 continue
             if mine is None or theirs is None or mine[0] != theirs[0] or \

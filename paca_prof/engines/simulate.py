@@ -28,17 +28,22 @@ from torch.utils._pytree import tree_flatten
 from paca_prof import methods
 from paca_prof.capture import Capture
 from paca_prof.engines import project
+from paca_prof.engines import replicate as replication
 from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import prepare
 from paca_prof.flops import op_flops
 from paca_prof.gpus import GpuSpec
 from paca_prof.ledger import SavedTensorLedger, storage_key
-from paca_prof.engines import replicate as replication
-from paca_prof.memory import (MEMORY_CATEGORIES, MemoryEvent, memory_timeline, paged_storages,
-                              static_storages)
-from paca_prof.reserved import ReservedMemory, allocator_config, replay_step
+from paca_prof.memory import (
+    MEMORY_CATEGORIES,
+    MemoryEvent,
+    memory_timeline,
+    paged_storages,
+    static_storages,
+)
 from paca_prof.modules import ancestors, is_logits_owner
 from paca_prof.ops import counts_as_op
+from paca_prof.reserved import ReservedMemory, allocator_config, replay_step
 from paca_prof.results import MethodResult, summary_row
 from paca_prof.spec import RunSpec
 
