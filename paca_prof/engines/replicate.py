@@ -50,8 +50,6 @@ SHALLOW_DEPTH = 5
 MIDDLE = 2  # the layer repeated: its neighbours 1 and 3 are middle layers too
 _ALIKE = {MIDDLE - 1, MIDDLE, MIDDLE + 1}  # checked alike on every step
 
-# config attributes that make some layers unlike the others (and the values that do not)
-_DENSE_LAYER_KEYS = ("mlp_only_layers", "first_k_dense_replace", "moe_layer_freq")
 
 
 class NotReplicable(Exception):
@@ -81,10 +79,13 @@ def refusal(config) -> str | None:
     if getattr(config, "use_sliding_window", False) and \
             getattr(config, "max_window_layers", n_layers) < n_layers:
         return "sliding window on some layers only (max_window_layers)"
-    for key in _DENSE_LAYER_KEYS:
-        value = getattr(config, key, None)
-        if value not in (None, 0, [], 1) or (key == "moe_layer_freq" and value not in (None, 1)):
-            return f"dense and sparse layers ({key})"
+    # dense layers among sparse ones; a dense layer 0 alone is fine (layer 0 is never repeated)
+    if getattr(config, "mlp_only_layers", None):
+        return "dense and sparse layers (mlp_only_layers)"
+    if (getattr(config, "first_k_dense_replace", 0) or 0) > 1:
+        return "dense and sparse layers (first_k_dense_replace)"
+    if getattr(config, "moe_layer_freq", None) not in (None, 1):
+        return "dense and sparse layers (moe_layer_freq)"
     if (getattr(config, "decoder_sparse_step", 1) or 1) > 1:
         return "dense and sparse layers (decoder_sparse_step)"
     return None
