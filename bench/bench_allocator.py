@@ -33,18 +33,17 @@ TARGET_S = 2.0
 def recorded_events(model: str, seq: int, method: str) -> list[tuple[int, int]]:
     """(storage key, +bytes | -bytes) of one simulated step, static storages first."""
     from paca_prof.engines.simulate import Simulator
-    from paca_prof.memory import static_storages
     from paca_prof.recipe import Recipe
     from paca_prof.spec import RunSpec
 
     # bf16 with flash attention, as `paca-prof run` simulates a GPU by default
     spec = RunSpec(model=model, seq=seq, device="meta", recipe=Recipe(attention="flash"),
                    methods=(method,))
-    simulator = Simulator(spec, method)
-    static = [(key, nbytes) for key, nbytes, _ in static_storages(simulator.run.model,
-                                                                  simulator.run.optimizer)]
-    result = simulator.step(seq, 1)
-    return static + [(e.key, e.nbytes) for e in result.memory_events]
+    # the full-depth step (replicated from a shallow model: engines/replicate.py), whose static
+    # storages and events share one key space
+    recording = Simulator(spec, method).record(seq, 1)
+    static = [(key, nbytes) for key, nbytes, _, _ in recording.static]
+    return static + [(e.key, e.nbytes) for e in recording.events]
 
 
 def synthetic_events(count: int, seed: int = 0) -> list[tuple[int, int]]:

@@ -18,14 +18,17 @@ import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-# Layers with an `_after_optimizer_step(stepped_ids)` method.
-_SUBSCRIBERS: "weakref.WeakSet" = weakref.WeakSet()
+# Layers with an `_after_optimizer_step(stepped_ids)` method, in the order they subscribed (a
+# weak-keyed dict keeps insertion order; a WeakSet iterates in address order, which would make
+# the order of the column writes differ from run to run and from layer to layer).
+_SUBSCRIBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def subscribe(layer) -> None:
     """Call layer._after_optimizer_step({id of each parameter the optimizer holds}) after every
-    torch.optim step, for as long as the layer lives."""
-    _SUBSCRIBERS.add(layer)
+    torch.optim step, for as long as the layer lives, layers in the order they subscribed (a
+    model's in module order)."""
+    _SUBSCRIBERS[layer] = None
 
 
 def _after_step(optimizer, args, kwargs) -> None:

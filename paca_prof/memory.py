@@ -100,33 +100,39 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     return Timeline(rows, peak, breakdown)
 
 
-def static_storages(model, optimizer, by_address: bool = False) -> list[tuple[int, int, str]]:
+def static_storages(model, optimizer, by_address: bool = False,
+                    owners: bool = False) -> list[tuple]:
     """(key, bytes, category) of every storage alive before the step starts: frozen weights
     and buffers (with the quantization state of 4-bit weights: bitsandbytes keeps absmax, code
     and offset in the parameter's quant_state, outside the buffers), trainable parameters, and
     optimizer state (gradients are None after zero_grad(set_to_none=True)), each storage once
     (tied weights, views), in that order. The key is the storage's id (a simulation's event
     keys), or with `by_address` its data pointer (the profiler's allocation addresses). Paged
-    optimizer states live outside the allocator and are left out (paged_bytes)."""
+    optimizer states live outside the allocator and are left out (paged_bytes). With `owners`,
+    each tuple ends with the path of the parameter or buffer the storage belongs to (an
+    optimizer state's: its parameter's)."""
     seen: set[int] = set()
     found = []
 
-    def add(tensor, category: str) -> None:
+    def add(tensor, category: str, owner: str) -> None:
         storage = tensor.untyped_storage()
         if storage._cdata not in seen:
             seen.add(storage._cdata)
             key = storage.data_ptr() if by_address else storage._cdata
-            found.append((key, storage.nbytes(), category))
+            found.append((key, storage.nbytes(), category, owner) if owners else
+                         (key, storage.nbytes(), category))
 
-    for p in model.parameters():
-        add(p, "trainable" if p.requires_grad else "weights")
+    names = {}
+    for name, p in model.named_parameters():
+        names[id(p)] = name
+        add(p, "trainable" if p.requires_grad else "weights", name)
         for tensor in _quant_state_tensors(getattr(p, "quant_state", None)):
-            add(tensor, "weights")
-    for b in model.buffers():
-        add(b, "weights")
-    for value in _optimizer_tensors(optimizer):
+            add(tensor, "weights", name)
+    for name, b in model.named_buffers():
+        add(b, "weights", name)
+    for param, value in _optimizer_tensors(optimizer):
         if not getattr(value, "is_paged", False):
-            add(value, "optimizer")
+            add(value, "optimizer", names.get(id(param), ""))
     return found
 
 
@@ -138,25 +144,32 @@ def static_bytes(model, optimizer) -> dict[str, int]:
     return static
 
 
-def paged_bytes(optimizer) -> int:
-    """Bytes of the optimizer's paged states (bitsandbytes' paged optimizers mark them
-    is_paged): in CUDA unified memory, outside PyTorch's allocator."""
-    seen, total = set(), 0
-    for value in _optimizer_tensors(optimizer):
+def paged_storages(optimizer, names: dict[int, str] | None = None) -> list[tuple[str, int]]:
+    """(owner, bytes) of the optimizer's paged states (bitsandbytes' paged optimizers mark them
+    is_paged: in CUDA unified memory, outside PyTorch's allocator), each storage once; the
+    owner is the parameter's path in `names` (id(parameter) -> path), or ""."""
+    seen, found = set(), []
+    for param, value in _optimizer_tensors(optimizer):
         storage = value.untyped_storage()
         if getattr(value, "is_paged", False) and storage._cdata not in seen:
             seen.add(storage._cdata)
-            total += storage.nbytes()
-    return total
+            found.append(((names or {}).get(id(param), ""), storage.nbytes()))
+    return found
+
+
+def paged_bytes(optimizer) -> int:
+    """Bytes of the optimizer's paged states (paged_storages, summed)."""
+    return sum(nbytes for _, nbytes in paged_storages(optimizer))
 
 
 def _optimizer_tensors(optimizer):
+    """(parameter, tensor) of every tensor in the optimizer's state, in its order."""
     if optimizer is None:
         return
-    for state in optimizer.state.values():
+    for param, state in optimizer.state.items():
         for value in state.values():
             if hasattr(value, "untyped_storage"):
-                yield value
+                yield param, value
 
 
 def _quant_state_tensors(state):

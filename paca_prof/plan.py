@@ -39,7 +39,9 @@ quadratic with eager attention, affine in the batch always, per segment. Two pro
 answer is then bracketed by real probes, one grid step apart: max fits, max + step does not.
 The grid is `granularity` tokens (default 64) for sequences and 1 for batches. When the time
 budget allows, both ends are then simulated at full depth ("confirmed"); were they to disagree,
-the search continues at full depth.
+the search continues at full depth. A full-depth simulation of a model with alike layers costs
+about a 6-layer one: the simulator steps 5 layers and replicates the middle one to the full
+depth, exactly (engines/replicate.py).
 
 Curve. Peak bytes by category at ~10 sizes up to 1.25x the answer, per method: the probed sizes
 are simulations, the others are fitted per segment through the nearest probes (exact where the
@@ -63,7 +65,6 @@ Bracket closed by fitted jumps), _confirm_all, the curve, and write_trace.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -388,9 +389,15 @@ class _MethodModel:
         return point
 
     def full_depth_cost_s(self) -> float:
-        """Estimated seconds to build the full-depth model and simulate two steps on it."""
+        """Estimated seconds to build the full-depth model and simulate two steps on it: a
+        model of replicate.SHALLOW_DEPTH layers replicated to the full depth where its layers
+        are alike (engines/replicate.py), the whole depth otherwise."""
+        from paca_prof.engines import replicate
+
         last = self._sims[self.depths[-1]]
-        return (last.build_s + 2 * last.step_s) * self.n_layers / last.depth
+        depth = self.n_layers if replicate.refusal(self.spec.config) else \
+            replicate.SHALLOW_DEPTH + 1  # + 1: the replication itself, about a layer's cost
+        return (last.build_s + 2 * last.step_s) * depth / last.depth
 
 
 class _DepthSimulator:
@@ -485,14 +492,10 @@ def _extrapolate(low: Point, high: Point, depth: int) -> Point:
 
 
 def _at_depth(spec, depth: int):
-    """A copy of `spec` whose model has `depth` decoder layers (a deep-copied config)."""
-    config = copy.deepcopy(spec.config)
-    config.num_hidden_layers = depth
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:depth]
-    truncated = copy.copy(spec)
-    truncated.config = config
-    return truncated
+    """A copy of `spec` whose model has `depth` decoder layers (engines/replicate.at_depth)."""
+    from paca_prof.engines.replicate import at_depth
+
+    return at_depth(spec, depth)
 
 
 def _depths(config) -> tuple[int, ...]:

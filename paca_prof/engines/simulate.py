@@ -34,16 +34,22 @@ from torch.utils._pytree import tree_flatten
 from paca_prof import methods
 from paca_prof.capture import Capture
 from paca_prof.engines import project
+from paca_prof.engines import replicate as replication
 from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import prepare
 from paca_prof.flops import op_flops
 from paca_prof.gpus import GpuSpec
 from paca_prof.ledger import SavedTensorLedger, storage_key
-from paca_prof.memory import (MemoryEvent, memory_timeline, paged_bytes, static_bytes,
-                              static_storages)
-from paca_prof.reserved import ReservedMemory, allocator_config, replay_step
+from paca_prof.memory import (
+    MEMORY_CATEGORIES,
+    MemoryEvent,
+    memory_timeline,
+    paged_storages,
+    static_storages,
+)
 from paca_prof.modules import ancestors, is_logits_owner
 from paca_prof.ops import counts_as_op
+from paca_prof.reserved import ReservedMemory, allocator_config, replay_step
 from paca_prof.results import MethodResult, summary_row
 from paca_prof.spec import RunSpec
 
@@ -63,6 +69,9 @@ class OpRecorder(TorchDispatchMode):
     r: int
     ops: list[dict] = field(default_factory=list)
     events: list[MemoryEvent] = field(default_factory=list)
+    # with a list here, every dispatch, allocation and free is journalled, in order, for depth
+    # replication (engines/replicate.py)
+    journal: list | None = None
     _live: dict[int, weakref.ref] = field(default_factory=dict)
     tick: int = 0  # ops dispatched so far: the time of memory events
 
@@ -72,7 +81,7 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _LOCAL_SCALAR and args[0].is_meta:
-            return meta_scalar(args[0])
+            return meta_scalar(args[0])  # no op, no tick: what a device would not dispatch
         out = meta_grouped_mm(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
@@ -81,11 +90,17 @@ class OpRecorder(TorchDispatchMode):
         module = self.capture.current
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        input_storages = {storage_key(t) for t in inputs}
-        for tensor in outputs:  # an output sharing an input's storage is a view or in place
-            if storage_key(tensor) not in input_storages:
-                self._track(tensor, phase, module)
-        if counts_as_op(name) and phase != "idle":
+        input_keys = [storage_key(t) for t in inputs]
+        input_storages = set(input_keys)
+        made = [t for t in outputs if storage_key(t) not in input_storages]  # else a view
+        counted = counts_as_op(name) and phase != "idle"
+        if self.journal is not None:
+            self.journal.append(_dispatch_entry(module, len(self.ops) if counted else -1,
+                                                inputs, input_keys, made, outputs, out,
+                                                args, kwargs))
+        for tensor in made:  # an output sharing an input's storage is a view or in place
+            self._track(tensor, phase, module)
+        if counted:
             self.ops.append({
                 "method": self.method.name, "module": module, "phase": phase, "name": name,
                 "shapes": json.dumps([list(t.shape) for t in inputs]),
@@ -106,14 +121,31 @@ class OpRecorder(TorchDispatchMode):
             return
         nbytes = storage.nbytes()
         self._live[key] = weakref.ref(storage, lambda _, key=key, n=nbytes: self._free(key, n))
+        if self.journal is not None:
+            self.journal.append(("a", len(self.events), module))
         self.events.append(MemoryEvent(
             t=float(self.tick), key=key, nbytes=nbytes, phase=_phase_or_none(phase),
             logits_scope=is_logits_owner(module)))
 
     def _free(self, key: int, nbytes: int) -> None:
         if self._live.pop(key, None) is not None:
+            if self.journal is not None:
+                self.journal.append(("f", len(self.events), self.capture.current))
             self.events.append(MemoryEvent(t=float(self.tick), key=key, nbytes=-nbytes,
                                            phase=_phase_or_none(self.capture.phase)))
+
+
+def _dispatch_entry(module, op, inputs, input_keys, made, outputs, out, args, kwargs) -> tuple:
+    """A journal entry of one dispatch: ("d", scope, op index or -1, input storage keys, keys of
+    the storages it made (in output order, each once), the keys of each list argument, (bytes
+    of each input, of each output), whether the output is a list, each output's storage key)
+    (see replicate.py)."""
+    made_keys = tuple(dict.fromkeys(storage_key(t) for t in made))
+    lists = tuple(tuple(storage_key(t) for t in a) for a in (*args, *kwargs.values())
+                  if isinstance(a, list | tuple) and a and isinstance(a[0], torch.Tensor))
+    return ("d", module, op, tuple(input_keys), made_keys, lists,
+            (tuple(_nbytes(t) for t in inputs), tuple(_nbytes(t) for t in outputs)),
+            isinstance(out, list | tuple), tuple(storage_key(t) for t in outputs))
 
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
@@ -179,11 +211,36 @@ class Simulator:
 
     Building and preparing (PEFT's injection above all) costs more than a simulated step, so
     callers that probe many shapes (the capacity planner) keep one Simulator per method.
+
+    A model of more than replicate.SHALLOW_DEPTH identical decoder layers is simulated at that
+    depth and its step replicated to the full depth, exactly (engines/replicate.py); where
+    replication is refused (`full_depth_reason` says why), the whole depth is simulated.
+    `replicate=False` simulates the whole depth always.
     """
 
-    def __init__(self, spec: RunSpec, method: str):
+    def __init__(self, spec: RunSpec, method: str, replicate: bool = True):
         self.spec, self.method = spec, methods.get(method)
-        self.run = prepare(spec, method, "meta")
+        self.n_layers = spec.config.num_hidden_layers
+        self.full_depth_reason = (replication.refusal(spec.config) if replicate
+                                  else "replication off")
+        self.prefix = None
+        if self.full_depth_reason is None:
+            self._prepare(replication.at_depth(spec, replication.SHALLOW_DEPTH))
+            try:
+                self.prefix = replication.layer_prefix(self.run.model.named_modules(),
+                                                       replication.SHALLOW_DEPTH)
+            except replication.NotReplicable as error:
+                self._full_depth(str(error))
+        else:
+            self._prepare(spec)
+
+    @property
+    def depth(self) -> int:
+        """The depth this simulator steps a model at (the full depth, or SHALLOW_DEPTH)."""
+        return self.n_layers if self.full_depth_reason else replication.SHALLOW_DEPTH
+
+    def _prepare(self, spec: RunSpec) -> None:
+        self.run = prepare(spec, self.method.name, "meta")
         optimizer = self.run.optimizer
         if optimizer is not None:  # let the optimizer create its state, as after any first step
             for param in methods.registry.trainable_parameters(self.run.model):
@@ -191,18 +248,37 @@ class Simulator:
             with MetaScalars():
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        self.trainable = self.run.trainable_params
         self.wrappers = self.method.wrapper_paths(self.run.model)
+
+    def _full_depth(self, reason: str) -> None:
+        self.full_depth_reason = reason
+        self._prepare(self.spec)
 
     def step(self, seq: int, batch: int, gpu: GpuSpec | None = None,
              budget=None) -> MethodResult:
         """Simulate one training step on a batch x seq input. With `gpu`, times are projected
         onto it (engines/project.py); without, every time column is NaN. A peak above
         `budget` (a budget.Budget) gives status oom. The result's `memory_events` are the
-        step's events."""
+        step's events (at full depth, with fresh storage keys where replicated)."""
+        recording = self.record(seq, batch)
+        return self._result(recording, gpu, budget)
+
+    def record(self, seq: int, batch: int) -> replication.Recording:
+        """The step's Recording at the model's full depth (replicated where it can be)."""
+        rng = torch.get_rng_state()  # a method that draws (PaCA's columns) draws alike again
+        while True:
+            recording = self._record(seq, batch, journal=not self.full_depth_reason)
+            if self.full_depth_reason:
+                return recording
+            try:
+                return replication.replicate(recording, self.prefix, self.n_layers)
+            except replication.NotReplicable as error:
+                self._full_depth(str(error))
+                torch.set_rng_state(rng)
+
+    def _record(self, seq: int, batch: int, journal: bool) -> replication.Recording:
         run = self.run
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
-        static = static_bytes(run.model, run.optimizer)
         gradients: list[tuple[int, float]] = []
         forwards: list[tuple[int, int, dict[int, str]]] = []  # (start, end, saved keys) each
         forward_start = [0]
@@ -220,38 +296,54 @@ class Simulator:
 
         with run.capture() as capture, SavedTensorLedger(capture) as ledger:
             capture.on_phase(start=phase_start, end=phase_end)
-            recorder = OpRecorder(capture, self.method, self.wrappers, self.spec.settings.r)
+            recorder = OpRecorder(capture, self.method, self.wrappers, self.spec.settings.r,
+                                  journal=[] if journal else None)
             with recorder:
                 run.step(ids)
             paths = capture.paths
-        timeline = memory_timeline(recorder.events, static, {}, gradients,
-                                   saved_events=_saved_events(recorder.events, forwards))
-        ops = pd.DataFrame(recorder.ops)
+        names = {id(p): name for name, p in run.model.named_parameters()}
+        return replication.Recording(
+            ops=recorder.ops, events=recorder.events,
+            saved_events=_saved_events(recorder.events, forwards), gradients=gradients,
+            by_module=ledger.by_module, kinds=module_kinds(paths),
+            containers=container_paths(paths),
+            static=static_storages(run.model, run.optimizer, owners=True),
+            trainable=[(name, p.numel()) for name, p in run.model.named_parameters()
+                       if p.requires_grad],
+            paged=paged_storages(run.optimizer, names), journal=recorder.journal or [])
+
+    def _result(self, rec: replication.Recording, gpu: GpuSpec | None,
+                budget) -> MethodResult:
+        static = {c: 0 for c in MEMORY_CATEGORIES}
+        for _, nbytes, category, _ in rec.static:
+            static[category] += nbytes
+        timeline = memory_timeline(rec.events, static, {}, rec.gradients,
+                                   saved_events=rec.saved_events)
+        ops = pd.DataFrame(rec.ops)
         latencies, times = {}, {}
         if gpu is not None:
             ops = project.project_ops(ops, gpu)
             latencies = project.module_latencies_ms(ops, ancestors)
             times = project.phase_times_ms(ops)
-        layers = layer_table(self.method.name, module_kinds(paths), latencies, ops,
-                             ledger.by_module, container_paths(paths))
-        reserved = self._reserved(recorder.events, budget)
-        paged = paged_bytes(run.optimizer)
+        layers = layer_table(self.method.name, rec.kinds, latencies, ops, rec.by_module,
+                             rec.containers)
+        reserved = self._reserved([s[:3] for s in rec.static], rec.events, budget)
+        paged = sum(nbytes for _, nbytes in rec.paged)
         summary = summary_row(
             self.method.name, "oom" if reserved.oom else "ok", times_ms=times,
             peak_breakdown=timeline.breakdown, n_kernels=len(ops),
-            activation_bytes=ledger.total_bytes, trainable_params=self.trainable,
+            activation_bytes=sum(rec.by_module.values()),
+            trainable_params=sum(n for _, n in rec.trainable),
             allocator_peak_bytes=reserved.allocated_bytes,
             reserved_bytes=reserved.reserved_bytes,
             **({"paged_bytes": paged} if paged else {}))
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
-        return MethodResult(summary, layers, ops, memory, memory_events=recorder.events,
+        return MethodResult(summary, layers, ops, memory, memory_events=rec.events,
                             start_bytes=static)
 
-
-    def _reserved(self, events: list[MemoryEvent], budget) -> ReservedMemory:
+    def _reserved(self, static: list, events: list[MemoryEvent], budget) -> ReservedMemory:
         """The step replayed through the caching-allocator model (reserved.py); out of memory
         when it cannot be served within `budget`, then what it would reserve without one."""
-        static = static_storages(self.run.model, self.run.optimizer)
         allocator = self.spec.recipe.allocator
         if budget is not None:
             bounded = replay_step(static, events, allocator_config(allocator,
