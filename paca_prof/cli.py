@@ -150,6 +150,38 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
                             "(fp32 embeddings, norms and head); its checkpointing is --grad-ckpt")
 
 
+def _add_distributed(parser: argparse.ArgumentParser, measured: bool) -> None:
+    """FSDP2's flags (distributed.py), the same in `run` and `plan`."""
+    from paca_prof.distributed import INTERCONNECTS
+
+    group = parser.add_argument_group("distributed (FSDP2; every rank runs --batch sequences)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="FSDP2 fully_shard per decoder layer and at the root"
+                            + (": measured under torchrun --nproc-per-node N (gloo on cpu, "
+                               "nccl on cuda), simulated per rank with --device meta"
+                               if measured else ""))
+    group.add_argument("--world-size", type=_positive_int, default=None,
+                       help="ranks the model is sharded over"
+                            + (" (simulated runs; a measured run takes torchrun's, and a value "
+                               "given must match it)" if measured else " (default 1)"))
+    group.add_argument("--no-reshard-after-forward", dest="reshard_after_forward",
+                       action="store_false",
+                       help="keep each layer's gathered parameters from forward to backward "
+                            "(FSDP2's reshard_after_forward=False)")
+    group.add_argument("--interconnect", choices=tuple(INTERCONNECTS), default=None,
+                       help="projected communication over this link: "
+                            + "; ".join(f"{k}: {v['what']}" for k, v in INTERCONNECTS.items())
+                            + " (default: the GPU's own, from the GPU table)")
+
+
+def _distributed(args, device: str):
+    """The Distributed of the flags (ValueError for a bad combination or launch)."""
+    from paca_prof.distributed import for_run
+
+    return for_run(device, args.fsdp, args.world_size, args.reshard_after_forward,
+                   args.interconnect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING
 
@@ -195,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "methods keep the settings below")
     _add_method_settings(run)
     _add_recipe(run)
+    _add_distributed(run, measured=True)
     run.set_defaults(handler=_cmd_run)
 
     compare = sub.add_parser("compare", help="where a measured run and the simulation of the "
@@ -272,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write the plan as a trace folder (capacity sweep) for analyze/dash")
     _add_method_settings(plan)
     _add_recipe(plan)
+    _add_distributed(plan, measured=False)
     plan.set_defaults(handler=_cmd_plan)
     return parser
 
@@ -323,7 +357,8 @@ def _cmd_run(args) -> int:
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
                        device=device, methods=methods, settings=_settings(args),
                        recipe=_recipe(args, methods, dtype), steps=args.steps,
-                       warmup=args.warmup, seed=args.seed, peft_config=peft_config)
+                       warmup=args.warmup, seed=args.seed, peft_config=peft_config,
+                       distributed=_distributed(args, device))
     except ValueError as error:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
@@ -335,6 +370,8 @@ def _cmd_run(args) -> int:
         raise UsageError(str(error)) from None
     finally:
         bar.close()
+    if path is None:  # a distributed run's other ranks: rank 0 writes and prints
+        return 0
     analysis = TraceAnalysis(path)
     if args.json:
         rows = analysis.trace.summary.set_index("method")

@@ -100,11 +100,31 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     return Timeline(rows, peak, breakdown)
 
 
-def static_storages(model, optimizer, by_address: bool = False) -> list[tuple[int, int, str]]:
+def with_missed_frees(events: list[MemoryEvent]) -> list[MemoryEvent]:
+    """The events with a free added before each allocation at a key still live: a measured step's profiler misses frees made on threads it
+    does not follow (gloo's workers free some of what a collective allocated), and an address
+    allocated again was free by then. The free is put at the new allocation's time, the latest
+    it can have been."""
+    sizes: dict[int, int] = {}
+    fixed = []
+    for e in events:
+        if e.nbytes > 0:
+            if e.key in sizes:
+                fixed.append(MemoryEvent(e.t, e.key, -sizes[e.key], e.phase))
+            sizes[e.key] = e.nbytes
+        else:
+            sizes.pop(e.key, None)
+        fixed.append(e)
+    return fixed
+
+
+def static_storages(model, optimizer, by_address: bool = False,
+                    parameters=None) -> list[tuple[int, int, str]]:
     """(key, bytes, category) of every storage alive before the step starts: frozen weights
     and buffers (with the quantization state of 4-bit weights: bitsandbytes keeps absmax, code
     and offset in the parameter's quant_state, outside the buffers), trainable parameters, and
     optimizer state (gradients are None after zero_grad(set_to_none=True)), each storage once
+    (a DTensor's: its local shard's, with FSDP2's padding)
     (tied weights, views), in that order. The key is the storage's id (a simulation's event
     keys), or with `by_address` its data pointer (the profiler's allocation addresses). Paged
     optimizer states live outside the allocator and are left out (paged_bytes)."""
@@ -112,13 +132,13 @@ def static_storages(model, optimizer, by_address: bool = False) -> list[tuple[in
     found = []
 
     def add(tensor, category: str) -> None:
-        storage = tensor.untyped_storage()
+        storage = local(tensor).untyped_storage()
         if storage._cdata not in seen:
             seen.add(storage._cdata)
             key = storage.data_ptr() if by_address else storage._cdata
             found.append((key, storage.nbytes(), category))
 
-    for p in model.parameters():
+    for p in model.parameters() if parameters is None else parameters:
         add(p, "trainable" if p.requires_grad else "weights")
         for tensor in _quant_state_tensors(getattr(p, "quant_state", None)):
             add(tensor, "weights")
@@ -130,10 +150,15 @@ def static_storages(model, optimizer, by_address: bool = False) -> list[tuple[in
     return found
 
 
-def static_bytes(model, optimizer) -> dict[str, int]:
+def local(tensor):
+    """A DTensor's local shard (what an FSDP2 rank holds), or the tensor itself."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+def static_bytes(model, optimizer, parameters=None) -> dict[str, int]:
     """Bytes per category alive before the step starts (static_storages, summed)."""
     static = {c: 0 for c in MEMORY_CATEGORIES}
-    for _, nbytes, category in static_storages(model, optimizer):
+    for _, nbytes, category in static_storages(model, optimizer, parameters=parameters):
         static[category] += nbytes
     return static
 
@@ -143,7 +168,7 @@ def paged_bytes(optimizer) -> int:
     is_paged): in CUDA unified memory, outside PyTorch's allocator."""
     seen, total = set(), 0
     for value in _optimizer_tensors(optimizer):
-        storage = value.untyped_storage()
+        storage = local(value).untyped_storage()
         if getattr(value, "is_paged", False) and storage._cdata not in seen:
             seen.add(storage._cdata)
             total += storage.nbytes()

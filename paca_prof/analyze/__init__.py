@@ -18,9 +18,31 @@ class TraceAnalysis:
     to every method in the trace; naming one the trace lacks raises ValueError.
     """
 
-    def __init__(self, source: str | Path | trace_io.Trace):
-        self.trace = source if isinstance(source, trace_io.Trace) else trace_io.load(source)
+    def __init__(self, source: str | Path | trace_io.Trace, rank: int = 0):
+        """`rank`: the rank whose rows every analysis reads (a distributed trace holds every
+        rank's; rank_peaks compares them). ValueError for a rank the trace lacks."""
+        loaded = source if isinstance(source, trace_io.Trace) else trace_io.load(source)
+        self.all_ranks = loaded
+        self.rank = rank
+        self.trace = loaded.for_rank(rank)
         self._memo: dict = {}  # navigation lists, computed once: the trace never changes
+
+    @property
+    def ranks(self) -> list[int]:
+        """The ranks the trace holds ([0] for a single-process run)."""
+        return self.all_ranks.ranks
+
+    def rank_peaks(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """One row per (method, rank): status, peak_bytes and its breakdown, activation_bytes,
+        reserved_bytes; the trace's bytes source (measured or simulated) for every rank."""
+        methods = self.check_methods(methods)
+        summary = self.all_ranks.summary
+        columns = ["method", "rank", "status", "peak_bytes", "activation_bytes",
+                   "reserved_bytes", *trace_io.PEAK_COLUMNS]
+        rows = summary[summary["method"].isin(methods)][columns]
+        return rows.sort_values(["method", "rank"], key=lambda c: c.map(
+            {m: i for i, m in enumerate(methods)}) if c.name == "method" else c
+        ).reset_index(drop=True)
 
     def _once(self, key: str, compute):
         if key not in self._memo:
