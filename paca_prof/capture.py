@@ -126,8 +126,10 @@ class Capture:
         gc.disable()
         for module, path in self.paths.items():
             # with_kwargs: transformers passes tensors by keyword (self_attn(hidden_states=...))
-            self._handles.append(
-                module.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
+            # prepend: before any hook already there (FSDP2's all-gather of the module's
+            # parameters is then inside its scope, and the first one inside the step)
+            self._handles.append(module.register_forward_pre_hook(
+                self._make_pre(path), with_kwargs=True, prepend=True))
             self._handles.append(module.register_forward_hook(
                 self._make_post(path), with_kwargs=True, always_call=True))
         self._handles.append(register_optimizer_step_pre_hook(self._optimizer_pre))

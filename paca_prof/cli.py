@@ -152,7 +152,7 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
 
 def _add_distributed(parser: argparse.ArgumentParser, measured: bool) -> None:
     """FSDP2's flags (distributed.py), the same in `run` and `plan`."""
-    from paca_prof.distributed import INTERCONNECTS
+    from paca_prof.distributed import BACKENDS, INTERCONNECTS
 
     group = parser.add_argument_group("distributed (FSDP2; every rank runs --batch sequences)")
     group.add_argument("--fsdp", action="store_true",
@@ -168,6 +168,10 @@ def _add_distributed(parser: argparse.ArgumentParser, measured: bool) -> None:
                        action="store_false",
                        help="keep each layer's gathered parameters from forward to backward "
                             "(FSDP2's reshard_after_forward=False)")
+    group.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="simulated collectives: nccl (default; CUDA) or gloo (the CPU's: "
+                            "scratch buffers, no forward prefetch), to compare with a measured "
+                            "CPU run")
     group.add_argument("--interconnect", choices=tuple(INTERCONNECTS), default=None,
                        help="projected communication over this link: "
                             + "; ".join(f"{k}: {v['what']}" for k, v in INTERCONNECTS.items())
@@ -179,7 +183,7 @@ def _distributed(args, device: str):
     from paca_prof.distributed import for_run
 
     return for_run(device, args.fsdp, args.world_size, args.reshard_after_forward,
-                   args.interconnect)
+                   args.interconnect, args.backend)
 
 
 def build_parser() -> argparse.ArgumentParser:

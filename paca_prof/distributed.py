@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from paca_prof import validate
 
 MAX_WORLD_SIZE = 65536
+BACKENDS = ("nccl", "gloo")
 # Bandwidth per GPU, bytes/s, one direction, as a ring collective sees it (bus bandwidth):
 # NVLink 4 (H100 SXM: 450 GB/s per direction), PCIe 5 x16 (64 GB/s), InfiniBand NDR (400 Gb/s
 # per GPU = 50 GB/s); latency per collective, seconds (NCCL's measured small-message floor).
@@ -47,12 +48,18 @@ class Distributed:
         The root keeps its parameters gathered either way (FSDP2 sets its root so).
     interconnect: the link whose bandwidth projects communication times (INTERCONNECTS), or
         None for the GPU's own (gpus.GpuSpec.interconnect).
+    backend: the collectives' library: nccl (CUDA: no scratch buffers, the next layer's
+        all-gather issued during the current one) or gloo (the CPU: one scratch buffer of the
+        message's size per collective, no forward prefetch). Measured runs use gloo on the
+        CPU and nccl on CUDA; simulated runs model nccl unless told (--backend gloo, to
+        compare with a measured CPU run).
     """
 
     world_size: int = 1
     fsdp: bool = False
     reshard_after_forward: bool = True
     interconnect: str | None = None
+    backend: str = "nccl"
 
     def __post_init__(self):
         validate.number(self.world_size, "--world-size", minimum=1, maximum=MAX_WORLD_SIZE,
@@ -61,6 +68,9 @@ class Distributed:
             raise ValueError("--world-size above 1 shards the model with FSDP2: give --fsdp too")
         if not self.reshard_after_forward and not self.fsdp:
             raise ValueError("--no-reshard-after-forward is an FSDP2 setting: give --fsdp too")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {str(self.backend)[:40]!r}; choose from "
+                             f"{', '.join(BACKENDS)}")
         if self.interconnect is not None and self.interconnect not in INTERCONNECTS:
             raise ValueError(f"unknown interconnect {str(self.interconnect)[:40]!r}; choose "
                              f"from {', '.join(INTERCONNECTS)}")
@@ -102,7 +112,7 @@ def launched() -> dict | None:
 
 
 def for_run(device: str, fsdp: bool, world_size: int | None, reshard_after_forward: bool,
-            interconnect: str | None = None) -> Distributed:
+            interconnect: str | None = None, backend: str | None = None) -> Distributed:
     """The Distributed of a `run` from its flags and the launch, checked:
 
     - a measured run (cpu, cuda) with --fsdp needs a distributed launch (torchrun), and a
@@ -118,7 +128,12 @@ def for_run(device: str, fsdp: bool, world_size: int | None, reshard_after_forwa
         if launch is not None and launch["world_size"] > 1:
             raise ValueError("a simulated run (--device meta) is one process: run it without "
                              "torchrun, with --world-size N")
-        return Distributed(world_size or 1, fsdp, reshard_after_forward, interconnect)
+        return Distributed(world_size or 1, fsdp, reshard_after_forward, interconnect,
+                           backend or "nccl")
+    if backend is not None:
+        raise ValueError("--backend is for simulated runs: a measured run uses gloo on the "
+                         "CPU and nccl on CUDA")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     if launch is None:
         if fsdp:
             raise ValueError("--fsdp on a measured run needs a distributed launch: torchrun "
@@ -127,14 +142,14 @@ def for_run(device: str, fsdp: bool, world_size: int | None, reshard_after_forwa
         if world_size not in (None, 1):
             raise ValueError(f"--world-size {world_size} on a measured run needs torchrun "
                              f"--nproc-per-node {world_size} and --fsdp")
-        return Distributed(1, False, reshard_after_forward, interconnect)
+        return Distributed(1, False, reshard_after_forward, interconnect, backend)
     if world_size is not None and world_size != launch["world_size"]:
         raise ValueError(f"--world-size {world_size} does not match torchrun's WORLD_SIZE "
                          f"{launch['world_size']}")
     if not fsdp and launch["world_size"] > 1:
         raise ValueError(f"launched on {launch['world_size']} ranks: give --fsdp (the only "
                          "distributed mode)")
-    return Distributed(launch["world_size"], fsdp, reshard_after_forward, interconnect)
+    return Distributed(launch["world_size"], fsdp, reshard_after_forward, interconnect, backend)
 
 
 def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:

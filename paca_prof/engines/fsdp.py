@@ -62,25 +62,12 @@ def shard(model: nn.Module, distributed: Distributed, device: str) -> nn.Module:
                          "simulate them with --device meta")
     prepare_fully_shard(model)
     mesh = init_device_mesh(device.split(":")[0], (distributed.world_size,))
+    # None: FSDP2's default (reshard every group but the root, which backward needs first).
+    reshard = None if distributed.reshard_after_forward else False
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=distributed.reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=distributed.reshard_after_forward)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     return model
-
-
-def sharded_parameters(model: nn.Module) -> list | None:
-    """The sharded parameters (DTensors) of every FSDP2 group in `model`, whatever is
-    registered on the modules now (a gathered group registers its unsharded ones), or None
-    for a model FSDP2 does not manage."""
-    from torch.distributed.fsdp import FSDPModule
-
-    found = []
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            group = module._get_fsdp_state()._fsdp_param_group
-            if group is not None:
-                found.extend(param.sharded_param for param in group.fsdp_params)
-    return found or None
 
 
 def gather_results(result):

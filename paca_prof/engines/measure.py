@@ -210,6 +210,8 @@ class ProfiledStep:
     def _phase_start(self, phase):
         if self.static is None:  # the step's first phase: what is alive before it
             self._snapshot()
+        if phase == "optimizer":  # FSDP2 reduce-scatters its last groups after backward ends
+            self._gradient_snapshot()
         self._enter(f"phase:{phase}", phase)
 
     def _phase_end(self, phase):
@@ -217,14 +219,17 @@ class ProfiledStep:
         if phase == "forward":  # the ledger, subscribed first, has just taken its account
             self.forward_owners.append(dict(self.ledger.ptr_owner))
         if phase == "backward":  # the pass is over: every gradient is there
-            marker = f"[gradients {len(self.gradients)}]"  # its time, on the profiler's clock
-            with record_function(marker):
-                self.gradients.extend((local(p.grad).untyped_storage().data_ptr(), marker)
-                                      for p in self.capture.model.parameters()
-                                      if p.grad is not None)
+            self._gradient_snapshot()
+
+    def _gradient_snapshot(self) -> None:
+        marker = f"[gradients {len(self.gradients)}]"  # its time, on the profiler's clock
+        with record_function(marker):
+            self.gradients.extend((local(p.grad).untyped_storage().data_ptr(), marker)
+                                  for p in self.capture.model.parameters()
+                                  if p.grad is not None)
 
     def _snapshot(self) -> None:
-        from paca_prof.engines.fsdp import sharded_parameters
+        from paca_prof.sharding import sharded_parameters
 
         model = self.capture.model
         # Under FSDP2 the root's parameters are already gathered here (its pre-forward hook

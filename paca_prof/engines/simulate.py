@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from paca_prof import methods
 from paca_prof.capture import Capture
-from paca_prof.engines import project
+from paca_prof.engines import fsdp_sim, project
 from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import prepare
 from paca_prof.flops import op_flops
@@ -145,7 +145,7 @@ class Simulator:
     callers that probe many shapes (the capacity planner) keep one Simulator per method.
     """
 
-    def __init__(self, spec: RunSpec, method: str):
+    def __init__(self, spec: RunSpec, method: str, rank: int = 0):
         self.spec, self.method = spec, methods.get(method)
         self.run = prepare(spec, method, "meta")
         optimizer = self.run.optimizer
@@ -157,6 +157,18 @@ class Simulator:
             optimizer.zero_grad(set_to_none=True)
         self.trainable = self.run.trainable_params
         self.wrappers = self.method.wrapper_paths(self.run.model)
+        self.rank = rank
+        if spec.distributed.fsdp:  # FSDP2's groups, and what a trainable parameter's shard is
+            self.groups = fsdp_sim.groups_of(self.run.model)
+            names = {id(m): n for n, m in self.run.model.named_modules()}
+            from paca_prof.engines.fsdp import decoder_layers
+
+            self.layer_modules = [(names[id(m)], m) for m in decoder_layers(self.run.model)]
+            world = spec.distributed.world_size
+            self.trainable_shard_sizes = {}
+            for p in methods.registry.trainable_parameters(self.run.model):
+                full, _, held = fsdp_sim._shape_bytes(p, world, rank)
+                self.trainable_shard_sizes.setdefault(full, held)
 
     def step(self, seq: int, batch: int, gpu: GpuSpec | None = None,
              budget=None) -> MethodResult:
@@ -182,14 +194,52 @@ class Simulator:
                 gradients.extend((storage_key(p.grad), float(recorder.tick))
                                  for p in run.model.parameters() if p.grad is not None)
 
+        fsdp = self.spec.distributed.fsdp
+        schedule, grad_keys = fsdp_sim.Schedule(), {}
+        phase_ticks: dict[str, int] = {}
+
+        def schedule_phase_start(phase):
+            phase_ticks[phase] = recorder.tick
+
+        def schedule_phase_end(phase):
+            schedule.phases.append((phase, phase_ticks.pop(phase, recorder.tick),
+                                    recorder.tick))
+            if phase == "backward":  # each unsharded gradient, by its FSDP2 group
+                for index, group in enumerate(self.groups):
+                    for p in group.params:
+                        if p.grad is not None:
+                            grad_keys[storage_key(p.grad)] = index
+
         with run.capture() as capture, SavedTensorLedger(capture) as ledger:
             capture.on_phase(start=phase_start, end=phase_end)
             recorder = OpRecorder(capture, self.method, self.wrappers, self.spec.settings.r)
-            with recorder:
-                run.step(ids)
+            hooks = []
+            if fsdp:
+                capture.on_phase(start=schedule_phase_start, end=schedule_phase_end)
+                capture.on_scope(
+                    lambda path, phase: schedule.add(f"{phase}_enter", path, recorder.tick),
+                    lambda path, phase: schedule.add(f"{phase}_exit", path, recorder.tick))
+                hooks = [m.register_forward_pre_hook(_inputs_hook(schedule, path),
+                                                     with_kwargs=True)
+                         for path, m in self.layer_modules]
+            try:
+                with recorder:
+                    run.step(ids)
+            finally:
+                for hook in hooks:
+                    hook.remove()
             paths = capture.paths
-        timeline = memory_timeline(recorder.events, static, {}, gradients,
-                                   saved_events=_saved_events(recorder.events, forwards))
+        events, static_storage_list = recorder.events, None
+        if fsdp:
+            static, static_storage_list = fsdp_sim.sharded_static(
+                run.model, run.optimizer, self.spec.distributed, self.rank)
+            groups = {i: g for i, g in enumerate(self.groups)}
+            events, gradients = fsdp_sim.rewrite(
+                events, gradients, schedule, self.groups, grad_keys, self.spec.distributed,
+                self.rank, self.spec.distributed.backend, self.trainable_shard_sizes)
+            del groups
+        timeline = memory_timeline(events, static, {}, gradients,
+                                   saved_events=_saved_events(events, forwards))
         ops = pd.DataFrame(recorder.ops)
         latencies, times = {}, {}
         if gpu is not None:
@@ -198,7 +248,7 @@ class Simulator:
             times = project.phase_times_ms(ops)
         layers = layer_table(self.method.name, module_kinds(paths), latencies, ops,
                              ledger.by_module, container_paths(paths))
-        reserved = self._reserved(recorder.events, budget)
+        reserved = self._reserved(events, budget, static_storage_list)
         paged = paged_bytes(run.optimizer)
         summary = summary_row(
             self.method.name, "oom" if reserved.oom else "ok", times_ms=times,
@@ -208,14 +258,16 @@ class Simulator:
             reserved_bytes=reserved.reserved_bytes,
             **({"paged_bytes": paged} if paged else {}))
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
-        return MethodResult(summary, layers, ops, memory, memory_events=recorder.events,
+        return MethodResult(summary, layers, ops, memory, memory_events=events,
                             start_bytes=static)
 
 
-    def _reserved(self, events: list[MemoryEvent], budget) -> ReservedMemory:
+    def _reserved(self, events: list[MemoryEvent], budget, static=None) -> ReservedMemory:
         """The step replayed through the caching-allocator model (reserved.py); out of memory
-        when it cannot be served within `budget`, then what it would reserve without one."""
-        static = static_storages(self.run.model, self.run.optimizer)
+        when it cannot be served within `budget`, then what it would reserve without one.
+        `static`: the storages alive before the step (default: the model's and optimizer's)."""
+        if static is None:
+            static = static_storages(self.run.model, self.run.optimizer)
         allocator = self.spec.recipe.allocator
         if budget is not None:
             bounded = replay_step(static, events, allocator_config(allocator,
@@ -224,6 +276,17 @@ class Simulator:
                 return bounded
         unbounded = replay_step(static, events, allocator_config(allocator))
         return replace(unbounded, oom=budget is not None)
+
+
+def _inputs_hook(schedule, path: str):
+    """A forward pre-hook recording whether a layer's inputs need a gradient (FSDP2's
+    post-backward hook then fires at the layer's end of backward, else at the end of the
+    backward pass)."""
+    def hook(module, args, kwargs):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        schedule.inputs_need_grad.setdefault(path, any(t.requires_grad for t in tensors))
+
+    return hook
 
 
 def _saved_events(events: list[MemoryEvent], forwards) -> dict[int, str]:

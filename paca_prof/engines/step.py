@@ -93,10 +93,14 @@ def prepare(spec: RunSpec, method: str, device: str) -> Prepared:
     model = registry.prepare(model, method, spec.settings, recipe, spec.peft_config)
     if recipe.grad_ckpt:
         enable_checkpointing(model)
-    if spec.distributed.fsdp and device != "meta":  # simulation shards bytes (fsdp_sim.py)
+    if spec.distributed.fsdp and device != "meta":
         from paca_prof.engines.fsdp import shard
 
         model = shard(model, spec.distributed, device)
+    elif spec.distributed.fsdp:  # simulated: unsharded, in the layout fully_shard needs
+        from paca.distributed import prepare_fully_shard
+
+        prepare_fully_shard(model)
     model.train()
     trainable = registry.trainable_parameters(model)
     optimizer = optimizers.make_optimizer(recipe.optimizer, trainable, recipe.lr, spec.device)
