@@ -103,6 +103,19 @@ def _shape_bytes(param: torch.Tensor, world: int, rank: int) -> tuple[int, int, 
     return param.numel() * param.element_size(), padded * per_row, held * per_row
 
 
+def message_bytes(groups: list[Group], world: int) -> list[tuple[str, int, int]]:
+    """Per group (decoder layers in order, then the root with path ""): the all-gather's
+    output bytes and the reduce-scatter's input bytes (world x the padded shards)."""
+    messages = []
+    for group in groups:
+        shards = [(_shape_bytes(p, world, 0)[1], p.requires_grad) for p in group.params]
+        messages.append(("" if group.is_root else group.path,
+                         world * sum(b for b, _ in shards),
+                         world * sum(b for b, trained in shards if trained)))
+    layers = [m for m, g in zip(messages, groups) if not g.is_root]
+    return layers + [m for m, g in zip(messages, groups) if g.is_root]
+
+
 def sharded_static(model: nn.Module, optimizer, distributed: Distributed,
                    rank: int) -> tuple[dict[str, int], list[tuple[int, int, str]]]:
     """Bytes per category alive before the step on `rank`, and the storages (key, bytes,

@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from paca_prof import methods
 from paca_prof.capture import Capture
-from paca_prof.engines import fsdp_sim, project
+from paca_prof.engines import comm, fsdp_sim, project
 from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import prepare
 from paca_prof.flops import op_flops
@@ -233,19 +233,23 @@ class Simulator:
         if fsdp:
             static, static_storage_list = fsdp_sim.sharded_static(
                 run.model, run.optimizer, self.spec.distributed, self.rank)
-            groups = {i: g for i, g in enumerate(self.groups)}
             events, gradients = fsdp_sim.rewrite(
                 events, gradients, schedule, self.groups, grad_keys, self.spec.distributed,
                 self.rank, self.spec.distributed.backend, self.trainable_shard_sizes)
-            del groups
         timeline = memory_timeline(events, static, {}, gradients,
                                    saved_events=_saved_events(events, forwards))
         ops = pd.DataFrame(recorder.ops)
-        latencies, times = {}, {}
+        latencies, times, all_ops = {}, {}, ops
         if gpu is not None:
             ops = project.project_ops(ops, gpu)
+            all_ops = ops
+            if fsdp:  # the collectives on their stream, the kernels that wait for them
+                all_ops = comm.project_with_comm(
+                    ops, gpu, self.spec.distributed,
+                    fsdp_sim.message_bytes(self.groups, self.spec.distributed.world_size))
+                ops = all_ops[all_ops["device"] != comm.COMM_DEVICE]
             latencies = project.module_latencies_ms(ops, ancestors)
-            times = project.phase_times_ms(ops)
+            times = project.phase_times_ms(all_ops)
         layers = layer_table(self.method.name, module_kinds(paths), latencies, ops,
                              ledger.by_module, container_paths(paths))
         reserved = self._reserved(events, budget, static_storage_list)
@@ -258,7 +262,7 @@ class Simulator:
             reserved_bytes=reserved.reserved_bytes,
             **({"paged_bytes": paged} if paged else {}))
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
-        return MethodResult(summary, layers, ops, memory, memory_events=events,
+        return MethodResult(summary, layers, all_ops, memory, memory_events=events,
                             start_bytes=static)
 
 
