@@ -509,7 +509,8 @@ def _cmd_plan(args) -> int:
         spec = planner.make_spec(args.model, args.methods, seq=args.seq, batch=args.batch or 1,
                                  dtype=args.dtype,
                                  recipe=_recipe(args, args.methods, args.dtype),
-                                 settings=_settings(args))
+                                 settings=_settings(args),
+                                 distributed=_distributed(args, "meta"))
     except ValueError as error:
         raise UsageError(str(error)) from None
     bar, progress = _progress_bar("paca-prof plan", len(spec.methods), finished="searched")
@@ -574,8 +575,10 @@ def _print_plan(result) -> None:
              else f"seq {result.seq}, batch searched")
     checkpointing = ("gradient checkpointing" if result.recipe.grad_ckpt
                      else "no gradient checkpointing")
+    ranks = (f", FSDP2 over {result.distributed['world_size']} ranks (every byte per rank, "
+             f"batch per rank)" if result.distributed else "")
     print(f"paca-prof plan: {result.model} ({result.n_layers} layers), {fixed}, {result.dtype}, "
-          f"{result.recipe.attention} attention, {checkpointing}")
+          f"{result.recipe.attention} attention, {checkpointing}{ranks}")
     print(result.budget.describe())
     if len(result.depths) == 1:
         how = f"the {result.n_layers}-layer model simulated at each size"
