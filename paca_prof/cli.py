@@ -383,6 +383,12 @@ def _cmd_run(args) -> int:
         print(json.dumps({"trace": str(path), "methods": methods}, indent=2))
     else:
         _print_summary(analysis)
+        if len(analysis.ranks) > 1:
+            print(f"\nper-rank memory (MiB, {analysis.sources.get('bytes')}); the table above "
+                  f"is rank {analysis.rank}'s")
+            print(_bytes_as_mib(analysis.rank_peaks()[["method", "rank", "status", "peak_bytes",
+                                                      "activation_bytes", "reserved_bytes"]])
+                  .to_string(index=False, float_format=lambda v: f"{v:,.3f}", na_rep="-"))
         print(f"trace: {path}")
     failed = analysis.trace.summary["status"].eq("error").any()
     return 1 if failed else 0

@@ -212,7 +212,11 @@ def title(run: dict) -> str:
     """One line naming a run: model, shape, dtype, device."""
     model = (run.get("model") or {}).get("name", "?")
     device = (run.get("device") or {}).get("name", "?")
-    return f"{model}, batch {run.get('batch')} x seq {run.get('seq')}, {run.get('dtype')}, {device}"
+    distributed = run.get("distributed") if isinstance(run.get("distributed"), dict) else {}
+    ranks = (f", FSDP2 over {distributed.get('world_size')} ranks (per rank)"
+             if distributed.get("fsdp") else "")
+    return (f"{model}, batch {run.get('batch')} x seq {run.get('seq')}, {run.get('dtype')}, "
+            f"{device}{ranks}")
 
 
 def empty_table(name: str) -> pd.DataFrame:
