@@ -380,7 +380,10 @@ def _cmd_run(args) -> int:
     if args.json:
         rows = analysis.trace.summary.set_index("method")
         methods = {m: _jsonable(row) for m, row in rows.iterrows()}
-        print(json.dumps({"trace": str(path), "methods": methods}, indent=2))
+        payload = {"trace": str(path), "methods": methods}
+        if len(analysis.ranks) > 1:
+            payload["ranks"] = _records(analysis.rank_peaks())
+        print(json.dumps(payload, indent=2))
     else:
         _print_summary(analysis)
         if len(analysis.ranks) > 1:

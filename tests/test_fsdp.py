@@ -140,3 +140,47 @@ def test_old_traces_load_as_rank_0(tmp_path):
 ])
 def test_shards_are_torch_chunks_padded(rows, world, expected):
     assert [shard_rows(rows, world, r) for r in range(world)] == expected
+
+
+def test_plan_per_rank_fits_longer_sequences_when_sharded():
+    """The planner's bytes are one rank's: sharding full fine-tuning's parameters, gradients
+    and optimizer states over 4 ranks leaves room for longer sequences on each."""
+    from paca_prof import plan as planner
+    from paca_prof.budget import make_budget
+
+    budget = make_budget(memory="40MiB", headroom="0")
+    results = {}
+    for world in (1, 4):
+        distributed = Distributed(world, fsdp=True) if world > 1 else None
+        spec = planner.make_spec("tiny", ("full",), distributed=distributed)
+        results[world] = planner.plan(spec, budget, granularity=64, confirm="never")
+    one, four = (results[w].methods["full"] for w in (1, 4))
+    assert four.max_size > one.max_size > 0
+    assert results[4].to_dict()["distributed"]["world_size"] == 4
+    assert "per_rank" in results[4].assumptions()
+
+
+def test_simulated_fsdp_projects_communication_in_the_op_timeline(tmp_path):
+    """On a GPU the collectives are projected (rows of device `interconnect` in the ops table,
+    one all-gather per group and pass, one reduce-scatter per trained group) and the step
+    includes what the compute cannot hide."""
+    from paca_prof.engines.comm import COMM_DEVICE
+    from paca_prof.gpus import GPUS
+
+    spec = run_spec(model="tiny", seq=64, batch=1, device="meta", methods=("lora",),
+                    distributed=Distributed(2, fsdp=True, interconnect="pcie"))
+    loaded = trace.load(engines.run(spec, tmp_path / "comm", "test", gpu=GPUS["h100-80gb"]))
+    ops = loaded.ops
+    comm = ops[ops["device"] == COMM_DEVICE]
+    names = comm.groupby(["name", "phase"]).size().to_dict()
+    # root + 2 layers gathered in forward; 2 layers again in backward; 2 layers + root
+    # reduce-scattered (the root has no trained parameter under lora: none for it)
+    assert names == {("nccl:all_gather", "forward"): 3, ("nccl:all_gather", "backward"): 2,
+                     ("nccl:reduce_scatter", "backward"): 2}, names
+    assert (comm["dur_us"] > 0).all() and (comm["bytes"] > 0).all()
+    summary = loaded.summary.set_index("method").loc["lora"]
+    assert summary["n_kernels"] == len(ops) - len(comm)
+    kernels = ops[ops["device"] != COMM_DEVICE]
+    first_forward = kernels[kernels["phase"] == "forward"]["start_us"].min()
+    root_gather = comm.iloc[0]
+    assert first_forward >= root_gather["start_us"] + root_gather["dur_us"]
