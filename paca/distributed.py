@@ -15,7 +15,6 @@ supported by fully_shard.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -33,7 +32,3 @@ def prepare_fully_shard(model: nn.Module) -> nn.Module:
             module.__dict__["_synced_param"] = id(module.paca_weight)
     return model
 
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """True for a DTensor (an FSDP2-sharded parameter)."""
-    return hasattr(tensor, "_local_tensor")

@@ -75,10 +75,6 @@ class Distributed:
             raise ValueError(f"unknown interconnect {str(self.interconnect)[:40]!r}; choose "
                              f"from {', '.join(INTERCONNECTS)}")
 
-    @property
-    def sharded(self) -> bool:
-        return self.fsdp
-
     def describe(self) -> dict:
         """run.yaml's `distributed`."""
         described = asdict(self)

@@ -28,6 +28,13 @@ class TraceAnalysis:
         self._memo: dict = {}  # navigation lists, computed once: the trace never changes
 
     @property
+    def kernels(self) -> pd.DataFrame:
+        """The ops table without projected communication rows (device "interconnect": FSDP2's
+        collectives run on a stream of their own, so they are no kernel's idle time)."""
+        ops = self.trace.ops
+        return ops[ops["device"] != "interconnect"]
+
+    @property
     def ranks(self) -> list[int]:
         """The ranks the trace holds ([0] for a single-process run)."""
         return self.all_ranks.ranks
@@ -82,12 +89,12 @@ class TraceAnalysis:
     def adapter_overhead(self, methods: list[str] | None = None) -> pd.DataFrame:
         """Sequential adapter overhead per method: adapter-branch ops, their busy time and the
         idle time before them, their share of the step, and the step against frozen and paca."""
-        return analyses.adapter_overhead(self.trace.summary, self.trace.ops,
+        return analyses.adapter_overhead(self.trace.summary, self.kernels,
                                          self.check_methods(methods))
 
     def adapter_overhead_by_layer(self, methods: list[str] | None = None) -> pd.DataFrame:
         """The same per layer (decoder_layers)."""
-        return analyses.adapter_overhead_by_layer(self.trace.ops, self.check_methods(methods),
+        return analyses.adapter_overhead_by_layer(self.kernels, self.check_methods(methods),
                                                   self.decoder_layers())
 
     def activation_savings(self, methods: list[str] | None = None) -> pd.DataFrame:

@@ -31,6 +31,9 @@ from paca_prof.gpus import GpuSpec
 
 DEFAULT_LATENCY_S = 10e-6
 COMM_DEVICE = "interconnect"  # the ops table's device of a communication row
+# A communication row's module: its group's path + ".[fsdp]" (a row of the group's kernel
+# timeline), or "[fsdp]" for the root's.
+COMM_MODULE = "[fsdp]"
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def project_with_comm(ops: pd.DataFrame, gpu: GpuSpec, distributed: Distributed,
         start = max(at_us, comm_free)
         dur = collective_us(nbytes, world, line)
         comm_free = start + dur
-        rows.append({"module": path or "[root]", "phase": phase, "name": f"nccl:{kind}",
+        rows.append({"module": f"{path}.{COMM_MODULE}" if path else COMM_MODULE,
+                     "phase": phase, "name": f"nccl:{kind}",
                      "start_us": start, "dur_us": dur, "bytes": float(nbytes)})
         return start + dur
 
