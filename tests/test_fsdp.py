@@ -184,3 +184,51 @@ def test_simulated_fsdp_projects_communication_in_the_op_timeline(tmp_path):
     first_forward = kernels[kernels["phase"] == "forward"]["start_us"].min()
     root_gather = comm.iloc[0]
     assert first_forward >= root_gather["start_us"] + root_gather["dur_us"]
+
+
+PACA_UNDER_FSDP = '''
+import sys, torch, torch.distributed as dist
+from paca_prof.spec import RunSpec
+from paca_prof.distributed import Distributed
+from paca_prof.engines import step
+from paca.layer import PacaLinear
+fsdp = sys.argv[1] == "fsdp"
+if fsdp:
+    dist.init_process_group("gloo")
+spec = RunSpec(model="tiny", seq=16, device="cpu", dtype="fp32", methods=("paca",),
+               distributed=Distributed(dist.get_world_size() if fsdp else 1, fsdp))
+run = step.prepare(spec, "paca", "cpu")
+ids = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(0))
+losses = [float(run.step(ids)) for _ in range(3)]
+worst = 0.0
+for layer in (m for m in run.model.modules() if isinstance(m, PacaLinear)):
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    w, p = whole(layer.weight).detach(), whole(layer.paca_weight).detach()
+    worst = max(worst, (w[:, layer.indices] - layer.scaling * p).abs().max().item())
+if not fsdp or dist.get_rank() == 0:
+    print("RESULT", repr(losses), worst)
+'''
+
+
+def test_paca_trains_under_fully_shard_as_in_one_process(tmp_path):
+    """The same batch on both ranks: FSDP2's averaged gradients are one process's, so PaCA's
+    losses are the same step by step, and every rank writes its rows of the trained columns
+    into its shard of W (W[:, indices] == scaling * paca_weight, gathered)."""
+    script = tmp_path / "paca_fsdp.py"
+    script.write_text(PACA_UNDER_FSDP)
+
+    def result(command):
+        done = subprocess.run(command, env=checkout_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
+        losses, worst = line.removeprefix("RESULT ").rsplit(" ", 1)
+        return eval(losses), float(worst)  # noqa: S307 (our own script's repr of floats)
+
+    single, single_err = result([sys.executable, str(script), "single"])
+    sharded, sharded_err = result([sys.executable, "-m", "torch.distributed.run",
+                                   "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                                   "--master-port", str(_free_port()), str(script), "fsdp"])
+    assert single_err == 0.0 and sharded_err == 0.0
+    assert sharded == pytest.approx(single, rel=1e-6)
+    assert single[-1] < single[0]
