@@ -293,11 +293,10 @@ def make_spec(model: str, methods: tuple[str, ...] = PLAN_METHODS, *, seq: int |
     (rank 0's: the full padded shards), at `batch` sequences per rank. The recipe's
     attention defaults to what SDPA runs on a recent NVIDIA GPU (flash for bf16/fp16,
     efficient for fp32); eager (or "math") materialises the L x L scores."""
+    from paca_prof.distributed import Distributed
     from paca_prof.engines.step import validate_against_model
     from paca_prof.methods import MethodSettings
     from paca_prof.spec import RunSpec
-
-    from paca_prof.distributed import Distributed
 
     spec = RunSpec(model=model, seq=seq or 1, batch=batch, dtype=dtype, device="meta",
                    methods=tuple(methods), settings=settings or MethodSettings(),

@@ -223,7 +223,7 @@ def test_paca_trains_under_fully_shard_as_in_one_process(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
         losses, worst = line.removeprefix("RESULT ").rsplit(" ", 1)
-        return eval(losses), float(worst)  # noqa: S307 (our own script's repr of floats)
+        return eval(losses), float(worst)  # our own script's repr of a list of floats
 
     single, single_err = result([sys.executable, str(script), "single"])
     sharded, sharded_err = result([sys.executable, "-m", "torch.distributed.run",

@@ -150,10 +150,10 @@ def project_with_comm(ops: pd.DataFrame, gpu: GpuSpec, distributed: Distributed,
             not_before = max(not_before, max(pending_rs))
         starts[i] = not_before
         device_free = not_before + durs[i]
-        if phase == "backward" and layer is not None and last_backward.get(layer) == i:
-            if layers[layer][2]:
-                pending_rs.append(collective("reduce_scatter", layers[layer][2], device_free,
-                                             layers[layer][0], "backward"))
+        if (phase == "backward" and layer is not None and last_backward.get(layer) == i
+                and layers[layer][2]):
+            pending_rs.append(collective("reduce_scatter", layers[layer][2], device_free,
+                                         layers[layer][0], "backward"))
         if i == backward_end and root[2]:
             pending_rs.append(collective("reduce_scatter", root[2], device_free, root[0],
                                          "backward"))

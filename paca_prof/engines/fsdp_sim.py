@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from paca_prof.distributed import Distributed, shard_rows
-from paca_prof.ledger import storage_key
 from paca_prof.memory import MEMORY_CATEGORIES, MemoryEvent
 from paca_prof.modules import ROOT
 
@@ -173,9 +172,8 @@ def rewrite(events: list[MemoryEvent], gradients: list[tuple[int, float]],
         inserted.append((tick - 0.5, next(order), MemoryEvent(tick - 0.5, key, nbytes, phase)))
 
     phase_at = _phase_lookup(schedule.phases)
-    by_index = {g.index: g for g in groups}
     layers = [g for g in groups if not g.is_root]
-    root = by_index[-1]
+    root = next(g for g in groups if g.is_root)
     sizes = {g.index: [_shape_bytes(p, world, rank) for p in g.params] for g in groups}
     trainable = {g.index: [b for p, b in zip(g.params, sizes[g.index]) if p.requires_grad]
                  for g in groups}
