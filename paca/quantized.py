@@ -47,6 +47,7 @@ def quantize_linear(linear: nn.Linear) -> nn.Module:
         device="meta",
     )
     if weight.is_meta:  # shapes only (simulation): bitsandbytes' fake kernels quantize them
+        _keep_qmap_off_meta(bnb)
         packed, state = bnb.functional.quantize_4bit(
             weight.detach(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
         quantized.weight = bnb.nn.Params4bit(
@@ -60,6 +61,16 @@ def quantize_linear(linear: nn.Linear) -> nn.Module:
     )
     quantized.bias = linear.bias
     return quantized.to(weight.device)  # .to() quantizes
+
+
+def _keep_qmap_off_meta(bnb) -> None:
+    """bitsandbytes caches its double-quantization code (functional.name2qmap["dynamic"]) on the
+    device of the first call; were that the meta device, every later real quantization in the
+    process would fail ("Cannot copy out of meta tensor"). Make it on the CPU first."""
+    qmaps = bnb.functional.name2qmap
+    if "dynamic" not in qmaps:
+        with torch.device("cpu"):  # also under a meta default device
+            qmaps["dynamic"] = bnb.functional.create_dynamic_map()
 
 
 def dequantize(layer: nn.Module) -> torch.Tensor:

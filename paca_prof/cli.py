@@ -130,14 +130,19 @@ def _target_list(text: str):
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     """The recipe's flags (recipe.py), the same in `run` and `plan`."""
-    from paca_prof.recipe import (ALLOCATORS, DEFAULT_LOSS_CHUNKS, LOSSES, OPTIMIZERS,
-                                  QUANTIZE_SCOPES)
+    from paca_prof.recipe import (ALLOCATORS, DEFAULT_LOSS_CHUNKS, EXPERTS, LOSSES,
+                                  OPTIMIZERS, QUANTIZE_SCOPES)
 
     group = parser.add_argument_group("recipe (how a step is trained, beside the method)")
     group.add_argument("--targets", type=_target_list, default=None,
                        help="comma-separated leaf names of the linears to adapt, or all-linear "
                             "(every linear but the head); default: q,k,v,o,gate,up,down_proj "
                             "where the model has them, else all-linear")
+    group.add_argument("--experts", choices=EXPERTS, default="frozen",
+                       help="mixture-of-experts models (experts stored as 3-D parameters): "
+                            "frozen (default; PEFT's all-linear reaches only nn.Linear) or adapt "
+                            "(lora/qlora: PEFT target_parameters; paca/qpaca: r input columns "
+                            "per expert; dora keeps them frozen)")
     group.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
                        help="sdpa (torch picks; measured default), eager or math (L x L "
                             "scores), flash / efficient (fused CUDA kernels; simulated default: "
@@ -357,7 +362,7 @@ def _recipe(args, methods, dtype):
                   loss=args.loss, loss_chunks=args.loss_chunks, optimizer=args.optimizer,
                   grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, amp=args.amp,
                   quantize=args.quantize or "all-linear", kbit_prep=args.kbit_prep,
-                  allocator=args.allocator)
+                  allocator=args.allocator, experts=args.experts)
 
 
 def _cmd_run(args) -> int:

@@ -22,6 +22,7 @@ LOSSES = ("hf", "chunked", "fused-linear")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor")
 QUANTIZE_SCOPES = ("all-linear", "targets")
 ALLOCATORS = ("caching", "expandable")  # reserved.py models both
+EXPERTS = ("frozen", "adapt")  # what the adapter methods do with 3-D expert parameters
 DEFAULT_LR = 1e-4
 DEFAULT_LOSS_CHUNKS = 8  # torchtune's num_output_chunks
 
@@ -55,6 +56,13 @@ class Recipe:
     allocator: the CUDA caching allocator's mode whose reserved memory is modelled
         (reserved.ALLOCATORS): "caching" (PyTorch's default) or "expandable"
         (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
+    experts: what the adapter methods do with a mixture-of-experts model's experts, which
+        transformers 5 stores as one 3-D parameter per projection (no nn.Linear, so no target
+        name nor all-linear reaches them): "frozen" (PEFT's all-linear: attention only), or
+        "adapt": lora and qlora through PEFT's target_parameters, paca and qpaca on r input
+        columns of every expert (paca/experts.py); dora keeps them frozen (PEFT has no DoRA
+        for target_parameters). methods/experts.py says what each method got; full trains
+        them either way.
     kbit_prep: PEFT's prepare_model_for_kbit_training for the quantized methods: every
         parameter that is not 4-bit (embeddings, norms, head) cast to fp32. Its gradient
         checkpointing, on by default in PEFT, is grad_ckpt here: QLoRA recipes pass both.
@@ -73,6 +81,7 @@ class Recipe:
     quantize: str = "all-linear"
     kbit_prep: bool = True
     allocator: str = "caching"
+    experts: str = "frozen"
 
     def __post_init__(self):
         if self.targets is not None and self.targets != ALL_LINEAR:
@@ -89,6 +98,7 @@ class Recipe:
         _choice(self.optimizer, OPTIMIZERS, "optimizer")
         _choice(self.quantize, QUANTIZE_SCOPES, "quantize")
         _choice(self.allocator, ALLOCATORS, "allocator")
+        _choice(self.experts, EXPERTS, "--experts")
         validate.number(self.loss_chunks, "--loss-chunks", minimum=1, maximum=4096, integer=True)
         validate.number(self.grad_accum, "--grad-accum", minimum=1, maximum=1024, integer=True)
         validate.number(self.lr, "lr", above=0, maximum=1e3)

@@ -207,7 +207,8 @@ def test_analyze_command_json_and_html(simulated_path, measured_trace_path, tmp_
     report = json.loads(capsys.readouterr().out)
     assert {"summary", "adapter_overhead", "activation_totals", "peak_breakdown",
             "top_layers", "headline", "diff"} <= set(report)
-    assert report["sources"] == {"time": "projected", "bytes": "simulated"}
+    assert report["sources"] == {"time": "projected", "bytes": "simulated",
+                                 "reserved": "simulated"}
     assert html.exists()
     assert main(["analyze", str(simulated_path), "--methods", "lora,paca"]) == 0
     out = capsys.readouterr().out

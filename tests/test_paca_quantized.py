@@ -148,3 +148,22 @@ def test_qpaca_needs_a_quantized_linear4bit():
     quantize_targets(model, ["0"])
     inject_paca(model, cfg(target_modules=["0"]))
     assert isinstance(model[0], QPacaLinear)
+
+
+def test_a_simulated_quantization_first_leaves_real_ones_working():
+    """bitsandbytes caches its double-quantization code on the device of its first call: a
+    meta (simulated) quantization first must not break every later real one."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.nn as nn\n"
+        "from paca.quantized import quantize_linear\n"
+        "with torch.device('meta'):\n"
+        "    simulated = quantize_linear(nn.Linear(128, 64))\n"
+        "real = quantize_linear(nn.Linear(128, 64))\n"
+        "assert simulated.weight.is_meta and real.weight.device.type == 'cpu'\n"
+        "assert real.weight.bnb_quantized\n")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-1500:]

@@ -177,8 +177,10 @@ def test_simulate_is_the_same_run_as_the_cli(tmp_path, capsys, model_dir):
                                       grad_ckpt=True, out=tmp_path / f"api-{id(given)}")
         assert isinstance(analysis, TraceAnalysis)
         row = analysis.trace.summary.iloc[0]
-        assert analysis.sources == {"time": "projected", "bytes": "simulated"}
-        for column in ("peak_bytes", "activation_bytes", "trainable_params", "n_kernels"):
+        assert analysis.sources == {"time": "projected", "bytes": "simulated",
+                                    "reserved": "simulated"}
+        for column in ("peak_bytes", "activation_bytes", "reserved_bytes", "trainable_params",
+                       "n_kernels"):
             assert row[column] == cli[column], column
         assert analysis.trace.run["recipe"]["grad_ckpt"] is True
 

@@ -9,6 +9,12 @@ breakdown come out as on a real device's allocator, without its block rounding a
 kernels' internal workspaces. The step's allocations are then replayed through the model of
 PyTorch's caching allocator (reserved.py) for its reserved memory and rounded peak.
 
+Mixture-of-experts layers run as transformers runs them by default (its grouped_mm experts
+implementation): one grouped matmul over every token's top-k rows, whose sizes do not depend on
+the routing, so none is needed (meta tensors have no values to route by; meta_grouped_mm gives
+the grouped matmul's output in any dtype). Its eager per-expert loop reads the routing
+(torch.nonzero) and cannot run on meta.
+
 Limits: no time (see engines/project.py); kernels' internal scratch buffers (CPU-only ones,
 cuBLAS workspaces) are invisible to a dispatch mode.
 """
@@ -67,7 +73,9 @@ class OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is _LOCAL_SCALAR and args[0].is_meta:
             return meta_scalar(args[0])
-        out = func(*args, **kwargs)
+        out = meta_grouped_mm(func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
         name = func._schema.name
         phase = self.capture.phase
         module = self.capture.current
@@ -120,14 +128,42 @@ def meta_scalar(tensor: torch.Tensor):
     return 1.0 if tensor.is_floating_point() else 1
 
 
+_GROUPED_MM = torch.ops.aten._grouped_mm.default
+
+
+def meta_grouped_mm(func, args, kwargs):
+    """The output of a grouped matmul (mixture-of-experts layers, transformers' grouped_mm
+    experts) on meta tensors of another dtype than bf16, or None for any other op.
+
+    torch's meta kernel of aten::_grouped_mm copies the CUDA fast path's checks and refuses
+    all but bf16; on CUDA (torch >= 2.10) and on the CPU the op runs in fp32 and fp16 too
+    (CUDA loops over the groups with mm_out, the CPU kernel likewise), into one output of the
+    same shape. So the shape comes from the meta kernel on bf16 stand-ins and the output takes
+    the inputs' dtype (or out_dtype): exact bytes; no value is read (the offsets have none)."""
+    if func is not _GROUPED_MM:
+        return None
+    mat_a, mat_b = args[0], args[1]
+    if not mat_a.is_meta or (mat_a.dtype == mat_b.dtype == torch.bfloat16):
+        return None
+    dtype = kwargs.get("out_dtype") or (args[4] if len(args) > 4 and args[4] is not None
+                                       else mat_a.dtype)
+    stand_ins = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args]
+    kwargs = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                  else v) for k, v in kwargs.items() if k != "out_dtype"}
+    return func(*stand_ins[:4], **kwargs).to(dtype)
+
+
 class MetaScalars(TorchDispatchMode):
-    """Only the .item() rule of OpRecorder, for steps run outside it (the optimizer's first
-    step, which makes its state)."""
+    """Only the .item() and grouped-matmul rules of OpRecorder, for steps run outside it (the
+    optimizer's first step, which makes its state)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is _LOCAL_SCALAR and args[0].is_meta:
             return meta_scalar(args[0])
-        return func(*args, **(kwargs or {}))
+        out = meta_grouped_mm(func, args, kwargs)
+        return func(*args, **kwargs) if out is None else out
 
 
 def _phase_or_none(phase: str) -> str | None:

@@ -40,6 +40,9 @@ class Method:
         branch's grad GEMM (the authors' scheme computes it with the same op as grad_x).
     stale_counter: model -> forwards run on stale columns so far (the authors' scheme), so a
         run can say how many of its steps ran on stale columns.
+    expert_gemm: in backward, an aten::_grouped_mm in an expert wrapper whose first input is
+        r x tokens is the grad GEMM of PaCA's expert columns (paca/experts.py); with the gather
+        (forward) the only branch ops there (WrapperPaths.experts).
     peft: a PEFT LoRA-family method (lora, dora): prepare also takes a user's LoraConfig
         (peft_config=, the checked fields of methods/peft_config.py), which then replaces the
         settings and the recipe's targets.
@@ -56,6 +59,7 @@ class Method:
     implementation: Callable[[], str] | None = None
     extra: Callable[[MethodSettings], dict] = lambda settings: {}
     r_gemm: bool = False
+    expert_gemm: bool = False
     stale_counter: Callable[[nn.Module], int] | None = None
     peft: bool = False
 
@@ -93,17 +97,36 @@ class Method:
             if (self.r_gemm and phase == "backward" and op == "aten::mm" and shapes
                     and len(shapes) > 1 and len(shapes[1]) == 2 and shapes[1][-1] == r):
                 return True
+            if module in getattr(wrappers, "experts", ()):  # PaCA on 3-D expert parameters
+                return (op == "aten::index_select" and phase == "forward") or (
+                    self.expert_gemm and phase == "backward" and op == "aten::_grouped_mm"
+                    and bool(shapes) and len(shapes[0]) == 2 and shapes[0][0] == r)
             return op in self.branch_ops.get(phase, ())
         if module in wrappers:
             return True
         return bool(self.adapter_parts) and any(
             part in self.adapter_parts for part in module.split("."))
 
-    def wrapper_paths(self, model: nn.Module) -> set[str]:
+    def wrapper_paths(self, model: nn.Module) -> "WrapperPaths":
         kinds = self.wrapper_types()
         if not kinds:
-            return set()
-        return {name for name, module in model.named_modules() if isinstance(module, kinds)}
+            return WrapperPaths()
+        paths = WrapperPaths(name for name, module in model.named_modules()
+                             if isinstance(module, kinds))
+        if paths:
+            from paca.experts import PacaExperts
+
+            paths.experts = frozenset(name for name, module in model.named_modules()
+                                      if isinstance(module, PacaExperts))
+        return paths
+
+
+class WrapperPaths(set):
+    """The paths of a model's wrapper modules; `experts`: those of them that are PaCA's expert
+    layers (paca/experts.py), whose branch is only the gather (forward) and the columns' grad
+    GEMM (backward): the routing's own ops run in the same module."""
+
+    experts: frozenset = frozenset()
 
 
 # --- How each method prepares a model ------------------------------------------------------------
@@ -131,9 +154,18 @@ def _prepare_peft(use_dora: bool) -> Prepare:
 
             config = lora_config(peft_config)
         else:
+            expert_targets = None
+            if recipe.experts == "adapt" and not use_dora:  # PEFT has no DoRA on parameters
+                from paca.experts import expert_suffixes
+
+                from paca_prof.methods.experts import allow_meta_lora_factors
+
+                expert_targets = expert_suffixes(model) or None
+                allow_meta_lora_factors()
             config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
                                 lora_dropout=settings.dropout,
                                 target_modules=list(resolve_targets(model, recipe.targets)),
+                                target_parameters=expert_targets,
                                 use_dora=use_dora, bias="none")
         peft_model = get_peft_model(model, config,
                                     autocast_adapter_dtype=settings.adapter_dtype == "fp32")
@@ -155,7 +187,12 @@ def _prepare_paca(model: nn.Module, settings: MethodSettings, recipe: Recipe) ->
     config = PacaConfig(r=settings.r, alpha=settings.alpha,
                         target_modules=list(resolve_targets(model, recipe.targets)),
                         seed=settings.seed)
-    return inject_paca(model, config)  # in place: the model's own module paths
+    model = inject_paca(model, config)  # in place: the model's own module paths
+    if recipe.experts == "adapt":  # the experts' 3-D parameters (paca/experts.py)
+        from paca.experts import inject_paca_experts
+
+        inject_paca_experts(model, settings.r, settings.alpha, settings.seed)
+    return model
 
 
 def _prepare_paca_authors(model: nn.Module, settings: MethodSettings,
@@ -181,8 +218,9 @@ def _lora_layer_types() -> tuple[type, ...]:
 
 def _paca_layer_types() -> tuple[type, ...]:
     from paca import PacaLinear
+    from paca.experts import PacaExperts
 
-    return (PacaLinear,)
+    return (PacaLinear, PacaExperts)
 
 
 def _authors_layer_types() -> tuple[type, ...]:
@@ -198,9 +236,10 @@ def _authors_stale_forwards(model: nn.Module) -> int:
 
 
 def _qpaca_layer_types() -> tuple[type, ...]:
+    from paca.experts import PacaExperts
     from paca.quantized import QPacaLinear
 
-    return (QPacaLinear,)
+    return (QPacaLinear, PacaExperts)
 
 
 def _peft_version() -> str:
@@ -269,7 +308,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            settings=_LORA_SETTINGS, implementation=_peft_version, extra=_peft_extra, peft=True),
     Method("paca", _prepare_paca, _paca_layer_types, branch_ops=PACA_BRANCH_OPS,
            r_rule=_paca_r_rule, settings=_PACA_SETTINGS, implementation=_paca_implementation,
-           extra=_paca_extra),
+           extra=_paca_extra, expert_gemm=True),
     Method("paca-authors", _prepare_paca_authors, _authors_layer_types,
            branch_ops=AUTHORS_BRANCH_OPS, r_rule=_paca_r_rule, settings=_PACA_SETTINGS,
            implementation=_authors_implementation, extra=_paca_extra, r_gemm=True,
@@ -279,7 +318,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            extra=_with_nf4(_peft_extra)),
     Method("qpaca", _prepare_paca, _qpaca_layer_types, branch_ops=QPACA_BRANCH_OPS,
            r_rule=_paca_r_rule, settings=_PACA_SETTINGS, quantization="nf4",
-           implementation=_paca_implementation, extra=_with_nf4(_paca_extra)),
+           implementation=_paca_implementation, extra=_with_nf4(_paca_extra), expert_gemm=True),
 ]}
 assert set(QUANTIZED) == {name for name, m in REGISTRY.items() if m.quantization}
 
@@ -374,7 +413,14 @@ def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Re
         method = REGISTRY[name]
         for path, linear in targets.items():
             method.check_r(path, linear, settings.r)
-    return describe_targets(model, recipe.targets)
+    from paca_prof.methods import experts
+
+    experts.check(model, names, settings.r, settings.dropout, recipe)
+    described = describe_targets(model, recipe.targets)
+    expert_record = experts.describe(model, names, recipe)
+    if expert_record is not None:
+        described["experts"] = expert_record
+    return described
 
 
 def _check_peft_config(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe,
