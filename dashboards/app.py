@@ -127,6 +127,15 @@ def _controls(*pairs) -> html.Div:
         for label, control in pairs])
 
 
+def _mib(frame: pd.DataFrame) -> pd.DataFrame:
+    """Byte columns in MiB (renamed so), for a table."""
+    frame = frame.copy()
+    for column in [c for c in frame.columns if c.endswith("_bytes")]:
+        frame[column.removesuffix("bytes") + "MiB"] = (frame.pop(column).astype(float)
+                                                       / 2**20).round(3)
+    return frame
+
+
 def _table(frame: pd.DataFrame, id_: str | None = None) -> html.Div:
     """An HTML table of a (small) analyzer DataFrame as display shows it (bytes in MiB)."""
     headers, rows = display.table_text(frame)
@@ -478,6 +487,12 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         errors = [html.Div(_text(f"{row.method}: {row.status}" + (
             f": {row.error}" if isinstance(row.error, str) and row.error else "")))
             for row in failed.itertuples()]
+        if len(analysis.ranks) > 1:  # a distributed trace: every rank's peak (rank 0 above)
+            _, bytes_source = _sources(analysis)
+            errors.append(html.Div([
+                html.Div(_text(f"per-rank memory ({bytes_source}, MiB); the views show rank "
+                               f"{analysis.rank}"), className="label"),
+                _table(_mib(analysis.rank_peaks(methods)), "rank-table")]))
         return (_table(table, "summary-table"), errors or None,
                 figures.overview_bars(summary, time_source),
                 figures.summary_ratio_bars(table, time_source, BASELINE), None)

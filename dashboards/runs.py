@@ -158,7 +158,8 @@ def _describe(path: Path, name: str) -> RunInfo:
     for table in trace_io.TABLES:
         rows = _check_table_file(path, table)
         if table == "summary" and rows > SUMMARY_ROWS_LIMIT:
-            raise trace_io.TraceError(f"summary.parquet has {rows:,} rows (one per method)")
+            raise trace_io.TraceError(f"summary.parquet has {rows:,} rows (one per method "
+                                      "and rank)")
     for table in trace_io.OPTIONAL_TABLES:
         if os.path.lexists(path / f"{table}.parquet"):
             _check_table_file(path, table)
@@ -166,7 +167,8 @@ def _describe(path: Path, name: str) -> RunInfo:
     return RunInfo(
         name=name, model=run["model"]["name"], seq=run["seq"], batch=run["batch"],
         device=run["device"]["name"], source=run["source"], sources=trace_io.sources(run),
-        methods=[str(m) for m in summary["method"]], created=str(run.get("created", "")))
+        methods=list(dict.fromkeys(str(m) for m in summary["method"])),  # once per rank
+        created=str(run.get("created", "")))
 
 
 def _reason(error: Exception, root: Path) -> str:

@@ -19,6 +19,11 @@ from paca import hooks
 from paca.compiled import partial_connection_op
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's sharded parameters), or the tensor itself."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
 class PartialConnectionFn(torch.autograd.Function):
     """y = x @ W.T + b, with the gradient routed to P = W[:, indices] / scaling.
 
@@ -128,11 +133,14 @@ class PacaLinear(PacaLayer):
         # produces that layout, so accumulating the gradient needs no copy.
         self.paca_weight = nn.Parameter((original / self.scaling).t().contiguous().t())
         self._synced_version = self.paca_weight._version
+        self._synced_param = id(self.paca_weight)  # the parameter object that version is of
         self._enabled = True
         hooks.subscribe(self)
 
     def __setstate__(self, state):  # copy.deepcopy and unpickling bypass __init__
         super().__setstate__(state)
+        if "paca_weight" in self._parameters:
+            self.__dict__["_synced_param"] = id(self._parameters["paca_weight"])
         hooks.subscribe(self)
 
     # ------------------------------------------------------------------ the columns in W
@@ -141,9 +149,11 @@ class PacaLinear(PacaLayer):
         """Write scaling * paca_weight into W[:, indices] (not while the adapter is disabled)."""
         paca_weight = self.paca_weight
         if self._enabled:
-            weight = self.weight
+            # Sharded by FSDP2 (DTensors, both on dim 0: the same rows on every rank): each
+            # rank writes its own rows (paca/distributed.py).
+            weight = local_tensor(self.weight)
             # detach(), not torch.no_grad(): the same effect on this path for less Python.
-            columns = paca_weight.detach()
+            columns = local_tensor(paca_weight).detach()
             if self.scaling != 1.0:
                 columns = columns * self.scaling
             if columns.dtype != weight.dtype:
@@ -151,6 +161,7 @@ class PacaLinear(PacaLayer):
             weight.detach().index_copy_(1, self.indices, columns)
         # Through __dict__: nn.Module.__setattr__ costs microseconds, and this runs per step.
         self.__dict__["_synced_version"] = paca_weight._version
+        self.__dict__["_synced_param"] = id(paca_weight)
 
     def mark_columns_changed(self) -> None:
         """Deprecated spelling of sync_columns() (the write used to wait for the next forward)."""
@@ -172,7 +183,10 @@ class PacaLinear(PacaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paca_weight = self.paca_weight  # one Module.__getattr__ lookup, not three
         # The fallback for in-place writes outside an optimizer step; never traced by compile.
-        if not torch.compiler.is_compiling() and paca_weight._version != self._synced_version:
+        # Only for the parameter last synced: under FSDP2 the forward sees the gathered copy,
+        # whose version every all-gather bumps; the sharded one is synced after each step.
+        if not torch.compiler.is_compiling() and paca_weight._version != self._synced_version \
+                and id(paca_weight) == self.__dict__.get("_synced_param", id(paca_weight)):
             self.sync_columns()
         if self._enabled and paca_weight.requires_grad and torch.is_grad_enabled():
             args = (x, paca_weight, self.weight, self.bias, self.indices, self.scaling)

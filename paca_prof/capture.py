@@ -124,10 +124,15 @@ class Capture:
         # callbacks at arbitrary points.
         self._gc_was_enabled = gc.isenabled()
         gc.disable()
+        # Under FSDP2, before its hooks: each all-gather falls in its module's scope, and the
+        # root's in the step. Elsewhere after the hooks already there, as a plain loop runs.
+        from paca_prof.sharding import sharded_parameters
+
+        prepend = sharded_parameters(self.model) is not None
         for module, path in self.paths.items():
             # with_kwargs: transformers passes tensors by keyword (self_attn(hidden_states=...))
-            self._handles.append(
-                module.register_forward_pre_hook(self._make_pre(path), with_kwargs=True))
+            self._handles.append(module.register_forward_pre_hook(
+                self._make_pre(path), with_kwargs=True, prepend=prepend))
             self._handles.append(module.register_forward_hook(
                 self._make_post(path), with_kwargs=True, always_call=True))
         self._handles.append(register_optimizer_step_pre_hook(self._optimizer_pre))

@@ -178,6 +178,42 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
                             "(fp32 embeddings, norms and head); its checkpointing is --grad-ckpt")
 
 
+def _add_distributed(parser: argparse.ArgumentParser, measured: bool) -> None:
+    """FSDP2's flags (distributed.py), the same in `run` and `plan`."""
+    from paca_prof.distributed import BACKENDS, INTERCONNECTS
+
+    group = parser.add_argument_group("distributed (FSDP2; every rank runs --batch sequences)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="FSDP2 fully_shard per decoder layer and at the root"
+                            + (": measured under torchrun --nproc-per-node N (gloo on cpu, "
+                               "nccl on cuda), simulated per rank with --device meta"
+                               if measured else ""))
+    group.add_argument("--world-size", type=_positive_int, default=None,
+                       help="ranks the model is sharded over"
+                            + (" (simulated runs; a measured run takes torchrun's, and a value "
+                               "given must match it)" if measured else " (default 1)"))
+    group.add_argument("--no-reshard-after-forward", dest="reshard_after_forward",
+                       action="store_false",
+                       help="keep each layer's gathered parameters from forward to backward "
+                            "(FSDP2's reshard_after_forward=False)")
+    group.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="simulated collectives: nccl (default; CUDA) or gloo (the CPU's: "
+                            "scratch buffers, no forward prefetch), to compare with a measured "
+                            "CPU run")
+    group.add_argument("--interconnect", choices=tuple(INTERCONNECTS), default=None,
+                       help="projected communication over this link: "
+                            + "; ".join(f"{k}: {v['what']}" for k, v in INTERCONNECTS.items())
+                            + " (default: the GPU's own, from the GPU table)")
+
+
+def _distributed(args, device: str):
+    """The Distributed of the flags (ValueError for a bad combination or launch)."""
+    from paca_prof.distributed import for_run
+
+    return for_run(device, args.fsdp, args.world_size, args.reshard_after_forward,
+                   args.interconnect, args.backend)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from paca_prof.budget import DEFAULT_HEADROOM, HEADROOM_MEANING
 
@@ -220,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peft_config(run)
     _add_method_settings(run)
     _add_recipe(run)
+    _add_distributed(run, measured=True)
     run.set_defaults(handler=_cmd_run)
 
     compare = sub.add_parser("compare", help="where a measured run and the simulation of the "
@@ -299,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write the plan as a trace folder (capacity sweep) for analyze/dash")
     _add_method_settings(plan)
     _add_recipe(plan)
+    _add_distributed(plan, measured=False)
     plan.set_defaults(handler=_cmd_plan)
     return parser
 
@@ -345,7 +383,8 @@ def _cmd_run(args) -> int:
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
                        device=device, methods=methods, settings=_settings(args),
                        recipe=_recipe(args, methods, dtype), steps=args.steps,
-                       warmup=args.warmup, seed=args.seed, peft_config=peft_config)
+                       warmup=args.warmup, seed=args.seed, peft_config=peft_config,
+                       distributed=_distributed(args, device))
     except ValueError as error:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
@@ -357,13 +396,24 @@ def _cmd_run(args) -> int:
         raise UsageError(str(error)) from None
     finally:
         bar.close()
+    if path is None:  # a distributed run's other ranks: rank 0 writes and prints
+        return 0
     analysis = TraceAnalysis(path)
     if args.json:
         rows = analysis.trace.summary.set_index("method")
         methods = {m: _jsonable(row) for m, row in rows.iterrows()}
-        print(json.dumps({"trace": str(path), "methods": methods}, indent=2))
+        payload = {"trace": str(path), "methods": methods}
+        if len(analysis.ranks) > 1:
+            payload["ranks"] = _records(analysis.rank_peaks())
+        print(json.dumps(payload, indent=2))
     else:
         _print_summary(analysis)
+        if len(analysis.ranks) > 1:
+            print(f"\nper-rank memory (MiB, {analysis.sources.get('bytes')}); the table above "
+                  f"is rank {analysis.rank}'s")
+            print(_bytes_as_mib(analysis.rank_peaks()[["method", "rank", "status", "peak_bytes",
+                                                      "activation_bytes", "reserved_bytes"]])
+                  .to_string(index=False, float_format=lambda v: f"{v:,.3f}", na_rep="-"))
         print(f"trace: {path}")
     failed = analysis.trace.summary["status"].eq("error").any()
     return 1 if failed else 0
@@ -490,7 +540,8 @@ def _cmd_plan(args) -> int:
         peft_config, methods = _peft_methods(args, planner.PLAN_METHODS)
         spec = planner.make_spec(args.model, methods, seq=args.seq, batch=args.batch or 1,
                                  dtype=args.dtype, recipe=_recipe(args, methods, args.dtype),
-                                 settings=_settings(args), peft_config=peft_config)
+                                 settings=_settings(args), peft_config=peft_config,
+                                 distributed=_distributed(args, "meta"))
     except ValueError as error:
         raise UsageError(str(error)) from None
     bar, progress = _progress_bar("paca-prof plan", len(spec.methods), finished="searched")
@@ -555,8 +606,10 @@ def _print_plan(result) -> None:
              else f"seq {result.seq}, batch searched")
     checkpointing = ("gradient checkpointing" if result.recipe.grad_ckpt
                      else "no gradient checkpointing")
+    ranks = (f", FSDP2 over {result.distributed['world_size']} ranks (every byte per rank, "
+             f"batch per rank)" if result.distributed else "")
     print(f"paca-prof plan: {result.model} ({result.n_layers} layers), {fixed}, {result.dtype}, "
-          f"{result.recipe.attention} attention, {checkpointing}")
+          f"{result.recipe.attention} attention, {checkpointing}{ranks}")
     print(result.budget.describe())
     if len(result.depths) == 1:
         how = f"the {result.n_layers}-layer model simulated at each size"

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from paca_prof.capture import Capture
+from paca_prof.sharding import gathered_parameters
 
 
 def storage_key(tensor: torch.Tensor) -> int:
@@ -58,7 +59,7 @@ class SavedTensorLedger:
         self.ptr_owner: dict[int, str] = {}
         self._saved: dict[int, _Saved] = {}
         self._hooks = saved_tensors_hooks(self._pack, lambda tensor: tensor)
-        capture.on_phase(end=self._phase_end)
+        capture.on_phase(start=self._phase_start, end=self._phase_end)
 
     def __enter__(self) -> SavedTensorLedger:
         self._hooks.__enter__()
@@ -87,6 +88,10 @@ class SavedTensorLedger:
         self._saved[key] = _Saved(self.capture.current, storage.nbytes(), ptr,
                                   [weakref.ref(tensor)])
         return tensor
+
+    def _phase_start(self, phase: str) -> None:
+        if phase == "forward":  # FSDP2's gathered parameters, made at a group's first forward
+            self.excluded |= {storage_key(t) for t in gathered_parameters(self.capture.model)}
 
     def _phase_end(self, phase: str) -> None:
         if phase != "forward":

@@ -100,12 +100,31 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     return Timeline(rows, peak, breakdown)
 
 
-def static_storages(model, optimizer, by_address: bool = False,
-                    owners: bool = False) -> list[tuple]:
+def with_missed_frees(events: list[MemoryEvent]) -> list[MemoryEvent]:
+    """The events with a free added before each allocation at a key still live: a measured
+    step's profiler misses frees made on threads it does not follow (gloo's workers free some of what a collective allocated), and an address
+    allocated again was free by then. The free is put at the new allocation's time, the latest
+    it can have been."""
+    sizes: dict[int, int] = {}
+    fixed = []
+    for e in events:
+        if e.nbytes > 0:
+            if e.key in sizes:
+                fixed.append(MemoryEvent(e.t, e.key, -sizes[e.key], e.phase))
+            sizes[e.key] = e.nbytes
+        else:
+            sizes.pop(e.key, None)
+        fixed.append(e)
+    return fixed
+
+
+def static_storages(model, optimizer, by_address: bool = False, owners: bool = False,
+                    parameters=None) -> list[tuple]:
     """(key, bytes, category) of every storage alive before the step starts: frozen weights
     and buffers (with the quantization state of 4-bit weights: bitsandbytes keeps absmax, code
     and offset in the parameter's quant_state, outside the buffers), trainable parameters, and
     optimizer state (gradients are None after zero_grad(set_to_none=True)), each storage once
+    (a DTensor's: its local shard's, with FSDP2's padding)
     (tied weights, views), in that order. The key is the storage's id (a simulation's event
     keys), or with `by_address` its data pointer (the profiler's allocation addresses). Paged
     optimizer states live outside the allocator and are left out (paged_bytes). With `owners`,
@@ -115,16 +134,16 @@ def static_storages(model, optimizer, by_address: bool = False,
     found = []
 
     def add(tensor, category: str, owner: str) -> None:
-        storage = tensor.untyped_storage()
+        storage = local(tensor).untyped_storage()
         if storage._cdata not in seen:
             seen.add(storage._cdata)
             key = storage.data_ptr() if by_address else storage._cdata
             found.append((key, storage.nbytes(), category, owner) if owners else
                          (key, storage.nbytes(), category))
 
-    names = {}
-    for name, p in model.named_parameters():
-        names[id(p)] = name
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p in model.parameters() if parameters is None else parameters:
+        name = names.get(id(p), "")
         add(p, "trainable" if p.requires_grad else "weights", name)
         for tensor in _quant_state_tensors(getattr(p, "quant_state", None)):
             add(tensor, "weights", name)
@@ -136,10 +155,15 @@ def static_storages(model, optimizer, by_address: bool = False,
     return found
 
 
-def static_bytes(model, optimizer) -> dict[str, int]:
+def local(tensor):
+    """A DTensor's local shard (what an FSDP2 rank holds), or the tensor itself."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+def static_bytes(model, optimizer, parameters=None) -> dict[str, int]:
     """Bytes per category alive before the step starts (static_storages, summed)."""
     static = {c: 0 for c in MEMORY_CATEGORIES}
-    for _, nbytes, category in static_storages(model, optimizer):
+    for _, nbytes, category in static_storages(model, optimizer, parameters=parameters):
         static[category] += nbytes
     return static
 
@@ -150,7 +174,7 @@ def paged_storages(optimizer, names: dict[int, str] | None = None) -> list[tuple
     owner is the parameter's path in `names` (id(parameter) -> path), or ""."""
     seen, found = set(), []
     for param, value in _optimizer_tensors(optimizer):
-        storage = value.untyped_storage()
+        storage = local(value).untyped_storage()
         if getattr(value, "is_paged", False) and storage._cdata not in seen:
             seen.add(storage._cdata)
             found.append(((names or {}).get(id(param), ""), storage.nbytes()))

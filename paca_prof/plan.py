@@ -184,6 +184,7 @@ class PlanResult:
     curve: pd.DataFrame
     method_settings: dict[str, dict]
     elapsed_s: float
+    distributed: dict | None = None  # Distributed.describe() of an FSDP2 plan
 
     def assumptions(self) -> dict:
         """What every number rests on, in words and values (for --json and the printout)."""
@@ -219,6 +220,12 @@ class PlanResult:
             "curve": f"~{CURVE_POINTS} sizes up to {CURVE_SPAN}x the answer; probed sizes "
                      "simulated, others fitted per segment through the nearest probes",
             "methods": self.method_settings,
+            **({"per_rank": f"every byte is one rank's under FSDP2 over "
+                            f"{self.distributed['world_size']} ranks (rank 0: full padded "
+                            "shards; sharded parameters, gradients, optimizer states; "
+                            "all-gather buffers of the current and prefetched layer; "
+                            "reduce-scatter buffers; engines/fsdp_sim.py); batch per rank"}
+               if self.distributed else {}),
         }
 
     def to_dict(self) -> dict:
@@ -260,6 +267,7 @@ class PlanResult:
             "budget_bytes": self.budget.budget_bytes,
             "search": self.vary,
             "source": "simulated",
+            "distributed": self.distributed,
             "assumptions": self.assumptions(),
             "methods": methods,
             "elapsed_s": round(self.elapsed_s, 2),
@@ -278,19 +286,23 @@ def _point_dict(point: Point | None) -> dict | None:
 
 def make_spec(model: str, methods: tuple[str, ...] = PLAN_METHODS, *, seq: int | None = None,
               batch: int = 1, dtype: str = "bf16", recipe: Recipe | None = None,
-              settings=None, peft_config: dict | None = None):
+              settings=None, peft_config: dict | None = None, distributed=None):
     """The RunSpec a plan simulates (device meta), checked: ValueError (one line) for an
     unknown model, method or dtype, a bad size, targets that match nothing or an r a method
     refuses. `peft_config`: a user's LoraConfig (methods/peft_config.read), which its own
-    method then trains. The recipe's attention defaults to what SDPA runs on a recent NVIDIA GPU (flash
-    for bf16/fp16, efficient for fp32); eager (or "math") materialises the L x L scores."""
+    method then trains. With `distributed` (FSDP2 over N ranks) every byte is one rank's
+    (rank 0's: the full padded shards), at `batch` sequences per rank. The recipe's
+    attention defaults to what SDPA runs on a recent NVIDIA GPU (flash for bf16/fp16,
+    efficient for fp32); eager (or "math") materialises the L x L scores."""
+    from paca_prof.distributed import Distributed
     from paca_prof.engines.step import validate_against_model
     from paca_prof.methods import MethodSettings
     from paca_prof.spec import RunSpec
 
     spec = RunSpec(model=model, seq=seq or 1, batch=batch, dtype=dtype, device="meta",
                    methods=tuple(methods), settings=settings or MethodSettings(),
-                   recipe=recipe or Recipe(), peft_config=peft_config)
+                   recipe=recipe or Recipe(), peft_config=peft_config,
+                   distributed=distributed or Distributed())
     validate_against_model(_at_depth(spec, 1))
     return spec
 
@@ -345,7 +357,8 @@ def plan(spec, budget: Budget, *, seq: int | None = None,
         vary=vary, seq=seq, batch=spec.batch, dtype=spec.dtype, recipe=spec.recipe,
         granularity=search.grid, depths=depths, methods=plans, curve=curve,
         method_settings={m: methods.get(m).describe(spec.settings) for m in spec.methods},
-        elapsed_s=time.perf_counter() - started)
+        elapsed_s=time.perf_counter() - started,
+        distributed=spec.distributed.describe() if spec.distributed.fsdp else None)
 
 
 # --- Simulating one size at any depth -------------------------------------------------------

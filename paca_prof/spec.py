@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from paca_prof import validate
+from paca_prof.distributed import Distributed
 from paca_prof.methods import DEFAULT_METHODS, MethodSettings, check_methods
 from paca_prof.recipe import Recipe, resolve_attention
 
@@ -20,7 +21,8 @@ class RunSpec:
     dtype here (recipe.resolve_attention), so `spec.recipe` says what really runs.
 
     `model`: a preset, a local config.json or model folder, or a transformers config (or a
-    mapping of its values). `peft_config`: a user's LoraConfig as checked fields
+    mapping of its values). `distributed`: ranks and FSDP2 (distributed.py); `batch` is each
+    rank's. `peft_config`: a user's LoraConfig as checked fields
     (methods/peft_config.py), which the PEFT method it names (lora, or dora with use_dora)
     trains exactly, in place of `settings` and the recipe's targets.
 
@@ -40,6 +42,7 @@ class RunSpec:
     warmup: int = 2
     seed: int = 0
     peft_config: dict | None = None
+    distributed: Distributed = field(default_factory=Distributed)
 
     def __post_init__(self):
         from paca_prof import presets

@@ -111,6 +111,14 @@ BATCH_COLUMNS = {
     "seq": "Int64", "tokens": "Int64", "padding_tokens": "Int64", "padding_fraction": "float64",
     "padding_from": "string", "sequences": "Int64",
 }
+# Every table has a `rank`: the process rank of a distributed run (FSDP2 under torchrun, or a
+# simulated rank) whose row it is; 0 in single-process runs and in traces written before ranks
+# (filled when loaded). A distributed trace holds every rank's rows: the summary one row per
+# (method, rank), so its peaks are per rank.
+RANK_COLUMN = {"rank": "Int64"}
+for _columns in (SUMMARY_COLUMNS, LAYER_COLUMNS, OP_COLUMNS, MEMORY_COLUMNS, CAPACITY_COLUMNS,
+                 BATCH_COLUMNS):
+    _columns.update(RANK_COLUMN)
 TABLES = {
     "summary": SUMMARY_COLUMNS,
     "layers": LAYER_COLUMNS,
@@ -163,7 +171,32 @@ class Trace:
 
     @property
     def methods(self) -> list[str]:
-        return list(self.summary["method"])
+        """The methods, in order (each once: a distributed trace has a row per rank)."""
+        return list(dict.fromkeys(self.summary["method"]))
+
+    @property
+    def ranks(self) -> list[int]:
+        """The ranks whose rows this trace holds ([0] for a single-process run)."""
+        return sorted(int(r) for r in self.summary["rank"].dropna().unique()) or [0]
+
+    def for_rank(self, rank: int) -> Trace:
+        """This trace with only `rank`'s rows in every table (chrome traces are rank 0's).
+        ValueError for a rank the trace does not hold."""
+        if rank not in self.ranks:
+            raise ValueError(f"rank {rank} is not in this trace (ranks "
+                             f"{', '.join(map(str, self.ranks))})")
+        if self.ranks == [rank]:
+            return self
+
+        def only(frame):
+            if frame is None:
+                return None
+            return frame[frame["rank"] == rank].reset_index(drop=True)
+
+        return Trace(path=self.path, run=self.run, summary=only(self.summary),
+                     layers=only(self.layers), ops=only(self.ops), memory=only(self.memory),
+                     chrome_traces=self.chrome_traces if rank == 0 else {},
+                     capacity=only(self.capacity), batches=only(self.batches))
 
 
 def sources(run: dict) -> dict:
@@ -179,7 +212,11 @@ def title(run: dict) -> str:
     """One line naming a run: model, shape, dtype, device."""
     model = (run.get("model") or {}).get("name", "?")
     device = (run.get("device") or {}).get("name", "?")
-    return f"{model}, batch {run.get('batch')} x seq {run.get('seq')}, {run.get('dtype')}, {device}"
+    distributed = run.get("distributed") if isinstance(run.get("distributed"), dict) else {}
+    ranks = (f", FSDP2 over {distributed.get('world_size')} ranks (per rank)"
+             if distributed.get("fsdp") else "")
+    return (f"{model}, batch {run.get('batch')} x seq {run.get('seq')}, {run.get('dtype')}, "
+            f"{device}{ranks}")
 
 
 def empty_table(name: str) -> pd.DataFrame:
@@ -192,7 +229,8 @@ def conform(frame: pd.DataFrame, name: str) -> pd.DataFrame:
     frame = frame.copy()
     for column, dtype in columns.items():
         if column not in frame:
-            missing = {"bool": False, "float64": float("nan")}.get(dtype, pd.NA)
+            missing = 0 if column == "rank" else {"bool": False,
+                                                  "float64": float("nan")}.get(dtype, pd.NA)
             frame[column] = pd.Series(missing, index=frame.index, dtype=dtype)
         elif dtype == "bool":
             frame[column] = frame[column].fillna(False).astype(bool)
@@ -366,7 +404,7 @@ RUN_KEYS = {
     "seed": (_optional(int), False), "device": (dict, True), "gpu": (_optional(dict), False),
     "methods": (dict, False), "recipe": (dict, False), "assumptions": (dict, False),
     "settings": (dict, False), "versions": (dict, False), "plan": (dict, False),
-    "profile": (dict, False), "batches": (dict, False),
+    "profile": (dict, False), "batches": (dict, False), "distributed": (dict, False),
 }
 _NESTED_STRINGS = {"model": ("name",), "device": ("type", "name")}
 
@@ -459,7 +497,8 @@ def _check_table(frame: pd.DataFrame, name: str, path: Path) -> pd.DataFrame:
     if name == "summary":
         if frame["method"].isna().any():
             raise TraceError(f"{path}: summary.parquet has a row without a method")
-        repeated = sorted(set(frame.loc[frame["method"].duplicated(), "method"].astype(str)))
+        repeated = sorted(set(frame.loc[frame[["method", "rank"]].duplicated(),
+                                        "method"].astype(str)))
         if repeated:
             raise TraceError(f"{path}: summary.parquet names method(s) twice: "
                              f"{', '.join(repeated)}")

@@ -73,6 +73,17 @@ PLAN = ["plan", "--model", "tiny"]
     (["run", "--model", "tiny", "--seq", "8", "--device", "tpu"], "invalid choice"),
     (RUN + ["--seq", "8", "--targets", "q_proj,bogus"], "its linears are named ['down_proj'"),
     (RUN + ["--seq", "8", "--targets", ","], "no target"),
+    (RUN + ["--seq", "8", "--fsdp", "--world-size", "0"], "--world-size"),
+    (RUN + ["--seq", "8", "--fsdp", "--world-size", "-2"], "--world-size"),
+    (RUN + ["--seq", "8", "--world-size", "2"], "give --fsdp too"),
+    (RUN + ["--seq", "8", "--no-reshard-after-forward"], "give --fsdp too"),
+    (RUN + ["--seq", "8", "--fsdp", "--backend", "mpi"], "invalid choice"),
+    (RUN + ["--seq", "8", "--fsdp", "--interconnect", "carrier-pigeon"], "invalid choice"),
+    (["run", "--model", "tiny", "--seq", "8", "--device", "cpu", "--fsdp"],
+     "needs a distributed launch"),
+    (["run", "--model", "tiny", "--seq", "8", "--device", "cpu", "--world-size", "2"],
+     "needs torchrun"),
+    (PLAN + ["--gpu", "h100-80gb", "--fsdp", "--world-size", "0"], "--world-size"),
     (RUN + ["--seq", "8", "--loss", "focal"], "invalid choice: 'focal'"),
     (RUN + ["--seq", "8", "--loss-chunks", "0"], "--loss-chunks"),
     (RUN + ["--seq", "8", "--optimizer", "lion"], "invalid choice: 'lion'"),
@@ -443,3 +454,28 @@ def test_validate_run_accepts_or_refuses_any_mapping_in_one_line(values):
         trace.validate_run({"schema_version": 1, **values})
     except trace.TraceError as error:
         assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize("env, argv, expected", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["--fsdp", "--world-size", "3"],
+     "does not match torchrun's WORLD_SIZE 2"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, [], "give --fsdp"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, ["--fsdp"], "not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, ["--fsdp"], "out of range"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, ["--fsdp", "--backend", "gloo"], "--backend is for"),
+])
+def test_a_distributed_launch_that_does_not_match_is_one_line(capsys, monkeypatch, env, argv,
+                                                              expected):
+    """torchrun's environment against the flags: checked before any process group starts."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = one_line_exit_2(capsys, ["run", "--model", "tiny", "--seq", "8", "--device", "cpu",
+                                    *argv])
+    assert expected in line, line
+
+
+def test_a_simulated_run_under_torchrun_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    line = one_line_exit_2(capsys, RUN + ["--seq", "8", "--fsdp", "--world-size", "2"])
+    assert "without torchrun" in line, line

@@ -18,9 +18,38 @@ class TraceAnalysis:
     to every method in the trace; naming one the trace lacks raises ValueError.
     """
 
-    def __init__(self, source: str | Path | trace_io.Trace):
-        self.trace = source if isinstance(source, trace_io.Trace) else trace_io.load(source)
+    def __init__(self, source: str | Path | trace_io.Trace, rank: int = 0):
+        """`rank`: the rank whose rows every analysis reads (a distributed trace holds every
+        rank's; rank_peaks compares them). ValueError for a rank the trace lacks."""
+        loaded = source if isinstance(source, trace_io.Trace) else trace_io.load(source)
+        self.all_ranks = loaded
+        self.rank = rank
+        self.trace = loaded.for_rank(rank)
         self._memo: dict = {}  # navigation lists, computed once: the trace never changes
+
+    @property
+    def kernels(self) -> pd.DataFrame:
+        """The ops table without projected communication rows (device "interconnect": FSDP2's
+        collectives run on a stream of their own, so they are no kernel's idle time)."""
+        ops = self.trace.ops
+        return ops[ops["device"] != "interconnect"]
+
+    @property
+    def ranks(self) -> list[int]:
+        """The ranks the trace holds ([0] for a single-process run)."""
+        return self.all_ranks.ranks
+
+    def rank_peaks(self, methods: list[str] | None = None) -> pd.DataFrame:
+        """One row per (method, rank): status, peak_bytes and its breakdown, activation_bytes,
+        reserved_bytes; the trace's bytes source (measured or simulated) for every rank."""
+        methods = self.check_methods(methods)
+        summary = self.all_ranks.summary
+        columns = ["method", "rank", "status", "peak_bytes", "activation_bytes",
+                   "reserved_bytes", *trace_io.PEAK_COLUMNS]
+        rows = summary[summary["method"].isin(methods)][columns]
+        return rows.sort_values(["method", "rank"], key=lambda c: c.map(
+            {m: i for i, m in enumerate(methods)}) if c.name == "method" else c
+        ).reset_index(drop=True)
 
     def _once(self, key: str, compute):
         if key not in self._memo:
@@ -60,12 +89,12 @@ class TraceAnalysis:
     def adapter_overhead(self, methods: list[str] | None = None) -> pd.DataFrame:
         """Sequential adapter overhead per method: adapter-branch ops, their busy time and the
         idle time before them, their share of the step, and the step against frozen and paca."""
-        return analyses.adapter_overhead(self.trace.summary, self.trace.ops,
+        return analyses.adapter_overhead(self.trace.summary, self.kernels,
                                          self.check_methods(methods))
 
     def adapter_overhead_by_layer(self, methods: list[str] | None = None) -> pd.DataFrame:
         """The same per layer (decoder_layers)."""
-        return analyses.adapter_overhead_by_layer(self.trace.ops, self.check_methods(methods),
+        return analyses.adapter_overhead_by_layer(self.kernels, self.check_methods(methods),
                                                   self.decoder_layers())
 
     def activation_savings(self, methods: list[str] | None = None) -> pd.DataFrame:

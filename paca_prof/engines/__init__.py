@@ -73,11 +73,13 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
     from paca_prof.engines.measure import measure_method
     from paca_prof.engines.simulate import simulate_method
 
+    simulated = spec.device == "meta"
+    if spec.distributed.fsdp and not simulated:
+        return _run_distributed(spec, out, command, progress)
     targets = validate_against_model(spec)
     check_out(out)
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
-    simulated = spec.device == "meta"
     if simulated and gpu is not None and budget is None:
         budget = make_budget(gpu=gpu)
     if spec.device == "cpu" and {"paca", "qpaca"} & set(spec.methods):
@@ -119,6 +121,87 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
         reservation.__exit__(None, None, None)
 
 
+def _run_distributed(spec: RunSpec, out: Path, command: str, progress: Progress) -> Path | None:
+    """A measured run under torchrun with FSDP2 (engines/fsdp.py): every rank measures every
+    method on its own batch; rank 0 gathers every rank's tables, adds their `rank`, and writes
+    the one trace folder. Returns its path on rank 0, None on the others. A check that fails
+    on rank 0 (the output folder) fails on every rank, so that none waits for the others."""
+    import tempfile
+
+    from paca_prof.engines import fsdp
+    from paca_prof.engines.measure import measure_method
+
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    rank, world = fsdp.init(spec.device)
+    if world != spec.distributed.world_size:
+        raise ValueError(f"--world-size {spec.distributed.world_size} does not match the "
+                         f"process group's {world}")
+    targets = validate_against_model(spec)
+    out = Path(fsdp.broadcast(str(out)))  # rank 0's name (a default one has a time in it)
+    problem = None
+    if rank == 0:
+        try:
+            check_out(out)
+        except ValueError as error:
+            problem = str(error)
+    problem = fsdp.broadcast(problem)
+    if problem:
+        raise ValueError(problem)
+    if spec.device == "cpu" and {"paca", "qpaca"} & set(spec.methods):
+        from paca.compiled import ensure_built
+
+        if rank == 0:  # one build; the other ranks load it
+            ensure_built()
+        torch.distributed.barrier()
+        ensure_built()
+    reservation = trace.Reservation(out) if rank == 0 else None
+    reserved = reservation.__enter__() if reservation else None
+    scratch = Path(tempfile.mkdtemp(prefix=f"paca-prof-rank{rank}-")) if rank else None
+    try:
+        results: list[MethodResult] = []
+        for method in spec.methods:
+            progress(method, "measuring")
+            try:
+                results.append(measure_method(spec, method,
+                                              reserved.staging if reserved else scratch))
+            except Exception as error:  # recorded, as in a single-process run
+                status = "oom" if is_out_of_memory(error) else "error"
+                if status == "error":
+                    traceback.print_exc(file=sys.stderr)
+                results.append(failed(method, status, error))
+            progress(method, "done")
+        for result in results:  # the chrome trace stays on its rank (rank 0's is written)
+            result.chrome_trace = None
+        gathered = fsdp.gather_results(results)
+        if rank != 0:
+            return None
+        tables = ranked_tables(gathered)
+        metadata = spec_metadata(spec, command, None, None, targets)
+        return reserved.commit(metadata, tables)
+    finally:
+        if reservation:
+            reservation.__exit__(None, None, None)
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def ranked_tables(per_rank: list[list[MethodResult]]) -> dict[str, pd.DataFrame]:
+    """The trace's tables from every rank's results (in rank order): each row with its
+    `rank`, the summary one row per (method, rank)."""
+    tables = {}
+    for name in ("summary", "layers", "ops", "memory"):
+        frames = []
+        for rank, results in enumerate(per_rank):
+            for r in results:
+                frame = pd.DataFrame([r.summary]) if name == "summary" else getattr(r, name)
+                frames.append(frame.assign(rank=rank))
+        tables[name] = pd.concat(frames, ignore_index=True)
+    return tables
+
+
 def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
                   budget: Budget | None = None, targets: dict | None = None) -> dict:
     """run.yaml's content for a run of the engines (metadata.run_metadata). `sources` says where
@@ -144,6 +227,13 @@ def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
         reserved = (f"simulated: the step's allocations replayed, model first, through the "
                     f"model of {allocator} (paca_prof/reserved.py); no CUDA context")
     assumptions = {"timing": timing, "memory": memory, "reserved": reserved}
+    if spec.distributed.fsdp:
+        assumptions["distributed"] = (
+            "every rank's rows (the rank column), each rank measured as one process is"
+            if spec.device != "meta" else
+            "per-rank memory simulated: the step of one rank at its batch, with FSDP2's "
+            "sharded parameters, gradients and optimizer states and its all-gather and "
+            "reduce-scatter buffers (engines/fsdp_sim.py)")
     if budget is not None:
         assumptions["oom_limit"] = (f"reserved memory against the budget {budget.describe()}; "
                                     "the same budget as paca-prof plan")
@@ -159,7 +249,8 @@ def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
         recipe={**spec.recipe.describe(spec.device),
                 "resolved_targets": targets or validate_against_model(spec)},
         assumptions=assumptions,
-        settings=spec.settings.to_dict())
+        settings=spec.settings.to_dict(),
+        **({"distributed": spec.distributed.describe()} if spec.distributed.fsdp else {}))
 
 
 def paca_autograd_function(device: str) -> str:

@@ -33,7 +33,8 @@ from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import Prepared, make_batch, prepare
 from paca_prof.flops import profiled_op_flops
 from paca_prof.ledger import SavedTensorLedger
-from paca_prof.memory import MemoryEvent, memory_timeline, static_bytes, static_storages
+from paca_prof.memory import (MemoryEvent, local, memory_timeline, static_bytes,
+                              static_storages, with_missed_frees)
 from paca_prof.reserved import allocator_config, replay_step
 from paca_prof.modules import ROOT, is_logits_owner, module_depth
 from paca_prof.ops import counts_as_op
@@ -209,6 +210,8 @@ class ProfiledStep:
     def _phase_start(self, phase):
         if self.static is None:  # the step's first phase: what is alive before it
             self._snapshot()
+        if phase == "optimizer":  # FSDP2 reduce-scatters its last groups after backward ends
+            self._gradient_snapshot()
         self._enter(f"phase:{phase}", phase)
 
     def _phase_end(self, phase):
@@ -216,19 +219,28 @@ class ProfiledStep:
         if phase == "forward":  # the ledger, subscribed first, has just taken its account
             self.forward_owners.append(dict(self.ledger.ptr_owner))
         if phase == "backward":  # the pass is over: every gradient is there
-            marker = f"[gradients {len(self.gradients)}]"  # its time, on the profiler's clock
-            with record_function(marker):
-                self.gradients.extend((p.grad.data_ptr(), marker)
-                                      for p in self.capture.model.parameters()
-                                      if p.grad is not None)
+            self._gradient_snapshot()
+
+    def _gradient_snapshot(self) -> None:
+        marker = f"[gradients {len(self.gradients)}]"  # its time, on the profiler's clock
+        with record_function(marker):
+            self.gradients.extend((local(p.grad).untyped_storage().data_ptr(), marker)
+                                  for p in self.capture.model.parameters()
+                                  if p.grad is not None)
 
     def _snapshot(self) -> None:
+        from paca_prof.sharding import sharded_parameters
+
         model = self.capture.model
-        self.static = static_bytes(model, self.optimizer)
-        self.static_storages = static_storages(model, self.optimizer, by_address=True)
+        # Under FSDP2 the root's parameters are already gathered here (its pre-forward hook
+        # runs first): the sharded ones are what lives before the step.
+        params = sharded_parameters(model)
+        self.static = static_bytes(model, self.optimizer, params)
+        self.static_storages = static_storages(model, self.optimizer, by_address=True,
+                                               parameters=params)
         for param in model.parameters():
             if param.grad is not None:  # kept from the step before (zero_grad to zeros)
-                storage = param.grad.untyped_storage()
+                storage = local(param.grad).untyped_storage()
                 self.static["gradients"] += storage.nbytes()
                 self.start_keys[storage.data_ptr()] = "gradients"
                 self.static_storages.append((storage.data_ptr(), storage.nbytes(), "gradients"))
@@ -439,6 +451,7 @@ def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys
             t=e["ts"] - windows.start, key=e["args"]["Addr"], nbytes=nbytes,
             phase=windows.phase_at(e["ts"]),
             logits_scope=nbytes > 0 and any(s <= e["ts"] <= f for s, f in logits_windows)))
+    memory_events = with_missed_frees(memory_events)
     forwards = [(start, end) for start, end, phase in windows.spans if phase == "forward"]
     saved_events: dict[int, str] = {}
     for (start, end), owners in zip(forwards, forward_owners):

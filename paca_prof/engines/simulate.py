@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from paca_prof import methods
 from paca_prof.capture import Capture
-from paca_prof.engines import project
+from paca_prof.engines import comm, fsdp_sim, project
 from paca_prof.engines import replicate as replication
 from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import prepare
@@ -215,12 +215,16 @@ class Simulator:
     A model of more than replicate.SHALLOW_DEPTH identical decoder layers is simulated at that
     depth and its step replicated to the full depth, exactly (engines/replicate.py); where
     replication is refused (`full_depth_reason` says why), the whole depth is simulated.
-    `replicate=False` simulates the whole depth always.
+    `replicate=False` simulates the whole depth always. Under FSDP2 (spec.distributed.fsdp),
+    rank `rank`'s memory is simulated, always at full depth: its step is rewritten with the
+    sharded layout (engines/fsdp_sim.py).
     """
 
-    def __init__(self, spec: RunSpec, method: str, replicate: bool = True):
-        self.spec, self.method = spec, methods.get(method)
+    def __init__(self, spec: RunSpec, method: str, replicate: bool = True, rank: int = 0):
+        self.spec, self.method, self.rank = spec, methods.get(method), rank
         self.n_layers = spec.config.num_hidden_layers
+        if spec.distributed.fsdp:
+            replicate = False  # FSDP2's groups and schedule are the whole model's
         self.full_depth_reason = (replication.refusal(spec.config) if replicate
                                   else "replication off")
         self.prefix = None
@@ -249,6 +253,16 @@ class Simulator:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.wrappers = self.method.wrapper_paths(self.run.model)
+        if spec.distributed.fsdp:  # FSDP2's groups, and what a trainable parameter's shard is
+            from paca_prof.engines.fsdp import decoder_layers
+
+            self.groups = fsdp_sim.groups_of(self.run.model)
+            names = {id(m): n for n, m in self.run.model.named_modules()}
+            self.layer_modules = [(names[id(m)], m) for m in decoder_layers(self.run.model)]
+            self.trainable_shard_sizes = {}
+            for p in methods.registry.trainable_parameters(self.run.model):
+                full, _, held = fsdp_sim._shape_bytes(p, spec.distributed.world_size, self.rank)
+                self.trainable_shard_sizes.setdefault(full, held)
 
     def _full_depth(self, reason: str) -> None:
         self.full_depth_reason = reason
@@ -260,6 +274,9 @@ class Simulator:
         onto it (engines/project.py); without, every time column is NaN. A peak above
         `budget` (a budget.Budget) gives status oom. The result's `memory_events` are the
         step's events (at full depth, with fresh storage keys where replicated)."""
+        if self.spec.distributed.fsdp:
+            recording, sharding = self._record(seq, batch, journal=False, fsdp=True)
+            return self._result(recording, gpu, budget, sharding)
         recording = self.record(seq, batch)
         return self._result(recording, gpu, budget)
 
@@ -267,7 +284,7 @@ class Simulator:
         """The step's Recording at the model's full depth (replicated where it can be)."""
         rng = torch.get_rng_state()  # a method that draws (PaCA's columns) draws alike again
         while True:
-            recording = self._record(seq, batch, journal=not self.full_depth_reason)
+            recording, _ = self._record(seq, batch, journal=not self.full_depth_reason)
             if self.full_depth_reason:
                 return recording
             try:
@@ -276,7 +293,10 @@ class Simulator:
                 self._full_depth(str(error))
                 torch.set_rng_state(rng)
 
-    def _record(self, seq: int, batch: int, journal: bool) -> replication.Recording:
+    def _record(self, seq: int, batch: int, journal: bool,
+                fsdp: bool = False) -> tuple[replication.Recording, dict | None]:
+        """The step as recorded, and with `fsdp` what FSDP2's rewrite needs (its schedule, the
+        gradients by group, the forwards)."""
         run = self.run
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         gradients: list[tuple[int, float]] = []
@@ -294,14 +314,44 @@ class Simulator:
                 gradients.extend((storage_key(p.grad), float(recorder.tick))
                                  for p in run.model.parameters() if p.grad is not None)
 
+        schedule, grad_keys = fsdp_sim.Schedule(), {}
+        phase_ticks: dict[str, int] = {}
+
+        def schedule_phase_start(phase):
+            phase_ticks[phase] = recorder.tick
+
+        def schedule_phase_end(phase):
+            schedule.phases.append((phase, phase_ticks.pop(phase, recorder.tick),
+                                    recorder.tick))
+            if phase == "backward":  # each unsharded gradient, by its FSDP2 group
+                for index, group in enumerate(self.groups):
+                    for p in group.params:
+                        if p.grad is not None:
+                            grad_keys[storage_key(p.grad)] = index
+
         with run.capture() as capture, SavedTensorLedger(capture) as ledger:
             capture.on_phase(start=phase_start, end=phase_end)
             recorder = OpRecorder(capture, self.method, self.wrappers, self.spec.settings.r,
                                   journal=[] if journal else None)
-            with recorder:
-                run.step(ids)
+            hooks = []
+            if fsdp:
+                capture.on_phase(start=schedule_phase_start, end=schedule_phase_end)
+                capture.on_scope(
+                    lambda path, phase: schedule.add(f"{phase}_enter", path, recorder.tick),
+                    lambda path, phase: schedule.add(f"{phase}_exit", path, recorder.tick))
+                hooks = [m.register_forward_pre_hook(_inputs_hook(schedule, path),
+                                                     with_kwargs=True)
+                         for path, m in self.layer_modules]
+            try:
+                with recorder:
+                    run.step(ids)
+            finally:
+                for hook in hooks:
+                    hook.remove()
             paths = capture.paths
         names = {id(p): name for name, p in run.model.named_parameters()}
+        sharding = (dict(schedule=schedule, grad_keys=grad_keys, forwards=forwards)
+                    if fsdp else None)
         return replication.Recording(
             ops=recorder.ops, events=recorder.events,
             saved_events=_saved_events(recorder.events, forwards), gradients=gradients,
@@ -310,24 +360,38 @@ class Simulator:
             static=static_storages(run.model, run.optimizer, owners=True),
             trainable=[(name, p.numel()) for name, p in run.model.named_parameters()
                        if p.requires_grad],
-            paged=paged_storages(run.optimizer, names), journal=recorder.journal or [])
+            paged=paged_storages(run.optimizer, names), journal=recorder.journal or []), sharding
 
-    def _result(self, rec: replication.Recording, gpu: GpuSpec | None,
-                budget) -> MethodResult:
+    def _result(self, rec: replication.Recording, gpu: GpuSpec | None, budget,
+                sharding: dict | None = None) -> MethodResult:
+        events, gradients, saved_events = rec.events, rec.gradients, rec.saved_events
+        static_list = [s[:3] for s in rec.static]
         static = {c: 0 for c in MEMORY_CATEGORIES}
-        for _, nbytes, category, _ in rec.static:
+        for _, nbytes, category in static_list:
             static[category] += nbytes
-        timeline = memory_timeline(rec.events, static, {}, rec.gradients,
-                                   saved_events=rec.saved_events)
+        distributed = self.spec.distributed
+        if sharding is not None:  # rank `rank`'s step under FSDP2
+            static, static_list = fsdp_sim.sharded_static(
+                self.run.model, self.run.optimizer, distributed, self.rank)
+            events, gradients = fsdp_sim.rewrite(
+                events, gradients, sharding["schedule"], self.groups, sharding["grad_keys"],
+                distributed, self.rank, distributed.backend, self.trainable_shard_sizes)
+            saved_events = _saved_events(events, sharding["forwards"])
+        timeline = memory_timeline(events, static, {}, gradients, saved_events=saved_events)
         ops = pd.DataFrame(rec.ops)
-        latencies, times = {}, {}
+        latencies, times, all_ops = {}, {}, ops
         if gpu is not None:
-            ops = project.project_ops(ops, gpu)
+            ops = all_ops = project.project_ops(ops, gpu)
+            if sharding is not None:  # the collectives on their stream, the kernels waiting
+                all_ops = comm.project_with_comm(
+                    ops, gpu, distributed,
+                    fsdp_sim.message_bytes(self.groups, distributed.world_size))
+                ops = all_ops[all_ops["device"] != comm.COMM_DEVICE]
             latencies = project.module_latencies_ms(ops, ancestors)
-            times = project.phase_times_ms(ops)
+            times = project.phase_times_ms(all_ops)
         layers = layer_table(self.method.name, rec.kinds, latencies, ops, rec.by_module,
                              rec.containers)
-        reserved = self._reserved([s[:3] for s in rec.static], rec.events, budget)
+        reserved = self._reserved(static_list, events, budget)
         paged = sum(nbytes for _, nbytes in rec.paged)
         summary = summary_row(
             self.method.name, "oom" if reserved.oom else "ok", times_ms=times,
@@ -338,7 +402,7 @@ class Simulator:
             reserved_bytes=reserved.reserved_bytes,
             **({"paged_bytes": paged} if paged else {}))
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
-        return MethodResult(summary, layers, ops, memory, memory_events=rec.events,
+        return MethodResult(summary, layers, all_ops, memory, memory_events=events,
                             start_bytes=static)
 
     def _reserved(self, static: list, events: list[MemoryEvent], budget) -> ReservedMemory:
@@ -352,6 +416,17 @@ class Simulator:
                 return bounded
         unbounded = replay_step(static, events, allocator_config(allocator))
         return replace(unbounded, oom=budget is not None)
+
+
+def _inputs_hook(schedule, path: str):
+    """A forward pre-hook recording whether a layer's inputs need a gradient (FSDP2's
+    post-backward hook then fires at the layer's end of backward, else at the end of the
+    backward pass)."""
+    def hook(module, args, kwargs):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        schedule.inputs_need_grad.setdefault(path, any(t.requires_grad for t in tensors))
+
+    return hook
 
 
 def _saved_events(events: list[MemoryEvent], forwards) -> dict[int, str]:

@@ -93,6 +93,14 @@ def prepare(spec: RunSpec, method: str, device: str) -> Prepared:
     model = registry.prepare(model, method, spec.settings, recipe, spec.peft_config)
     if recipe.grad_ckpt:
         enable_checkpointing(model)
+    if spec.distributed.fsdp and device != "meta":
+        from paca_prof.engines.fsdp import shard
+
+        model = shard(model, spec.distributed, device)
+    elif spec.distributed.fsdp:  # simulated: unsharded, in the layout fully_shard needs
+        from paca.distributed import prepare_fully_shard
+
+        prepare_fully_shard(model)
     model.train()
     trainable = registry.trainable_parameters(model)
     optimizer = optimizers.make_optimizer(recipe.optimizer, trainable, recipe.lr, spec.device)
@@ -122,8 +130,11 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 def make_batch(spec: RunSpec, device: str) -> torch.Tensor:
-    """Random token ids (batch x seq), which serve as labels too."""
-    generator = torch.Generator().manual_seed(spec.seed)
+    """Random token ids (batch x seq), which serve as labels too; each rank of a distributed
+    run its own (seeded by seed + rank)."""
+    from paca_prof.engines.fsdp import rank
+
+    generator = torch.Generator().manual_seed(spec.seed + rank())
     ids = torch.randint(0, spec.config.vocab_size, (spec.batch, spec.seq), generator=generator)
     return ids.to(device)
 

@@ -1,0 +1,7 @@
+"""`python -m paca_prof ...` (and `torchrun ... -m paca_prof run ...`): the paca-prof command."""
+
+import sys
+
+from paca_prof.cli import main
+
+sys.exit(main())
