@@ -174,17 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["cpu", "cuda", "meta"], default=None,
                      help="cpu or cuda measure real steps; meta simulates them (exact bytes) and "
                           "projects times onto --gpu. Default: cuda if present, else meta")
-    run.add_argument("--gpu", default="a100-80gb",
+    run.add_argument("--gpu", default=None,
                      help=f"GPU to project simulated runs onto: {', '.join(GPUS)}, or a device "
-                          "spec file (PATH.yaml); default a100-80gb, the paper's")
+                          "spec file (PATH.yaml, as paca-prof calibrate writes it); default "
+                          "a100-80gb, the paper's. On a measured run: the peak that MFU is "
+                          "taken against (CUDA: by default the GPU table's entry for the card)")
     run.add_argument("--headroom", default=DEFAULT_HEADROOM,
                      help=("simulated runs: a method whose peak exceeds the GPU's memory less "
                            f"this is oom, the planner's budget (default {DEFAULT_HEADROOM})"
                            ).replace("%", "%%"))
-    run.add_argument("--steps", type=_positive_int, default=5,
-                     help="measured steps (default 5)")
+    run.add_argument("--steps", type=_positive_int, default=10,
+                     help="measured runs: timed rounds, one step of each method per round in "
+                          "a shuffled order (default 10)")
     run.add_argument("--warmup", type=int, default=2,
-                     help="warm-up steps, not measured (default 2)")
+                     help="warm-up steps, not measured: at least this many, then until the "
+                          "step time settles (bounded; default 2; 0 for none)")
+    run.add_argument("--threads", type=_positive_int, default=None,
+                     help="measured runs: torch threads (default: torch's choice; recorded in "
+                          "run.yaml)")
+    run.add_argument("--time-budget", type=_finite, default=None, metavar="SECONDS",
+                     help="measured runs: no timed round starts after this many seconds of "
+                          "timing (one always runs; default: no bound)")
     run.add_argument("--out", type=Path, default=None,
                      help="trace folder to write (default traces/<model>-seq<N>-<device>-<time>)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -311,8 +321,12 @@ def _cmd_run(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "meta")
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageError(f"--time-budget must be above 0 seconds, got {args.time_budget:g}")
+    if args.threads is not None and args.threads > 4096:
+        raise UsageError(f"--threads must be at most 4096, got {args.threads}")
     try:
-        gpu = gpu_spec(args.gpu)
+        gpu = gpu_spec(args.gpu or "a100-80gb")
         budget = make_budget(gpu=gpu, headroom=args.headroom)
         peft_config, methods = None, args.methods or method_names.DEFAULT_METHODS
         if args.peft_config is not None:
@@ -323,14 +337,16 @@ def _cmd_run(args) -> int:
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
                        device=device, methods=methods, settings=_settings(args),
                        recipe=_recipe(args, methods, dtype), steps=args.steps,
-                       warmup=args.warmup, seed=args.seed, peft_config=peft_config)
+                       warmup=args.warmup, seed=args.seed, peft_config=peft_config,
+                       threads=args.threads, time_budget_s=args.time_budget)
     except ValueError as error:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
     command = "paca-prof " + shlex.join(sys.argv[1:])
     bar, progress = _progress_bar("paca-prof run", len(spec.methods), finished="done")
     try:
-        path = engines.run(spec, out, command, progress, gpu=gpu, budget=budget)
+        path = engines.run(spec, out, command, progress, gpu=gpu, budget=budget,
+                           peak=gpu if args.gpu is not None and device != "meta" else None)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -628,6 +644,49 @@ def _print_summary(analysis, methods: list[str] | None = None) -> None:
             text += "" if ratio != ratio else f" ({ratio:.2f}x)"
             cells.append(f"{text:>16}")
         print(f"{row['method']:<8} {row['status']:<6} " + " ".join(cells))
+    _print_spread(analysis, methods, baseline)
+
+
+def _print_spread(analysis, methods: list[str] | None, baseline: str) -> None:
+    """The spread of the step times (measured runs) and the throughput (measured or
+    projected), then one warning line per method whose numbers cannot be trusted."""
+    import pandas as pd
+
+    time_source = analysis.sources.get("time")
+    if time_source is None:
+        return
+    table = analysis.timing_spread(baseline, methods)
+    table = table[table["step_ms"].notna()]
+    if table.empty:
+        return
+    measured = table["step_ms_p25"].notna().any()
+    peak = (analysis.trace.run.get("timing") or {}).get("peak_for_mfu") if measured else \
+        (analysis.trace.run.get("gpu") or {}).get("name")
+    if measured:
+        print(f"\nspread ({time_source}): median step ms [p25-p75] over the timed steps of "
+              f"interleaved rounds; ratio to {baseline} with its 95% bootstrap interval over "
+              f"rounds; throughput {time_source}, MFU against {peak or 'no known peak'}")
+    else:
+        print(f"\nthroughput ({time_source}): MFU against {peak or 'no known peak'}'s peak")
+    print(f"{'method':<8} {'step ms [p25-p75]':>24} {'steps':>6} {'ratio [95% CI]':>22} "
+          f"{'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
+    for _, row in table.iterrows():
+        spread = (f"{row['step_ms']:.1f} [{row['step_ms_p25']:.1f}-{row['step_ms_p75']:.1f}]"
+                  if row["step_ms_p25"] == row["step_ms_p25"] else f"{row['step_ms']:.1f}")
+        steps = "-" if pd.isna(row["steps_timed"]) else str(row["steps_timed"])
+        if row["step_ratio_lo"] == row["step_ratio_lo"]:
+            ratio = (f"{row['step_ratio']:.2f} [{row['step_ratio_lo']:.2f}, "
+                     f"{row['step_ratio_hi']:.2f}]" + (" ~1" if row["contains_1"] else ""))
+        else:
+            ratio = "-"
+        mfu = "-" if row["mfu"] != row["mfu"] else f"{100 * row['mfu']:.1f}%"
+        tflops = "-" if row["achieved_tflops"] != row["achieved_tflops"] else \
+            f"{row['achieved_tflops']:.3g}"
+        print(f"{row['method']:<8} {spread:>24} {steps:>6} {ratio:>22} "
+              f"{row['tokens_per_s']:>10,.0f} {tflops:>9} {mfu:>7}")
+    for _, row in table.iterrows():
+        if row["spread_warning"]:
+            print(f"WARNING: {row['method']}: too spread to trust: {row['spread_warning']}")
 
 
 def _jsonable(row) -> dict:

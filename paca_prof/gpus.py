@@ -222,6 +222,19 @@ def gpu_spec(name: str) -> GpuSpec:
     return GPUS[name]
 
 
+def match_device(device_name: str) -> GpuSpec | None:
+    """The built-in spec whose name a CUDA device name spells ("NVIDIA H200" -> h200, "NVIDIA
+    A100-SXM4-80GB" -> a100-80gb), or None. Longest match first, so h100-nvl wins over h100."""
+    words = device_name.lower().replace("nvidia", "").replace("geforce", "").replace(" ", "-")
+    words = words.replace("_", "-")
+    best = None
+    for name, spec in GPUS.items():
+        parts = name.split("-")
+        if all(part in words for part in parts) and (best is None or len(name) > len(best.name)):
+            best = spec
+    return best
+
+
 def load_spec(path: str | Path) -> GpuSpec:
     """Read a device spec file (the module docstring's format); ValueError in one line."""
     import yaml
