@@ -41,7 +41,13 @@ def test_adapter_overhead_counts_branch_ops_per_method(measured, simulated):
         assert table.loc["frozen", "adapter_ops"] == 0 and table.loc["full", "adapter_ops"] == 0
         assert table.loc["lora", "adapter_ops"] > table.loc["paca", "adapter_ops"] > 0
         assert table.loc["dora", "adapter_ops"] > table.loc["lora", "adapter_ops"]
-        assert 0 < table.loc["paca", "adapter_share"] < table.loc["lora", "adapter_share"] < 1
+        # A share of the step is structurally within (0, 1); which method's share is larger
+        # is compared on the projection only: on a measured run it is a ratio of wall-clock
+        # times, which a loaded machine moves (bench/ measures such figures with intervals).
+        assert 0 < table.loc["paca", "adapter_share"] < 1
+        assert 0 < table.loc["lora", "adapter_share"] < 1
+        if analysis is simulated:
+            assert table.loc["paca", "adapter_share"] < table.loc["lora", "adapter_share"]
         assert table.loc["paca", "step_vs_paca"] == pytest.approx(1.0)
         assert table.loc["frozen", "step_vs_frozen"] == pytest.approx(1.0)
     by_layer = simulated.adapter_overhead_by_layer(["lora", "paca"])
@@ -207,7 +213,8 @@ def test_analyze_command_json_and_html(simulated_path, measured_trace_path, tmp_
     report = json.loads(capsys.readouterr().out)
     assert {"summary", "adapter_overhead", "activation_totals", "peak_breakdown",
             "top_layers", "headline", "diff"} <= set(report)
-    assert report["sources"] == {"time": "projected", "bytes": "simulated"}
+    assert report["sources"] == {"time": "projected", "bytes": "simulated",
+                                 "reserved": "simulated"}
     assert html.exists()
     assert main(["analyze", str(simulated_path), "--methods", "lora,paca"]) == 0
     out = capsys.readouterr().out

@@ -659,3 +659,24 @@ def test_a_method_out_of_memory_beside_the_others_is_timed_alone(monkeypatch):
     assert all(isinstance(o, measure.Timing) for o in outcomes.values())
     assert outcomes["dora"].alone and not outcomes["lora"].alone
     assert len(outcomes["dora"].per_step) == 2
+
+
+def test_the_compiled_paca_function_is_built_before_any_timed_step(tmp_path, monkeypatch):
+    """engines.run builds (or loads) the compiled PartialConnection before the timing pass
+    starts: a first build never lands inside a timed step."""
+    import paca.compiled as compiled
+    from conftest import run_spec
+
+    from paca_prof import engines
+    from paca_prof.engines import measure
+
+    events = []
+    real_build, real_step = compiled.ensure_built, measure.timed_step
+    monkeypatch.setattr(compiled, "ensure_built",
+                        lambda: events.append("build") or real_build())
+    monkeypatch.setattr(measure, "timed_step",
+                        lambda *args: events.append("step") or real_step(*args))
+    spec = run_spec(model="tiny", seq=8, batch=1, dtype="fp32", steps=1, warmup=0,
+                    methods=("lora", "paca"))
+    engines.run(spec, tmp_path / "run", "pytest")
+    assert events[0] == "build" and events.count("step") == 2
