@@ -394,7 +394,8 @@ def _cmd_analyze(args) -> int:
             raise UsageError(f"cannot write {args.html}: {error.strerror}") from None
     if args.json:
         payload = {"trace": str(analysis.trace.path), "sources": analysis.sources,
-                   "summary": _records(analysis.summary(methods=methods))}
+                   "summary": _records(analysis.summary(methods=methods)),
+                   "timing_spread": _records(analysis.timing_spread(methods=methods))}
         payload.update({name: _records(table) for name, table in tables.items()})
         print(json.dumps(payload, indent=2))
         return 0
