@@ -243,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Dash debug mode (never for sharing; loopback only)")
     dash.set_defaults(handler=_cmd_dash)
 
+    calibrate = sub.add_parser("calibrate", help="microbenchmark this device (GEMM, bandwidth, "
+                                                 "per-op cost, optimizer step) and fit a device "
+                                                 "spec for --gpu SPEC.yaml")
+    calibrate.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                           help="the device to calibrate (default cpu)")
+    calibrate.add_argument("--out", type=Path, default=None, metavar="SPEC.yaml",
+                           help="write the fitted spec here (a new .yaml file); default: print "
+                                "it only")
+    calibrate.add_argument("--name", default=None,
+                           help="the spec's name (default calibrated-<device>)")
+    calibrate.add_argument("--threads", type=_positive_int, default=None,
+                           help="torch threads while calibrating: use those of the runs it "
+                                "will stand for (default: torch's choice)")
+    calibrate.add_argument("--quick", action="store_true",
+                           help="fewer sizes, fp32 and bf16 only: a smoke run")
+    calibrate.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    calibrate.add_argument("--json", action="store_true",
+                           help="print the measurements and the spec as JSON")
+    calibrate.set_defaults(handler=_cmd_calibrate)
+
     from paca_prof.plan import DEFAULT_GRANULARITY, DEFAULT_TIME_BUDGET_S, PLAN_METHODS
 
     plan = sub.add_parser("plan", help="longest sequence (or largest batch) of each method that "
@@ -457,6 +477,84 @@ def _cmd_compare(args) -> int:
         if len(shown):
             print(_bytes_as_mib(shown.drop(columns="method")).to_string(
                 index=False, float_format=lambda v: f"{v:,.4f}", na_rep="-"))
+    return 0
+
+
+def _check_spec_out(path: Path, force: bool) -> None:
+    """UsageError unless `path` can take a new spec file: .yaml or .yml, in an existing,
+    writable folder, not an existing file (without --force) and never a folder."""
+    if path.suffix not in (".yaml", ".yml"):
+        raise UsageError(f"--out {path}: a device spec is a .yaml file")
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder")
+    if path.exists() and not force:
+        raise UsageError(f"--out {path} exists; give --force to overwrite it")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: no folder {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--out {path}: folder {path.parent} is not writable")
+
+
+def _cmd_calibrate(args) -> int:
+    from paca_prof import validate
+
+    if args.out is not None:
+        _check_spec_out(args.out, args.force)
+    if args.threads is not None and args.threads > 4096:
+        raise UsageError(f"--threads must be at most 4096, got {args.threads}")
+    try:
+        if args.name is not None:
+            validate.text(args.name, "--name", 64)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    import torch
+
+    from paca_prof.calibrate import calibrate
+    from paca_prof.gpus import write_spec
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = calibrate(args.device, name=args.name, quick=args.quick,
+                           progress=lambda what: print(f"paca-prof calibrate: {what}",
+                                                       file=sys.stderr, flush=True))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.out is not None:
+        write_spec(result.spec, args.out)
+    if args.json:
+        print(json.dumps({"spec": result.spec.to_dict(), "gemm": result.gemm,
+                          "bandwidth": result.bandwidth, "dispatch_us": result.dispatch_us,
+                          "attention": result.attention, "optimizer": result.optimizer,
+                          "seconds": result.seconds,
+                          "out": str(args.out) if args.out else None}, indent=2))
+        return 0
+    spec = result.spec
+    print(f"paca-prof calibrate: {args.device}, {torch.get_num_threads()} torch thread(s), "
+          f"{result.seconds:.0f} s; every number below is measured on this machine now")
+    for dtype in ("fp32", "bf16", "fp16"):
+        rows = [r for r in result.gemm if r["dtype"] == dtype]
+        if rows:
+            cells = ", ".join(f"{r['m']}x{r['k']}x{r['n']} {r['tflops'] * 1e3:.1f}"
+                              for r in rows)
+            print(f"  GEMM {dtype} (measured GFLOP/s): {cells}")
+    print(f"  bandwidth (measured, fitted over {len(result.bandwidth)} sizes): "
+          f"{spec.hbm_gbps:.2f} GB/s")
+    print(f"  per-op cost of eager training code (measured): {result.dispatch_us:.1f} us")
+    print(f"  attention (SDPA {result.attention['shape']}, measured): "
+          f"{result.attention['tflops'] * 1e3:.1f} GFLOP/s")
+    for name in ("lora-like", "full-like"):
+        row = result.optimizer[name]
+        print(f"  AdamW step, {name} ({row['tensors']} tensors, measured): "
+              f"{row['measured_us'] / 1e3:.2f} ms")
+    print(f"fitted spec {spec.name}: fp32 {spec.fp32_tflops * 1e3:.1f} / bf16 "
+          f"{spec.bf16_tflops * 1e3:.1f} GFLOP/s peak, matmul efficiency "
+          f"{spec.matmul_efficiency:.2f}, attention efficiency {spec.attention_efficiency:.2f}, "
+          f"{spec.hbm_gbps:.2f} GB/s, launch {spec.launch_us:.1f} us, dispatch "
+          f"{spec.dispatch_us:.1f} us, foreach {spec.foreach_tensor_us:.2f} us per tensor")
+    if args.out is not None:
+        print(f"spec: {args.out}  (paca-prof run --device meta --gpu {args.out} ... projects "
+              "onto it)")
     return 0
 
 
