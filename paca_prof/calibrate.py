@@ -6,7 +6,9 @@
               model-shaped ones' rate over that peak, after the per-op cost is taken off;
   bandwidth   element-wise adds over several sizes, fitted as time = bytes / bandwidth + c
               (hbm_gbps, with bandwidth_efficiency 1: the fit is already what ops reach);
-  dispatch    the time of a tiny op issued from Python, the per-op cost of eager PyTorch;
+  per-op      the per-op cost of eager training code: on the CPU, a small llama's step (all
+              overhead, no compute to speak of) under the timing pass's instrument, divided by
+              its ops; on CUDA, the host time of a tiny op with autograd;
   foreach     torch._foreach_add_ over many small tensors: the cost per tensor of a foreach
               op (foreach_tensor_us), which AdamW's and clipping's foreach ops pay per tensor;
   attention   scaled_dot_product_attention at a model-like shape (attention_efficiency);
@@ -151,6 +153,39 @@ def _dispatch_us(timer: _Timer, device: str) -> float:
     return timer.median_us(step, target_s=0.05) / max(len(counter.ops), 1)
 
 
+# A small llama whose step is all per-op cost (its GEMMs are a few microseconds).
+_OVERHEAD_MODEL = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=256)
+
+
+def _model_op_us(timer: _Timer, device: str) -> float:
+    """The per-op cost of a transformers model's training step as the timing pass measures it:
+    frozen (forward and backward, no optimizer) on a small llama at 16 tokens, timed in a
+    Capture session as engines/measure.py times it (module hooks included: the projection is
+    checked against such measurements), divided by its ops (counted as the cost model counts
+    them). Its compute is negligible at this size."""
+    from paca_prof.engines.measure import _Clock, timed_step
+    from paca_prof.engines.step import make_batch, prepare
+    from paca_prof.spec import RunSpec
+
+    spec = RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
+                   device=device, methods=("frozen",))
+    run = prepare(spec, "frozen", device)
+    ids = make_batch(spec, device)
+    clock = _Clock(device.startswith("cuda"))
+    with _CountOps() as counter:
+        run.step(ids)
+    ops = len(counter.ops)
+    for _ in range(2):
+        timed_step(run, ids, clock)
+    times = []
+    for _ in range(3 if time.perf_counter() > timer.deadline else 9):
+        totals = timed_step(run, ids, clock)
+        times.append(sum(v for (path, _), v in totals.items() if path.startswith("phase:")))
+    return statistics.median(times) * 1e3 / max(ops, 1)
+
+
 def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
     # float32 elements: the sizes of a small model's activations up to a mid-size one's
     sizes = [2**14, 2**16, 2**18, 2**20] + ([] if quick else [2**22])
@@ -243,8 +278,9 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         gemm = _gemm(timer, device, dtypes, quick)
         progress("bandwidth")
         bandwidth = _bandwidth(timer, device, quick)
-    progress("dispatch")
-    dispatch = _dispatch_us(timer, device)
+    progress("per-op cost")
+    tiny_op = _dispatch_us(timer, device)
+    dispatch = _model_op_us(timer, device) if not device.startswith("cuda") else tiny_op
     per_byte, _ = _fit_line([r["bytes"] for r in bandwidth], [r["us"] for r in bandwidth])
     gbps = 1.0 / per_byte / 1e3  # bytes per us -> GB/s
     peaks = {d: max(r["tflops"] for r in gemm if r["dtype"] == d) for d in dtypes}
