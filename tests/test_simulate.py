@@ -244,7 +244,8 @@ def test_llama3_8b_seq4096_cli_simulates_every_default_method(tmp_path):
     assert set(report["methods"]) == set(DEFAULT_METHODS)
     loaded = trace.load(out)
     assert loaded.run["source"] == "projected"
-    assert loaded.run["sources"] == {"time": "projected", "bytes": "simulated"}
+    assert loaded.run["sources"] == {"time": "projected", "bytes": "simulated",
+                                     "reserved": "simulated"}
     assert loaded.run["recipe"]["attention"] == "flash"
     paca, lora = report["methods"]["paca"], report["methods"]["lora"]
     # In every decoder layer past the first (whose input needs no gradient under an adapter
