@@ -766,7 +766,8 @@ def _print_spread(analysis, methods: list[str] | None, baseline: str) -> None:
               f"interleaved rounds; ratio to {baseline} with its 95% bootstrap interval over "
               f"rounds; throughput {time_source}, MFU against {peak or 'no known peak'}")
     else:
-        print(f"\nthroughput ({time_source}): MFU against {peak or 'no known peak'}'s peak")
+        print(f"\nthroughput ({time_source}): "
+              + (f"MFU against {peak}'s peak" if peak else "no MFU (no known peak)"))
     print(f"{'method':<8} {'step ms [p25-p75]':>24} {'steps':>6} {'ratio [95% CI]':>22} "
           f"{'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
     for _, row in table.iterrows():
