@@ -768,9 +768,19 @@ def _print_spread(analysis, methods: list[str] | None, baseline: str) -> None:
     else:
         print(f"\nthroughput ({time_source}): "
               + (f"MFU against {peak}'s peak" if peak else "no MFU (no known peak)"))
-    print(f"{'method':<8} {'step ms [p25-p75]':>24} {'steps':>6} {'ratio [95% CI]':>22} "
-          f"{'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
+    if measured:
+        print(f"{'method':<8} {'step ms [p25-p75]':>24} {'steps':>6} {'ratio [95% CI]':>22} "
+              f"{'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
+    else:
+        print(f"{'method':<8} {'step ms':>10} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
     for _, row in table.iterrows():
+        mfu = "-" if row["mfu"] != row["mfu"] else f"{100 * row['mfu']:.1f}%"
+        tflops = "-" if row["achieved_tflops"] != row["achieved_tflops"] else \
+            f"{row['achieved_tflops']:.3g}"
+        rate = f"{row['tokens_per_s']:>10,.0f} {tflops:>9} {mfu:>7}"
+        if not measured:
+            print(f"{row['method']:<8} {row['step_ms']:>10.1f} {rate}")
+            continue
         spread = (f"{row['step_ms']:.1f} [{row['step_ms_p25']:.1f}-{row['step_ms_p75']:.1f}]"
                   if row["step_ms_p25"] == row["step_ms_p25"] else f"{row['step_ms']:.1f}")
         steps = "-" if pd.isna(row["steps_timed"]) else str(row["steps_timed"])
@@ -779,11 +789,7 @@ def _print_spread(analysis, methods: list[str] | None, baseline: str) -> None:
                      f"{row['step_ratio_hi']:.2f}]" + (" ~1" if row["contains_1"] else ""))
         else:
             ratio = "-"
-        mfu = "-" if row["mfu"] != row["mfu"] else f"{100 * row['mfu']:.1f}%"
-        tflops = "-" if row["achieved_tflops"] != row["achieved_tflops"] else \
-            f"{row['achieved_tflops']:.3g}"
-        print(f"{row['method']:<8} {spread:>24} {steps:>6} {ratio:>22} "
-              f"{row['tokens_per_s']:>10,.0f} {tflops:>9} {mfu:>7}")
+        print(f"{row['method']:<8} {spread:>24} {steps:>6} {ratio:>22} {rate}")
     for _, row in table.iterrows():
         if row["spread_warning"]:
             print(f"WARNING: {row['method']}: too spread to trust: {row['spread_warning']}")
