@@ -265,7 +265,12 @@ def _views(gpus: dict) -> list[tuple[str, str, html.Section]]:
         ("compare", "Compare runs", _section("compare", "Compare two runs", [
             _controls(("Second run", dcc.Dropdown(id="compare-run", className="run-picker"))),
             html.Div(id="compare-table"),
-            html.Div(className="row", children=[_graph("compare-a"), _graph("compare-b")])])),
+            html.Div(className="row", children=[_graph("compare-a"), _graph("compare-b")]),
+            html.H3("Measured against simulated bytes"),
+            _controls(("Method", dcc.Dropdown(id="compare-method", clearable=False))),
+            html.Div(id="compare-bytes"),
+            html.Div(className="row", children=[_graph("compare-peak"),
+                                                _graph("compare-activations", 560)])])),
         ("runs", "Runs", _section("runs", "Runs in the traces folder", [
             _controls(("Filter (name, model, device or error)", dcc.Input(
                           id="runs-filter", type="text", debounce=True)),
@@ -692,6 +697,41 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
                                       f"a: {name}, {_sources(analysis)[0]}"),
                 figures.overview_bars(_rows(other.trace.summary, other_methods),
                                       f"b: {other_name}, {_sources(other)[0]}"), None)
+
+
+    @app.callback(
+        Output("compare-method", "options"), Output("compare-method", "value"),
+        Output("compare-peak", "figure"), Output("compare-activations", "figure"),
+        Output("compare-bytes", "children"),
+        Input("tabs", "value"), Input("run", "value"), Input("compare-run", "value"),
+        Input("compare-method", "value"))
+    @guard([], None, _empty(), _empty())
+    @on_tab("compare")
+    def compare_bytes(name, other_name, method):
+        """The run with measured bytes against the one with simulated bytes (either order),
+        as `paca-prof compare` does: totals, the peak by category, activations by module."""
+        if not other_name:
+            return [], None, figures.empty_figure(), figures.empty_figure(), None
+        pair = [load(name), load(other_name)]
+        if pair[0].sources.get("bytes") == "simulated":
+            pair.reverse()
+        measured, simulated = pair
+        if (measured.sources.get("bytes"), simulated.sources.get("bytes")) != (
+                "measured", "simulated"):
+            return ([], None, figures.empty_figure(), figures.empty_figure(),
+                    html.P("Pick one run with measured bytes (paca-prof run --device cpu|cuda, "
+                           "or paca_prof.profile) and one with simulated bytes (--device meta, "
+                           "or paca_prof.simulate) of the same configuration."))
+        methods = measured.compared_methods(simulated)
+        method = _choice(method, methods, "method") if method in methods else methods[0]
+        totals = measured.compare_totals(simulated, methods)
+        note = html.P(_text(f"measured: {measured.trace.path.name}, simulated: "
+                            f"{simulated.trace.path.name}; simulated - measured per method."))
+        return (_options(methods), method,
+                figures.compare_peak_bars(measured.compare_peak(simulated, [method]), method),
+                figures.compare_activation_bars(
+                    measured.compare_activations(simulated, [method]), method, top=20),
+                html.Div([note, _table(totals, "compare-totals")]))
 
 
 def _guard_dispatch(app: dash.Dash) -> None:

@@ -26,10 +26,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
 
 from paca_prof import trace as trace_io
-from paca_prof import validate
 from paca_prof.analyze import TraceAnalysis
 
 DESCRIBED_LIMIT = 4096  # folders whose description is kept: far above a traces folder's size
@@ -125,19 +123,6 @@ class RunInfo:
                 f"{self.device} [{self.source}]")
 
 
-def _read_run(path: Path) -> dict:
-    """run.yaml, read and checked as trace.load reads it."""
-    try:
-        data = validate.read_small_file(path / "run.yaml", "run.yaml", trace_io.RUN_FILE_LIMIT,
-                                        inside=path)
-        run = yaml.load(data.decode("utf-8"), Loader=trace_io._NoAliasLoader)  # noqa: S506
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
-        detail = str(error) if isinstance(error, ValueError) and not isinstance(
-            error, UnicodeDecodeError) else type(error).__name__
-        raise trace_io.TraceError(f"unreadable run.yaml ({detail})") from None
-    return trace_io.validate_run(run, "run.yaml")
-
-
 def _check_table_file(path: Path, name: str) -> int:
     """A table's file checked without reading its data: a regular file inside the folder,
     within trace.py's caps, with a readable parquet footer. Returns its row count."""
@@ -169,7 +154,7 @@ def _check_table_file(path: Path, name: str) -> int:
 
 def _describe(path: Path, name: str) -> RunInfo:
     """Describe one run folder, or say in one line why it is not a readable trace."""
-    run = _read_run(path)
+    run = trace_io.read_run(path, prefix="")
     for table in trace_io.TABLES:
         rows = _check_table_file(path, table)
         if table == "summary" and rows > SUMMARY_ROWS_LIMIT:
@@ -177,9 +162,7 @@ def _describe(path: Path, name: str) -> RunInfo:
     for table in trace_io.OPTIONAL_TABLES:
         if os.path.lexists(path / f"{table}.parquet"):
             _check_table_file(path, table)
-    summary = trace_io._check_table(trace_io._read_table(path, "summary"), "summary", path)
-    if summary["method"].isna().any():
-        raise trace_io.TraceError("summary.parquet has a row without a method")
+    summary = trace_io.read_table(path, "summary")
     return RunInfo(
         name=name, model=run["model"]["name"], seq=run["seq"], batch=run["batch"],
         device=run["device"]["name"], source=run["source"], sources=trace_io.sources(run),

@@ -18,6 +18,10 @@ from pathlib import Path
 from paca_prof import __version__
 from paca_prof import methods as method_names
 from paca_prof.gpus import GPUS
+from paca_prof.presets import MODEL_PRESETS
+
+_MODEL_HELP = (f"a preset ({', '.join(MODEL_PRESETS)}) or a local config.json / model "
+               "folder").replace("%", "%%")
 
 EXIT_USAGE = 2
 ATTENTION_CHOICES = ("sdpa", "eager", "math", "flash", "efficient")
@@ -80,6 +84,25 @@ def _method_names(text: str) -> tuple[str, ...]:
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return names
+
+
+def _add_peft_config(parser) -> None:
+    parser.add_argument("--peft-config", type=Path, default=None, metavar="PATH",
+                        help="a PEFT adapter_config.json (as save_pretrained writes it, or its "
+                             "folder): lora, or dora with use_dora, trains exactly that adapter "
+                             "(its r, alpha, dropout, targets, rank and alpha patterns); the "
+                             "other methods keep the settings below")
+
+
+def _peft_methods(args, default_methods) -> tuple[dict | None, tuple[str, ...]]:
+    """The user's PEFT config (checked) and the methods: --methods, else the config's method,
+    else `default_methods`. ValueError (one line) for a bad config."""
+    if args.peft_config is None:
+        return None, args.methods or default_methods
+    from paca_prof.methods import peft_config as peft_configs
+
+    peft_config = peft_configs.read(args.peft_config)
+    return peft_config, args.methods or (peft_configs.method_of(peft_config),)
 
 
 def _add_method_settings(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="measure (cpu, cuda) or simulate (meta) training steps of "
                                      "each method into a trace folder")
     run.add_argument("--model", required=True,
-                     help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
+                     help=_MODEL_HELP)
     run.add_argument("--seq", type=_positive_int, required=True, help="tokens per sequence")
     run.add_argument("--batch", type=_positive_int, default=1, help="sequences (default 1)")
     run.add_argument("--methods", type=_method_list, default=None,
@@ -180,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "a100-80gb, the paper's. On a measured run: the peak that MFU is "
                           "taken against (CUDA: by default the GPU table's entry for the card)")
     run.add_argument("--headroom", default=DEFAULT_HEADROOM,
-                     help=("simulated runs: a method whose peak exceeds the GPU's memory less "
-                           f"this is oom, the planner's budget (default {DEFAULT_HEADROOM})"
+                     help=("simulated runs: a method whose reserved memory exceeds the GPU's "
+                           "memory less its CUDA context and this is oom, as in the planner's "
+                           f"budget (default {DEFAULT_HEADROOM}: what stays unmodelled)"
                            ).replace("%", "%%"))
     run.add_argument("--steps", type=_positive_int, default=10,
                      help="measured runs: timed rounds, one step of each method per round in "
@@ -198,11 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None,
                      help="trace folder to write (default traces/<model>-seq<N>-<device>-<time>)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    run.add_argument("--peft-config", type=Path, default=None, metavar="PATH",
-                     help="a PEFT adapter_config.json (as save_pretrained writes it, or its "
-                          "folder): lora, or dora with use_dora, trains exactly that adapter "
-                          "(its r, alpha, dropout, targets, rank and alpha patterns); the other "
-                          "methods keep the settings below")
+    _add_peft_config(run)
     _add_method_settings(run)
     _add_recipe(run)
     run.set_defaults(handler=_cmd_run)
@@ -268,15 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="longest sequence (or largest batch) of each method that "
                                        "fits a GPU, from simulated steps")
     plan.add_argument("--model", required=True,
-                      help="a preset (tiny, llama3-8b, ...) or a local config.json / model folder")
+                      help=_MODEL_HELP)
     target = plan.add_mutually_exclusive_group(required=True)
     target.add_argument("--gpu", help=f"plan for this GPU's memory: {', '.join(GPUS)}, or a "
                                       "device spec file (PATH.yaml)")
     target.add_argument("--memory", help="plan for this much memory instead: 24GiB, 80GB, 1.5TiB, "
                                          "bytes (K/M/G/T and KiB.. are binary, KB.. decimal)")
-    plan.add_argument("--methods", type=_method_list, default=PLAN_METHODS,
+    plan.add_argument("--methods", type=_method_list, default=None,
                       help=f"comma-separated, from {','.join(method_names.METHODS)} "
-                           f"(default {','.join(PLAN_METHODS)}; frozen trains nothing)")
+                           f"(default {','.join(PLAN_METHODS)}; with --peft-config, its "
+                           "method; frozen trains nothing)")
     plan.add_argument("--seq", type=_positive_int, default=None,
                       help="fix the sequence length and search the largest batch instead")
     plan.add_argument("--batch", type=_positive_int, default=None,
@@ -298,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--confirm auto confirms while the whole command (imports included) "
                            f"stays within this many seconds (default {DEFAULT_TIME_BUDGET_S:g})")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    _add_peft_config(plan)
     plan.add_argument("--out", type=Path, default=None,
                       help="also write the plan as a trace folder (capacity sweep) for analyze/dash")
     _add_method_settings(plan)
@@ -348,12 +370,7 @@ def _cmd_run(args) -> int:
     try:
         gpu = gpu_spec(args.gpu or "a100-80gb")
         budget = make_budget(gpu=gpu, headroom=args.headroom)
-        peft_config, methods = None, args.methods or method_names.DEFAULT_METHODS
-        if args.peft_config is not None:
-            from paca_prof.methods import peft_config as peft_configs
-
-            peft_config = peft_configs.read(args.peft_config)
-            methods = args.methods or (peft_configs.method_of(peft_config),)
+        peft_config, methods = _peft_methods(args, method_names.DEFAULT_METHODS)
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
                        device=device, methods=methods, settings=_settings(args),
                        recipe=_recipe(args, methods, dtype), steps=args.steps,
@@ -561,12 +578,12 @@ def _cmd_calibrate(args) -> int:
 def _cmd_dash(args) -> int:
     if not args.traces.is_dir():
         raise UsageError(f"{args.traces}: no such traces folder")
-    if args.debug and args.host not in ("127.0.0.1", "localhost", "::1"):
-        raise UsageError(f"--debug serves the Werkzeug debugger, which runs code sent to it: "
-                         f"only on loopback (127.0.0.1), not {args.host}")
-    from dashboards.app import serve
+    from dashboards.app import serve  # its one rule for debug mode: loopback addresses only
 
-    serve(args.traces, host=args.host, port=args.port, debug=args.debug)
+    try:
+        serve(args.traces, host=args.host, port=args.port, debug=args.debug)
+    except ValueError as error:
+        raise UsageError(str(error).replace("debug mode", "--debug", 1)) from None
     return 0
 
 
@@ -580,10 +597,10 @@ def _cmd_plan(args) -> int:
         raise UsageError(f"--time-budget must be 0 or more, got {args.time_budget:g}")
     try:
         budget = make_budget(gpu=args.gpu, memory=args.memory, headroom=args.headroom)
-        spec = planner.make_spec(args.model, args.methods, seq=args.seq, batch=args.batch or 1,
-                                 dtype=args.dtype,
-                                 recipe=_recipe(args, args.methods, args.dtype),
-                                 settings=_settings(args))
+        peft_config, methods = _peft_methods(args, planner.PLAN_METHODS)
+        spec = planner.make_spec(args.model, methods, seq=args.seq, batch=args.batch or 1,
+                                 dtype=args.dtype, recipe=_recipe(args, methods, args.dtype),
+                                 settings=_settings(args), peft_config=peft_config)
     except ValueError as error:
         raise UsageError(str(error)) from None
     bar, progress = _progress_bar("paca-prof plan", len(spec.methods), finished="searched")

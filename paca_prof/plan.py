@@ -1,15 +1,21 @@
 """Capacity planner: the longest sequence (or the largest batch) each method can train on a GPU.
 
-    budget = GPU memory (or a given amount) - headroom
-    answer = the largest size, on a grid, whose simulated peak memory of one training step
-             (forward, loss, backward, AdamW step) is at most the budget
+    budget = GPU memory (or a given amount) - the GPU's CUDA context - headroom
+    answer = the largest size, on a grid, whose reserved memory in one training step (forward,
+             loss, backward, AdamW step), as PyTorch's caching allocator would hold it, is at
+             most the budget
 
-Headroom. A simulated peak counts tensor bytes only (engines/simulate.py). A real GPU also holds
-the CUDA context (cuBLAS/cuDNN handles and kernels: 0.3-1 GiB), and PyTorch's caching allocator
-rounds blocks and fragments (typically a few percent of what it holds). Both are kept back by an
-explicit headroom, DEFAULT_HEADROOM = "1GiB+5%": 1 GiB for the CUDA context plus 5% of the
-device memory for allocator slack (5.0 GiB of an 80 GiB A100). Any sum of byte sizes and
-percentages of the device memory is accepted ("2GiB", "10%", "0"); every answer states it.
+Reserved memory. A simulated step gives the live tensor bytes at its peak (engines/simulate.py)
+and, replayed through the caching-allocator model (reserved.py), what the allocator reserves
+from the device: rounded blocks, whole segments, fragmentation. That is what runs out, and what
+published measurements give (max_memory_reserved). The CUDA context is the GPU table's
+cuda_context_bytes (0 for a bare --memory). The headroom keeps back only what stays unmodelled,
+DEFAULT_HEADROOM = "512MiB+1%" (budget.py says what each part stands for); any sum of byte
+sizes and percentages of the device memory is accepted ("2GiB", "10%", "0"); every answer
+states it. A full-depth simulation is replayed exactly; an extrapolated point's reserved memory
+is estimated as its peak times reserved/peak of the last full-depth simulation (before there is
+one, of the deepest shallow simulation, which overestimates: 1.09-1.21 at 3 layers against
+1.03-1.07 at 32 on llama3-8b), so answers near the budget are confirmed at full depth.
 
 How a size is checked. Decoder layers are identical, so the planner simulates models of 2 and 3
 layers (the config copied with num_hidden_layers changed) and extrapolates to the real depth N.
@@ -39,10 +45,11 @@ Curve. Peak bytes by category at ~10 sizes up to 1.25x the answer, per method: t
 are simulations, the others are fitted per segment through the nearest probes (exact where the
 segment is affine/quadratic in size, as with flash/eager attention); `probed` tells which.
 
-Limits: what the simulation does not model (allocator rounding, kernel workspaces, the CUDA
-context) is what the headroom is for; peak memory is assumed to grow with size (it does for
-every method here); sequences are searched up to SEQ_LIMIT tokens and batches up to BATCH_LIMIT
-(an answer at the limit says so); the model's max_position_embeddings is not enforced.
+Limits: what neither the simulation nor the allocator model covers (kernel workspaces, other
+streams, first-step-only allocations) is what the headroom is for; peak memory is assumed to grow
+with size (it does for every method here); sequences are searched up to SEQ_LIMIT tokens and
+batches up to BATCH_LIMIT (an answer at the limit says so); the model's max_position_embeddings
+is not enforced.
 
 This module imports torch only inside the functions that simulate; the budget is budget.py's and
 the result classes are pandas-only. The curve has the columns of the analyzer's capacity sweep
@@ -270,10 +277,11 @@ def _point_dict(point: Point | None) -> dict | None:
 
 def make_spec(model: str, methods: tuple[str, ...] = PLAN_METHODS, *, seq: int | None = None,
               batch: int = 1, dtype: str = "bf16", recipe: Recipe | None = None,
-              settings=None):
+              settings=None, peft_config: dict | None = None):
     """The RunSpec a plan simulates (device meta), checked: ValueError (one line) for an
     unknown model, method or dtype, a bad size, targets that match nothing or an r a method
-    refuses. The recipe's attention defaults to what SDPA runs on a recent NVIDIA GPU (flash
+    refuses. `peft_config`: a user's LoraConfig (methods/peft_config.read), which its own
+    method then trains. The recipe's attention defaults to what SDPA runs on a recent NVIDIA GPU (flash
     for bf16/fp16, efficient for fp32); eager (or "math") materialises the L x L scores."""
     from paca_prof.engines.step import validate_against_model
     from paca_prof.methods import MethodSettings
@@ -281,7 +289,7 @@ def make_spec(model: str, methods: tuple[str, ...] = PLAN_METHODS, *, seq: int |
 
     spec = RunSpec(model=model, seq=seq or 1, batch=batch, dtype=dtype, device="meta",
                    methods=tuple(methods), settings=settings or MethodSettings(),
-                   recipe=recipe or Recipe())
+                   recipe=recipe or Recipe(), peft_config=peft_config)
     validate_against_model(_at_depth(spec, 1))
     return spec
 

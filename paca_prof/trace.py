@@ -480,6 +480,8 @@ def _check_table(frame: pd.DataFrame, name: str, path: Path) -> pd.DataFrame:
         raise TraceError(f"{path}: {name}.parquet has values of the wrong type ({reason})") \
             from None
     if name == "summary":
+        if frame["method"].isna().any():
+            raise TraceError(f"{path}: summary.parquet has a row without a method")
         repeated = sorted(set(frame.loc[frame["method"].duplicated(), "method"].astype(str)))
         if repeated:
             raise TraceError(f"{path}: summary.parquet names method(s) twice: "
@@ -488,6 +490,32 @@ def _check_table(frame: pd.DataFrame, name: str, path: Path) -> pd.DataFrame:
         if bad:
             raise TraceError(f"{path}: summary.parquet has unknown status(es) {bad[:3]}")
     return frame
+
+
+def read_run(path: str | Path, prefix: str | None = None) -> dict:
+    """A trace folder's run.yaml, read as data from outside: a regular file inside the folder
+    within RUN_FILE_LIMIT, YAML without aliases, checked against RUN_KEYS. TraceError (one
+    line, starting with `prefix`, by default the folder's path) otherwise, a nesting too deep
+    for the parser included."""
+    path = Path(path)
+    prefix = f"{path}: " if prefix is None else prefix
+    try:
+        data = validate.read_small_file(path / "run.yaml", "run.yaml", RUN_FILE_LIMIT,
+                                        inside=path)
+        run = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe)
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as error:
+        readable = isinstance(error, _AliasRefused) or (
+            isinstance(error, ValueError) and not isinstance(error, UnicodeDecodeError))
+        detail = str(error) if readable else type(error).__name__
+        raise TraceError(f"{prefix}unreadable run.yaml ({detail})") from None
+    return validate_run(run, f"{prefix}run.yaml")
+
+
+def read_table(path: str | Path, name: str) -> pd.DataFrame:
+    """One table of a trace folder, read within the caps and checked against its schema
+    (_check_table): TraceError (one line) otherwise."""
+    path = Path(path)
+    return _check_table(_read_table(path, name), name, path)
 
 
 def load(path: str | Path) -> Trace:
@@ -504,21 +532,12 @@ def load(path: str | Path) -> Trace:
         raise TraceError(f"{path}: an unfinished write (its run was interrupted), not a trace")
     if not path.is_dir():
         raise TraceError(f"{path}: no such trace folder")
-    try:
-        data = validate.read_small_file(path / "run.yaml", "run.yaml", RUN_FILE_LIMIT,
-                                        inside=path)
-        run = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe)
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as error:
-        readable = isinstance(error, _AliasRefused) or (
-            isinstance(error, ValueError) and not isinstance(error, UnicodeDecodeError))
-        detail = str(error) if readable else type(error).__name__
-        raise TraceError(f"{path}: unreadable run.yaml ({detail})") from None
-    validate_run(run, f"{path}: run.yaml")
+    run = read_run(path)
     tables = {}
     for name in ALL_TABLES:
         if name in OPTIONAL_TABLES and not os.path.lexists(path / f"{name}.parquet"):
             continue
-        tables[name] = _check_table(_read_table(path, name), name, path)
+        tables[name] = read_table(path, name)
     chrome = {}
     for file in sorted(path.glob("trace-*.json")):
         resolved = file.resolve()

@@ -26,7 +26,7 @@ def number(value, what: str, *, minimum: float | None = None, maximum: float | N
         raise ValueError(f"{what} must be a number, got {_show(value)}")
     if integer and not (isinstance(value, int) or float(value).is_integer()):
         raise ValueError(f"{what} must be a whole number, got {_show(value)}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # an int is finite, if huge
         raise ValueError(f"{what} must be finite, got {_show(value)}")
     if integer:
         value = int(value)
@@ -92,5 +92,7 @@ def read_small_file(path: str | Path, what: str, limit: int = SMALL_FILE_LIMIT,
 
 
 def _show(value) -> str:
+    if isinstance(value, int) and value.bit_length() > 200:  # repr of a huge int is slow or refused
+        return f"an integer of {value.bit_length()} bits"
     shown = repr(value)
     return shown if len(shown) <= 60 else shown[:57] + "..."

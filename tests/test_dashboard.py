@@ -71,7 +71,7 @@ def write_capacity_sweep(trace_path: Path, seqs=(512, 1024, 2048, 4096, 8192, 16
 
 @pytest.fixture(scope="session")
 def traces_dir(tmp_path_factory) -> Path:
-    """A traces folder: tiny-cpu (measured), llama3-8b (simulated, projected times),
+    """A traces folder: tiny-cpu (measured), tiny-meta (its simulation), llama3-8b (simulated, projected times),
     llama3-8b-capacity (the same with a capacity sweep), llama3.1-70b (simulated), the shipped
     plan sample (plan-a100-80gb) and a copy of it planned for a custom GPU spec, and four
     unreadable folders."""
@@ -80,6 +80,9 @@ def traces_dir(tmp_path_factory) -> Path:
         "tiny-cpu": _paca_prof("run", "--model", "tiny", "--seq", "64", "--batch", "2",
                                "--device", "cpu", "--steps", "2", "--warmup", "1",
                                "--out", str(root / "tiny-cpu")),
+        "tiny-meta": _paca_prof("run", "--model", "tiny", "--seq", "64", "--batch", "2",
+                                "--device", "meta", "--dtype", "fp32",
+                                "--out", str(root / "tiny-meta")),
         "llama3-8b": _paca_prof("run", "--model", "llama3-8b", "--seq", "4096",
                                 "--out", str(root / "llama3-8b")),
         LLAMA_70B: _paca_prof("run", "--model", "llama3.1-70b", "--seq", "4096",
@@ -607,6 +610,30 @@ def test_drill_down_by_click_and_dropdown(served, driver):
         "Latency per module in model.layers.1.self_attn "))
     screenshot(driver, "latency-drill-down")
     assert severe_console_entries(driver) == []
+
+
+def test_compare_measured_with_simulated_bytes(served, driver):
+    """Compare runs, a measured and a simulated trace (in either order): the analyzer's totals
+    table, the peak by category and the activations by module of the chosen method."""
+    load_page(driver, f"{served.url}/?run=tiny-meta")  # the simulated one first: swapped
+    open_tab(driver, "Compare runs")
+    pick(driver, "compare-run", "tiny-cpu")
+    peak = wait_graph(driver, "compare-peak", lambda g: "measured vs simulated" in g["title"])
+    assert peak["names"] == ["measured", "simulated"]
+    measured = runs.analysis(served.root, "tiny-cpu")
+    simulated = runs.analysis(served.root, "tiny-meta")
+    methods = measured.compared_methods(simulated)
+    assert peak["title"].endswith(methods[0])
+    totals = table_rows(driver, "compare-totals")
+    assert {row["method"] for row in totals} == set(methods)
+    pick(driver, "compare-method", "paca")
+    wait_graph(driver, "compare-peak", lambda g: g["title"].endswith("paca"))
+    wait_graph(driver, "compare-activations", lambda g: g["title"].endswith("paca"))
+    screenshot(driver, "compare-measured-simulated")
+    pick(driver, "compare-run", LLAMA)  # two simulated runs: said, not an error
+    wait(driver, lambda d: "one run with measured bytes" in text(d, "compare-bytes"),
+         "the pairing note")
+    assert view_errors(driver) == [] and severe_console_entries(driver) == []
 
 
 def test_changing_methods_layer_and_gpu_updates_views(served, driver):

@@ -180,6 +180,11 @@ def test_bad_output_folders(capsys, tmp_path):
      "hbm_gbps: 1\nwarp_drive: 9\n", "unknown field"),
     ("name: {a: 1}\nmemory_bytes: 1\nbf16_tflops: 1\nfp16_tflops: 1\nfp32_tflops: 1\n"
      "hbm_gbps: 1\n", "string"),
+    # an integer too large for a float, and one too long for Python's int-to-text limit
+    ("name: x\nmemory_bytes: 1" + "0" * 400 + "\nbf16_tflops: 1\nfp16_tflops: 1\n"
+     "fp32_tflops: 1\nhbm_gbps: 1\n", "memory_bytes must be at most"),
+    ("name: x\nmemory_bytes: 1\nbf16_tflops: 1" + "0" * 5000 + "\nfp16_tflops: 1\n"
+     "fp32_tflops: 1\nhbm_gbps: 1\n", "integer string conversion"),
 ])
 def test_bad_gpu_spec_files(capsys, tmp_path, content, expected):
     spec = tmp_path / "gpu.yaml"

@@ -15,6 +15,7 @@ from paca_prof import plan as planner
 from paca_prof.recipe import Recipe
 from paca_prof.budget import DEFAULT_HEADROOM, make_budget, parse_headroom
 from paca_prof.units import parse_bytes
+from paca_prof.gpus import gpu_spec
 from paca_prof.analyze.capacity import max_seq_from_curve
 from conftest import run_spec as RunSpec
 from paca_prof.engines.measure import measure_method
@@ -23,7 +24,8 @@ from paca_prof.trace import MEMORY_CATEGORIES
 
 GiB, MiB = 2**30, 2**20
 # The tiny preset in fp32 with eager attention: what the CPU measures, so simulation and
-# measurement can be compared; 40 MiB, no headroom, puts the answers near 600 tokens.
+# measurement can be compared; 40 MiB of reserved memory, no headroom, puts the answers near
+# 550 tokens.
 TINY = dict(dtype="fp32", attention="eager")
 
 
@@ -72,13 +74,18 @@ def test_headroom_sums_sizes_and_percentages_of_the_memory():
             parse_headroom(bad, memory)
 
 
-def test_default_budget_of_an_a100_keeps_back_1gib_plus_5_percent():
+def test_default_budget_of_an_a100_is_memory_less_cuda_context_less_unmodelled_headroom():
     budget = make_budget(gpu="a100-80gb")
     assert budget.memory_bytes == 80 * GiB
-    assert budget.headroom == DEFAULT_HEADROOM == "1GiB+5%"
-    assert budget.headroom_bytes == GiB + 4 * GiB
-    assert budget.budget_bytes == 75 * GiB
-    assert "headroom 5.00 GiB" in budget.describe() and "budget 75.00 GiB" in budget.describe()
+    assert budget.headroom == DEFAULT_HEADROOM == "512MiB+1%"
+    assert budget.context_bytes == gpu_spec("a100-80gb").cuda_context_bytes == 512 * MiB
+    assert budget.headroom_bytes == 512 * MiB + int(0.01 * 80 * GiB)
+    assert budget.budget_bytes == 80 * GiB - 512 * MiB - (512 * MiB + int(0.01 * 80 * GiB))
+    text = budget.describe()
+    assert "CUDA context 512.00 MiB" in text and "for reserved memory" in text
+    assert "not modelled" in text  # every answer states what the headroom stands for
+    given = make_budget(memory="24GiB")  # a bare size has no GPU, so no context is assumed
+    assert given.context_bytes == 0 and "CUDA context" not in given.describe()
     with pytest.raises(ValueError, match="unknown GPU"):
         make_budget(gpu="a100-90gb")
     with pytest.raises(ValueError, match="exactly one"):
@@ -115,9 +122,14 @@ def tiny_plan():
     return plan("tiny", TINY_BUDGET, ("lora", "paca"), **TINY, granularity=16)
 
 
-def _simulated_peak(method: str, seq: int, batch: int = 1) -> int:
+def _simulated(method: str, seq: int, batch: int = 1) -> dict:
+    """The summary row of a direct simulation: peak_bytes (live tensors), reserved_bytes."""
     spec = RunSpec(model="tiny", seq=seq, batch=batch, device="meta", **TINY)
-    return Simulator(spec, method).step(seq, batch).summary["peak_bytes"]
+    return Simulator(spec, method).step(seq, batch).summary
+
+
+def _simulated_peak(method: str, seq: int, batch: int = 1) -> int:
+    return _simulated(method, seq, batch)["peak_bytes"]
 
 
 @pytest.mark.parametrize("method", ["lora", "paca"])
@@ -126,13 +138,21 @@ def test_longest_sequence_fits_and_the_next_grid_step_does_not(tiny_plan, method
     budget = TINY_BUDGET.budget_bytes
     assert mp.max_size > 0 and mp.max_size % 16 == 0 and not mp.at_limit
     assert mp.confirmation == planner.FULL_DEPTH  # 2 layers: nothing to extrapolate
-    assert mp.best.peak_bytes == _simulated_peak(method, mp.max_size) <= budget
-    assert _simulated_peak(method, mp.max_size + 16) > budget
+    # a size fits when its reserved memory does (the allocator's segments, not live bytes)
+    direct = _simulated(method, mp.max_size)
+    assert mp.best.peak_bytes == direct["peak_bytes"]
+    assert mp.best.reserved_bytes == direct["reserved_bytes"] <= budget
+    assert mp.best.peak_bytes <= mp.best.reserved_bytes
+    assert _simulated(method, mp.max_size + 16)["reserved_bytes"] > budget
     assert sum(mp.best.breakdown.values()) == mp.best.peak_bytes
 
 
-def test_paca_fits_a_longer_sequence_than_lora(tiny_plan):
-    assert tiny_plan.methods["paca"].max_size > tiny_plan.methods["lora"].max_size
+def test_paca_fits_a_longer_sequence_than_lora():
+    # bf16 with fused attention, where activations dominate; at TINY's 40 MiB in fp32 with
+    # eager attention both land in the same allocator segments
+    result = plan("tiny", make_budget(memory="64MiB", headroom="0"), ("lora", "paca"),
+                  granularity=16)
+    assert result.methods["paca"].max_size > result.methods["lora"].max_size
 
 
 def test_curve_is_a_capacity_table_up_to_a_quarter_past_the_answer(tiny_plan):
@@ -142,7 +162,7 @@ def test_curve_is_a_capacity_table_up_to_a_quarter_past_the_answer(tiny_plan):
     for method, mp in tiny_plan.methods.items():
         rows = curve[curve["method"] == method]
         sizes = sorted(set(rows["seq"]))
-        assert 8 <= len(sizes) <= 16
+        assert 8 <= len(sizes) <= 24  # the reserved search probes a few sizes more
         assert max(sizes) >= 1.2 * mp.max_size
         at_max = rows[rows["seq"] == mp.max_size]
         assert at_max["probed"].all() and at_max["bytes"].sum() == mp.best.peak_bytes
@@ -162,7 +182,8 @@ def test_largest_batch_at_a_fixed_sequence():
     assert result.vary == "batch" and mp.vary == "batch" and result.granularity == 1
     assert mp.max_size >= 2
     assert mp.best.peak_bytes == _simulated_peak("paca", 128, mp.max_size)
-    assert _simulated_peak("paca", 128, mp.max_size + 1) > TINY_BUDGET.budget_bytes
+    assert mp.best.reserved_bytes <= TINY_BUDGET.budget_bytes
+    assert _simulated("paca", 128, mp.max_size + 1)["reserved_bytes"] > TINY_BUDGET.budget_bytes
     assert set(result.curve["seq"]) == {128}
 
 
@@ -186,9 +207,10 @@ def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(t
 
     real = planner._extrapolate
 
-    def optimistic(low, high, depth):  # an extrapolation 10% short of the truth
+    # an extrapolation 20% short of the truth (10% can hide in the allocator's segment rounding)
+    def optimistic(low, high, depth):
         point = real(low, high, depth)
-        segments = {s: {c: int(b * 0.9) for c, b in bd.items()} for s, bd in point.segments.items()}
+        segments = {s: {c: int(b * 0.8) for c, b in bd.items()} for s, bd in point.segments.items()}
         return planner._point(point.seq, point.batch, segments, depth, extrapolated=True)
 
     monkeypatch.setattr(planner, "_extrapolate", optimistic)
@@ -227,9 +249,10 @@ def test_plan_json_states_budget_headroom_assumptions_and_each_answer(capsys):
     assert assumptions["granularity"] == 16 and "simulated" in assumptions["memory"]
     assert set(out["methods"]) == {"lora", "paca"}
     for entry in out["methods"].values():
-        assert entry["max_seq"] > 0 and entry["peak_bytes"] <= out["budget_bytes"]
+        assert entry["max_seq"] > 0 and entry["reserved_bytes"] <= out["budget_bytes"]
+        assert entry["peak_bytes"] <= entry["reserved_bytes"]
         assert sum(entry["breakdown"].values()) == entry["peak_bytes"]
-        assert entry["next"]["peak_bytes"] > out["budget_bytes"]
+        assert entry["next"]["reserved_bytes"] > out["budget_bytes"]
         assert len(entry["curve"]) >= 8 and entry["confirmed_full_depth"] is True
 
 
@@ -270,4 +293,4 @@ def test_plan_help_prints(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["plan", "--help"])
     assert exit_.value.code == 0
-    assert "1GiB+5%" in capsys.readouterr().out
+    assert DEFAULT_HEADROOM in capsys.readouterr().out

@@ -87,6 +87,26 @@ def test_run_peft_config_measured_on_the_cpu(tmp_path, capsys, model_dir):
     assert json.loads(out)["methods"]["lora"]["trainable_params"] == peft_trainable(**fields)
 
 
+def test_plan_peft_config_plans_exactly_that_adapter(tmp_path, capsys, model_dir):
+    """`plan --peft-config`: the adapter the user trains (here q,v only at r 4), planned; its
+    longest sequence is that of the same adapter given as flags."""
+    path = adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    common = ["plan", "--model", str(model_dir), "--memory", "64MiB", "--headroom", "0",
+              "--granularity", "16", "--json"]
+    status, out, err = run_cli([*common, "--peft-config", str(path)], capsys)
+    assert status == 0, err
+    planned = json.loads(out)
+    assert list(planned["methods"]) == ["lora"]  # the config's own method
+    status, out, err = run_cli([*common, "--methods", "lora", "--r", "4", "--alpha", "8",
+                                "--targets", "q_proj,v_proj"], capsys)
+    assert status == 0, err
+    by_flags = json.loads(out)
+    assert planned["methods"]["lora"]["max_seq"] == by_flags["methods"]["lora"]["max_seq"] > 0
+    # with all seven projections adapted, no more fits: the config was not ignored
+    status, out, err = run_cli([*common, "--methods", "lora", "--r", "4"], capsys)
+    assert json.loads(out)["methods"]["lora"]["max_seq"] <= planned["methods"]["lora"]["max_seq"]
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not JSON"),
     ("[1, 2]", "a JSON list, not an object"),

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from profile_testing import (BATCH, SEQ, batches, engine_spec, forward_activation_bytes,
+from profile_testing import (BATCH, batches, engine_spec, forward_activation_bytes,
                              no_staging_left, prepared)
 
 from paca_prof import trace

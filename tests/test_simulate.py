@@ -193,6 +193,20 @@ def test_projection_labels_times_and_marks_oom():
     assert small.summary["status"] == "ok"
 
 
+def test_out_of_memory_is_decided_by_reserved_memory_not_live_bytes():
+    """A budget above the step's live peak but below what the allocator reserves is out of
+    memory, as on a GPU (the allocator needs whole segments)."""
+    spec = RunSpec(model="tiny", seq=64, batch=1, dtype="bf16", device="meta", attention="flash")
+    free = simulate_method(spec, "paca").summary
+    assert free["peak_bytes"] < free["reserved_bytes"]
+    between = make_budget(memory=str((free["peak_bytes"] + free["reserved_bytes"]) // 2),
+                          headroom="0")
+    squeezed = simulate_method(spec, "paca", None, between).summary
+    assert squeezed["status"] == "oom" and squeezed["peak_bytes"] == free["peak_bytes"]
+    roomy = make_budget(memory=str(free["reserved_bytes"]), headroom="0")
+    assert simulate_method(spec, "paca", None, roomy).summary["status"] == "ok"
+
+
 def test_quantized_methods_store_four_bit_weights_and_dequantize():
     def run(method, **recipe):
         spec = RunSpec(model="tiny", seq=64, batch=1, dtype="bf16", device="meta",
@@ -246,6 +260,8 @@ def test_llama3_8b_seq4096_cli_simulates_every_default_method(tmp_path):
     assert loaded.run["source"] == "projected"
     assert loaded.run["sources"] == {"time": "projected", "bytes": "simulated",
                                      "reserved": "simulated"}
+    for row in report["methods"].values():  # the allocator holds at least what is live
+        assert row["reserved_bytes"] >= row["allocator_peak_bytes"] >= row["peak_bytes"]
     assert loaded.run["recipe"]["attention"] == "flash"
     paca, lora = report["methods"]["paca"], report["methods"]["lora"]
     # In every decoder layer past the first (whose input needs no gradient under an adapter

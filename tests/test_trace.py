@@ -214,6 +214,23 @@ def test_load_rejects_garbage_run_yaml(trace_copy, content):
     assert "run.yaml" in _one_line(info.value)
 
 
+def test_load_rejects_run_yaml_nested_deeper_than_the_parser_goes(trace_copy):
+    (trace_copy / "run.yaml").write_text("a: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(trace_copy)
+    assert "unreadable run.yaml (RecursionError)" in _one_line(info.value)
+
+
+def test_load_rejects_a_summary_row_without_a_method(trace_copy):
+    table = trace_copy / "summary.parquet"
+    summary = pd.read_parquet(table)
+    summary.loc[summary.index[0], "method"] = None
+    summary.to_parquet(table)
+    with pytest.raises(trace.TraceError) as info:
+        trace.load(trace_copy)
+    assert "summary.parquet has a row without a method" in _one_line(info.value)
+
+
 def test_load_rejects_missing_run_yaml(trace_copy):
     (trace_copy / "run.yaml").unlink()
     with pytest.raises(trace.TraceError) as info:

@@ -238,21 +238,24 @@ class TraceAnalysis:
         bytes per method and module, largest disagreement first (analyze/compare.py).
         ValueError if the traces are not comparable or share none of `methods`."""
         return compare.activations(self.trace.layers, simulated.trace.layers,
-                                   self._compared(simulated, methods))
+                                   self.compared_methods(simulated, methods))
 
     def compare_peak(self, simulated: TraceAnalysis,
                      methods: list[str] | None = None) -> pd.DataFrame:
         """The same for the bytes of each memory category at the peak, and the peak."""
         return compare.peak(self.trace.summary, simulated.trace.summary,
-                            self._compared(simulated, methods))
+                            self.compared_methods(simulated, methods))
 
     def compare_totals(self, simulated: TraceAnalysis,
                        methods: list[str] | None = None) -> pd.DataFrame:
         """The same for activation bytes, peak bytes, trainable parameters and ops per step."""
         return compare.totals(self.trace.summary, simulated.trace.summary,
-                              self._compared(simulated, methods))
+                              self.compared_methods(simulated, methods))
 
-    def _compared(self, simulated: TraceAnalysis, methods: list[str] | None) -> list[str]:
+    def compared_methods(self, simulated: TraceAnalysis,
+                         methods: list[str] | None = None) -> list[str]:
+        """The methods ok in both this measured trace and `simulated` (or `methods`, checked);
+        ValueError if the traces are not comparable or share none."""
         compare.check_comparable(self.trace.run, simulated.trace.run)
         return compare.common_methods(self.trace.summary, simulated.trace.summary, methods)
 
