@@ -180,6 +180,29 @@ def _methods(analysis, methods) -> list[str]:
     return [m for m in analysis.trace.methods if m in picked]
 
 
+def _spread(analysis, methods: list[str], time_source: str):
+    """The spread of the step times (measured runs: p25/p75, the ratio's 95% interval) and
+    the throughput, with a flag on each ratio whose interval contains 1 and the spread
+    warnings (TraceAnalysis.timing_spread). None without times."""
+    if analysis.sources.get("time") is None:
+        return None
+    table = analysis.timing_spread(BASELINE, methods)
+    flags = [html.Div(_text(f"{row.method}: its step-time ratio to {BASELINE} is not resolved:"
+                            f" the 95% interval [{row.step_ratio_lo:.2f}, "
+                            f"{row.step_ratio_hi:.2f}] contains 1"),
+                      className="spread-flag", role="status")
+             for row in table.itertuples() if row.contains_1]
+    warnings = [html.Div(_text(f"{row.method}: {row.spread_warning}"), className="note")
+                for row in table.itertuples() if row.spread_warning and not row.contains_1]
+    shown = table.assign(ratio_interval_contains_1=table["contains_1"].map(
+        {True: "YES: not resolved", False: ""})).drop(columns=["contains_1", "spread_warning"])
+    return html.Div(id="spread-block", children=[
+        html.P(className="subhead", children=_text(
+            f"Step-time spread and throughput ({time_source}; ratios to {BASELINE} with 95% "
+            "bootstrap intervals over rounds)")),
+        _table(shown, "spread-table"), *flags, *warnings])
+
+
 def _run_details(run: dict) -> html.Details:
     """run.yaml's settings, recipe, methods and assumptions as YAML text."""
     keys = ("recipe", "methods", "settings", "assumptions", "plan", "gpu", "versions",
@@ -212,6 +235,7 @@ def _views(gpus: dict) -> list[tuple[str, str, html.Section]]:
     return [
         ("overview", "Overview", _section("overview", "Overview (ratios to lora)", [
             html.Div(id="overview-table"), html.Div(id="overview-errors", className="note"),
+            html.Div(id="overview-spread"),
             html.Div(className="row", children=[_graph("overview-bars"),
                                                 _graph("overview-ratios")])])),
         ("latency", "Layer latency", _section("latency", "Latency per layer", [
@@ -473,9 +497,9 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
     @app.callback(
         Output("overview-table", "children"), Output("overview-errors", "children"),
         Output("overview-bars", "figure"), Output("overview-ratios", "figure"),
-        Output("overview-msg", "children"),
+        Output("overview-spread", "children"), Output("overview-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"))
-    @guard(None, None, _empty(), _empty())
+    @guard(None, None, _empty(), _empty(), None)
     @on_tab("overview")
     def overview(name, methods):
         analysis = load(name)
@@ -495,7 +519,8 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
                 _table(_mib(analysis.rank_peaks(methods)), "rank-table")]))
         return (_table(table, "summary-table"), errors or None,
                 figures.overview_bars(summary, time_source),
-                figures.summary_ratio_bars(table, time_source, BASELINE), None)
+                figures.summary_ratio_bars(table, time_source, BASELINE),
+                _spread(analysis, methods, time_source), None)
 
     @app.callback(
         Output("drill", "options"), Output("drill", "value"),

@@ -238,18 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["cpu", "cuda", "meta"], default=None,
                      help="cpu or cuda measure real steps; meta simulates them (exact bytes) and "
                           "projects times onto --gpu. Default: cuda if present, else meta")
-    run.add_argument("--gpu", default="a100-80gb",
+    run.add_argument("--gpu", default=None,
                      help=f"GPU to project simulated runs onto: {', '.join(GPUS)}, or a device "
-                          "spec file (PATH.yaml); default a100-80gb, the paper's")
+                          "spec file (PATH.yaml, as paca-prof calibrate writes it); default "
+                          "a100-80gb, the paper's. On a measured run: the peak that MFU is "
+                          "taken against (CUDA: by default the GPU table's entry for the card)")
     run.add_argument("--headroom", default=DEFAULT_HEADROOM,
                      help=("simulated runs: a method whose reserved memory exceeds the GPU's "
                            "memory less its CUDA context and this is oom, as in the planner's "
                            f"budget (default {DEFAULT_HEADROOM}: what stays unmodelled)"
                            ).replace("%", "%%"))
-    run.add_argument("--steps", type=_positive_int, default=5,
-                     help="measured steps (default 5)")
+    run.add_argument("--steps", type=_positive_int, default=10,
+                     help="measured runs: timed rounds, one step of each method per round in "
+                          "a shuffled order (default 10)")
     run.add_argument("--warmup", type=int, default=2,
-                     help="warm-up steps, not measured (default 2)")
+                     help="warm-up steps, not measured: at least this many, then until the "
+                          "step time settles (bounded; default 2; 0 for none)")
+    run.add_argument("--threads", type=_positive_int, default=None,
+                     help="measured runs: torch threads (default: torch's choice; recorded in "
+                          "run.yaml)")
+    run.add_argument("--time-budget", type=_finite, default=None, metavar="SECONDS",
+                     help="measured runs: no timed round starts after this many seconds of "
+                          "timing (one always runs; default: no bound)")
     run.add_argument("--out", type=Path, default=None,
                      help="trace folder to write (default traces/<model>-seq<N>-<device>-<time>)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -294,6 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--debug", action="store_true",
                       help="Dash debug mode (never for sharing; loopback only)")
     dash.set_defaults(handler=_cmd_dash)
+
+    calibrate = sub.add_parser("calibrate", help="microbenchmark this device (GEMM, bandwidth, "
+                                                 "per-op cost, optimizer step) and fit a device "
+                                                 "spec for --gpu SPEC.yaml")
+    calibrate.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                           help="the device to calibrate (default cpu)")
+    calibrate.add_argument("--out", type=Path, default=None, metavar="SPEC.yaml",
+                           help="write the fitted spec here (a new .yaml file); default: print "
+                                "it only")
+    calibrate.add_argument("--name", default=None,
+                           help="the spec's name (default calibrated-<device>)")
+    calibrate.add_argument("--threads", type=_positive_int, default=None,
+                           help="torch threads while calibrating: use those of the runs it "
+                                "will stand for (default: torch's choice)")
+    calibrate.add_argument("--quick", action="store_true",
+                           help="fewer sizes, fp32 and bf16 only: a smoke run")
+    calibrate.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    calibrate.add_argument("--json", action="store_true",
+                           help="print the measurements and the spec as JSON")
+    calibrate.set_defaults(handler=_cmd_calibrate)
 
     from paca_prof.plan import DEFAULT_GRANULARITY, DEFAULT_TIME_BUDGET_S, PLAN_METHODS
 
@@ -376,22 +406,28 @@ def _cmd_run(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "meta")
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageError(f"--time-budget must be above 0 seconds, got {args.time_budget:g}")
+    if args.threads is not None and args.threads > 4096:
+        raise UsageError(f"--threads must be at most 4096, got {args.threads}")
     try:
-        gpu = gpu_spec(args.gpu)
+        gpu = gpu_spec(args.gpu or "a100-80gb")
         budget = make_budget(gpu=gpu, headroom=args.headroom)
         peft_config, methods = _peft_methods(args, method_names.DEFAULT_METHODS)
         spec = RunSpec(model=args.model, seq=args.seq, batch=args.batch, dtype=dtype,
                        device=device, methods=methods, settings=_settings(args),
                        recipe=_recipe(args, methods, dtype), steps=args.steps,
                        warmup=args.warmup, seed=args.seed, peft_config=peft_config,
-                       distributed=_distributed(args, device))
+                       distributed=_distributed(args, device),
+                       threads=args.threads, time_budget_s=args.time_budget)
     except ValueError as error:
         raise UsageError(str(error)) from None
     out = args.out or engines.default_out(spec)
     command = "paca-prof " + shlex.join(sys.argv[1:])
     bar, progress = _progress_bar("paca-prof run", len(spec.methods), finished="done")
     try:
-        path = engines.run(spec, out, command, progress, gpu=gpu, budget=budget)
+        path = engines.run(spec, out, command, progress, gpu=gpu, budget=budget,
+                           peak=gpu if args.gpu is not None and device != "meta" else None)
     except ValueError as error:
         raise UsageError(str(error)) from None
     finally:
@@ -450,7 +486,8 @@ def _cmd_analyze(args) -> int:
             raise UsageError(f"cannot write {args.html}: {error.strerror}") from None
     if args.json:
         payload = {"trace": str(analysis.trace.path), "sources": analysis.sources,
-                   "summary": _records(analysis.summary(methods=methods))}
+                   "summary": _records(analysis.summary(methods=methods)),
+                   "timing_spread": _records(analysis.timing_spread(methods=methods))}
         payload.update({name: _records(table) for name, table in tables.items()})
         print(json.dumps(payload, indent=2))
         return 0
@@ -512,6 +549,84 @@ def _cmd_compare(args) -> int:
         if len(shown):
             print(_bytes_as_mib(shown.drop(columns="method")).to_string(
                 index=False, float_format=lambda v: f"{v:,.4f}", na_rep="-"))
+    return 0
+
+
+def _check_spec_out(path: Path, force: bool) -> None:
+    """UsageError unless `path` can take a new spec file: .yaml or .yml, in an existing,
+    writable folder, not an existing file (without --force) and never a folder."""
+    if path.suffix not in (".yaml", ".yml"):
+        raise UsageError(f"--out {path}: a device spec is a .yaml file")
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder")
+    if path.exists() and not force:
+        raise UsageError(f"--out {path} exists; give --force to overwrite it")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: no folder {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--out {path}: folder {path.parent} is not writable")
+
+
+def _cmd_calibrate(args) -> int:
+    from paca_prof import validate
+
+    if args.out is not None:
+        _check_spec_out(args.out, args.force)
+    if args.threads is not None and args.threads > 4096:
+        raise UsageError(f"--threads must be at most 4096, got {args.threads}")
+    try:
+        if args.name is not None:
+            validate.text(args.name, "--name", 64)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    import torch
+
+    from paca_prof.calibrate import calibrate
+    from paca_prof.gpus import write_spec
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = calibrate(args.device, name=args.name, quick=args.quick,
+                           progress=lambda what: print(f"paca-prof calibrate: {what}",
+                                                       file=sys.stderr, flush=True))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.out is not None:
+        write_spec(result.spec, args.out)
+    if args.json:
+        print(json.dumps({"spec": result.spec.to_dict(), "gemm": result.gemm,
+                          "bandwidth": result.bandwidth, "dispatch_us": result.dispatch_us,
+                          "attention": result.attention, "optimizer": result.optimizer,
+                          "seconds": result.seconds,
+                          "out": str(args.out) if args.out else None}, indent=2))
+        return 0
+    spec = result.spec
+    print(f"paca-prof calibrate: {args.device}, {torch.get_num_threads()} torch thread(s), "
+          f"{result.seconds:.0f} s; every number below is measured on this machine now")
+    for dtype in ("fp32", "bf16", "fp16"):
+        rows = [r for r in result.gemm if r["dtype"] == dtype]
+        if rows:
+            cells = ", ".join(f"{r['m']}x{r['k']}x{r['n']} {r['tflops'] * 1e3:.1f}"
+                              for r in rows)
+            print(f"  GEMM {dtype} (measured GFLOP/s): {cells}")
+    print(f"  bandwidth (measured, fitted over {len(result.bandwidth)} sizes): "
+          f"{spec.hbm_gbps:.2f} GB/s")
+    print(f"  per-op cost of eager training code (measured): {result.dispatch_us:.1f} us")
+    print(f"  attention (SDPA {result.attention['shape']}, measured): "
+          f"{result.attention['tflops'] * 1e3:.1f} GFLOP/s")
+    for name in ("lora-like", "full-like"):
+        row = result.optimizer[name]
+        print(f"  AdamW step, {name} ({row['tensors']} tensors, measured): "
+              f"{row['measured_us'] / 1e3:.2f} ms")
+    print(f"fitted spec {spec.name}: fp32 {spec.fp32_tflops * 1e3:.1f} / bf16 "
+          f"{spec.bf16_tflops * 1e3:.1f} GFLOP/s peak, matmul efficiency "
+          f"{spec.matmul_efficiency:.2f}, attention efficiency {spec.attention_efficiency:.2f}, "
+          f"{spec.hbm_gbps:.2f} GB/s, launch {spec.launch_us:.1f} us, dispatch "
+          f"{spec.dispatch_us:.1f} us, foreach {spec.foreach_tensor_us:.2f} us per tensor")
+    if args.out is not None:
+        print(f"spec: {args.out}  (paca-prof run --device meta --gpu {args.out} ... projects "
+              "onto it)")
     return 0
 
 
@@ -703,6 +818,56 @@ def _print_summary(analysis, methods: list[str] | None = None) -> None:
             text += "" if ratio != ratio else f" ({ratio:.2f}x)"
             cells.append(f"{text:>16}")
         print(f"{row['method']:<8} {row['status']:<6} " + " ".join(cells))
+    _print_spread(analysis, methods, baseline)
+
+
+def _print_spread(analysis, methods: list[str] | None, baseline: str) -> None:
+    """The spread of the step times (measured runs) and the throughput (measured or
+    projected), then one warning line per method whose numbers cannot be trusted."""
+    import pandas as pd
+
+    time_source = analysis.sources.get("time")
+    if time_source is None:
+        return
+    table = analysis.timing_spread(baseline, methods)
+    table = table[table["step_ms"].notna()]
+    if table.empty:
+        return
+    measured = table["step_ms_p25"].notna().any()
+    peak = (analysis.trace.run.get("timing") or {}).get("peak_for_mfu") if measured else \
+        (analysis.trace.run.get("gpu") or {}).get("name")
+    if measured:
+        print(f"\nspread ({time_source}): median step ms [p25-p75] over the timed steps of "
+              f"interleaved rounds; ratio to {baseline} with its 95% bootstrap interval over "
+              f"rounds; throughput {time_source}, MFU against {peak or 'no known peak'}")
+    else:
+        print(f"\nthroughput ({time_source}): "
+              + (f"MFU against {peak}'s peak" if peak else "no MFU (no known peak)"))
+    if measured:
+        print(f"{'method':<8} {'step ms [p25-p75]':>24} {'steps':>6} {'ratio [95% CI]':>22} "
+              f"{'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
+    else:
+        print(f"{'method':<8} {'step ms':>10} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7}")
+    for _, row in table.iterrows():
+        mfu = "-" if row["mfu"] != row["mfu"] else f"{100 * row['mfu']:.1f}%"
+        tflops = "-" if row["achieved_tflops"] != row["achieved_tflops"] else \
+            f"{row['achieved_tflops']:.3g}"
+        rate = f"{row['tokens_per_s']:>10,.0f} {tflops:>9} {mfu:>7}"
+        if not measured:
+            print(f"{row['method']:<8} {row['step_ms']:>10.1f} {rate}")
+            continue
+        spread = (f"{row['step_ms']:.1f} [{row['step_ms_p25']:.1f}-{row['step_ms_p75']:.1f}]"
+                  if row["step_ms_p25"] == row["step_ms_p25"] else f"{row['step_ms']:.1f}")
+        steps = "-" if pd.isna(row["steps_timed"]) else str(row["steps_timed"])
+        if row["step_ratio_lo"] == row["step_ratio_lo"]:
+            ratio = (f"{row['step_ratio']:.2f} [{row['step_ratio_lo']:.2f}, "
+                     f"{row['step_ratio_hi']:.2f}]" + (" ~1" if row["contains_1"] else ""))
+        else:
+            ratio = "-"
+        print(f"{row['method']:<8} {spread:>24} {steps:>6} {ratio:>22} {rate}")
+    for _, row in table.iterrows():
+        if row["spread_warning"]:
+            print(f"WARNING: {row['method']}: too spread to trust: {row['spread_warning']}")
 
 
 def _jsonable(row) -> dict:

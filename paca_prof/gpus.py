@@ -19,6 +19,7 @@ A device spec is one GpuSpec. Built-in specs come from datasheets (each names it
     matmul_efficiency: 0.70    # fractions of the peaks that kernels reach
     attention_efficiency: 0.50
     bandwidth_efficiency: 0.80
+    foreach_tensor_us: 0.0     # a foreach op's extra cost per input tensor (CPU: a loop)
     source: "where these numbers come from"
 """
 
@@ -59,6 +60,10 @@ class GpuSpec:
     matmul_efficiency: float = 0.70
     attention_efficiency: float = 0.50
     bandwidth_efficiency: float = 0.80
+    # A foreach op (AdamW's and clipping's _foreach_*) as one kernel costs its bytes; on a
+    # CPU it loops over its tensors, each paying this much more (calibrate measures it; the
+    # GPU table's 0: CUDA's multi-tensor kernels take dozens of tensors per launch).
+    foreach_tensor_us: float = 0.0
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -86,7 +91,7 @@ class GpuSpec:
             "launch_us": (-1e-12, 1e4, False), "dispatch_us": (-1e-12, 1e4, False),
             "interconnect_gbps": (0, 1e5, False),
             "matmul_efficiency": (0, 1, False), "attention_efficiency": (0, 1, False),
-            "bandwidth_efficiency": (0, 1, False),
+            "bandwidth_efficiency": (0, 1, False), "foreach_tensor_us": (-1e-12, 1e4, False),
         }
         for name, (above, maximum, integer) in bounds.items():
             if name in values:
@@ -220,6 +225,19 @@ def gpu_spec(name: str) -> GpuSpec:
         raise ValueError(f"unknown GPU {name!r}; choose from {', '.join(GPUS)} "
                          "or give a spec file (PATH.yaml)")
     return GPUS[name]
+
+
+def match_device(device_name: str) -> GpuSpec | None:
+    """The built-in spec whose name a CUDA device name spells ("NVIDIA H200" -> h200, "NVIDIA
+    A100-SXM4-80GB" -> a100-80gb), or None. Longest match first, so h100-nvl wins over h100."""
+    words = device_name.lower().replace("nvidia", "").replace("geforce", "").replace(" ", "-")
+    words = words.replace("_", "-")
+    best = None
+    for name, spec in GPUS.items():
+        parts = name.split("-")
+        if all(part in words for part in parts) and (best is None or len(name) > len(best.name)):
+            best = spec
+    return best
 
 
 def load_spec(path: str | Path) -> GpuSpec:

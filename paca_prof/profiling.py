@@ -168,6 +168,13 @@ class Profile:
             self._session = None
 
 
+def _has_paca_layers(model: nn.Module) -> bool:
+    """Whether `model` holds PaCA's layers, which run the compiled PartialConnection on a CPU."""
+    from paca.layer import PacaLinear
+
+    return any(isinstance(m, PacaLinear) for m in model.modules())
+
+
 class _Session:
     """What profile() records in its active steps: the model it looks through to, the method
     detected, and the instruments of each pass."""
@@ -183,6 +190,10 @@ class _Session:
         self.wrappers = self.detected.record.wrapper_paths(self.inner)
         self.device = next((p.device for p in self.inner.parameters()), torch.device("cpu"))
         self.cuda = self.device.type == "cuda"
+        if self.device.type == "cpu" and _has_paca_layers(self.inner):
+            from paca.compiled import ensure_built
+
+            ensure_built()  # a first build (~30 s, said on stderr) never lands in a timed step
         self.loss: _LossScope | None = None
         self.batches: _BatchRecorder | None = None
         self.timer: _StepTimer | None = None

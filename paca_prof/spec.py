@@ -13,6 +13,7 @@ from paca_prof.recipe import Recipe, resolve_attention
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda", "meta")
 MAX_TOKENS = 2**26  # batch x seq: a bound on what any device here could hold
+MAX_THREADS = 4096
 
 
 @dataclass
@@ -43,6 +44,10 @@ class RunSpec:
     seed: int = 0
     peft_config: dict | None = None
     distributed: Distributed = field(default_factory=Distributed)
+    # Measured runs: torch threads for the run (None: torch's choice, recorded in run.yaml),
+    # and a bound in seconds on the timing pass (warm-up and timed rounds; None: no bound).
+    threads: int | None = None
+    time_budget_s: float | None = None
 
     def __post_init__(self):
         from paca_prof import presets
@@ -53,6 +58,11 @@ class RunSpec:
         validate.number(self.steps, "--steps", minimum=1, maximum=10_000, integer=True)
         validate.number(self.warmup, "--warmup", minimum=0, maximum=10_000, integer=True)
         validate.number(self.seed, "--seed", minimum=0, maximum=2**63 - 1, integer=True)
+        if self.threads is not None:
+            validate.number(self.threads, "--threads", minimum=1, maximum=MAX_THREADS,
+                            integer=True)
+        if self.time_budget_s is not None:
+            validate.number(self.time_budget_s, "--time-budget", above=0, maximum=7 * 86400)
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
         device_type = self.device.split(":")[0]

@@ -8,6 +8,7 @@
       memory.parquet      memory timeline per method and category
       capacity.parquet    optional: peak bytes by category over probed sequence lengths (plan)
       batches.parquet     optional: the batches a profiled loop's model saw (profile())
+      steps.parquet       optional: every timed step of a measured run (method, round, phases)
       trace-<method>.json Chrome trace events (opens in Perfetto), measured runs only
 
 Writes are atomic: everything goes to a hidden staging folder beside the target, which is
@@ -69,6 +70,19 @@ SUMMARY_COLUMNS = {
     # profile() traces only: the median time of a whole loop iteration, prof.step() to
     # prof.step() (data loading and the loop's own code included; step_ms is its phases').
     "loop_ms": "float64",
+    # Measured runs: the spread of the timed steps (steps.parquet; paca_prof/spread.py):
+    # step_ms is their median, with its 25th/75th percentiles; warmup_steps the untimed steps
+    # before them (until the step time settled); step_ratio = step_ms / lora's, with the 95%
+    # bootstrap interval over whole rounds; spread_warning says why a ratio cannot be trusted
+    # ("" when it can). NA in traces written before these columns existed, and in projections.
+    "step_ms_p25": "float64", "step_ms_p75": "float64", "steps_timed": "Int64",
+    "warmup_steps": "Int64", "step_ratio": "float64", "step_ratio_lo": "float64",
+    "step_ratio_hi": "float64", "spread_warning": "string",
+    # Throughput (paca_prof/throughput.py), from step_ms: measured or projected as it is.
+    # step_tflop: counted FLOPs of one step / 1e12; mfu: achieved_tflops over the device's
+    # peak for the compute dtype (NA where no peak is known, such as a CPU without a spec).
+    "tokens_per_s": "float64", "step_tflop": "float64", "achieved_tflops": "float64",
+    "mfu": "float64",
 }
 # latency_ms, n_kernels and flops include submodules; activation_bytes belong to the innermost
 # module only (forward rows; NA on backward rows).
@@ -111,13 +125,21 @@ BATCH_COLUMNS = {
     "seq": "Int64", "tokens": "Int64", "padding_tokens": "Int64", "padding_fraction": "float64",
     "padding_from": "string", "sequences": "Int64",
 }
+# Every timed step of a measured run (engines/measure.py): a round runs one step of each method
+# in a shuffled order; `step` counts a method's timed steps from 0. Phase times in ms; step_ms
+# is their sum. Optional: traces written before it, and simulated ones, have none.
+STEP_COLUMNS = {
+    "method": "string", "round": "Int64", "step": "Int64", "step_ms": "float64",
+    "forward_ms": "float64", "backward_ms": "float64", "optimizer_ms": "float64",
+}
+
 # Every table has a `rank`: the process rank of a distributed run (FSDP2 under torchrun, or a
 # simulated rank) whose row it is; 0 in single-process runs and in traces written before ranks
 # (filled when loaded). A distributed trace holds every rank's rows: the summary one row per
 # (method, rank), so its peaks are per rank.
 RANK_COLUMN = {"rank": "Int64"}
 for _columns in (SUMMARY_COLUMNS, LAYER_COLUMNS, OP_COLUMNS, MEMORY_COLUMNS, CAPACITY_COLUMNS,
-                 BATCH_COLUMNS):
+                 BATCH_COLUMNS, STEP_COLUMNS):
     _columns.update(RANK_COLUMN)
 TABLES = {
     "summary": SUMMARY_COLUMNS,
@@ -125,7 +147,8 @@ TABLES = {
     "ops": OP_COLUMNS,
     "memory": MEMORY_COLUMNS,
 }
-OPTIONAL_TABLES = {"capacity": CAPACITY_COLUMNS, "batches": BATCH_COLUMNS}
+OPTIONAL_TABLES = {"capacity": CAPACITY_COLUMNS, "batches": BATCH_COLUMNS,
+                   "steps": STEP_COLUMNS}
 ALL_TABLES = {**TABLES, **OPTIONAL_TABLES}
 
 
@@ -164,6 +187,7 @@ class Trace:
     chrome_traces: dict[str, Path] = field(default_factory=dict)
     capacity: pd.DataFrame | None = None
     batches: pd.DataFrame | None = None
+    steps: pd.DataFrame | None = None
 
     @property
     def source(self) -> str:
@@ -405,6 +429,7 @@ RUN_KEYS = {
     "methods": (dict, False), "recipe": (dict, False), "assumptions": (dict, False),
     "settings": (dict, False), "versions": (dict, False), "plan": (dict, False),
     "profile": (dict, False), "batches": (dict, False), "distributed": (dict, False),
+    "timing": (dict, False),
 }
 _NESTED_STRINGS = {"model": ("name",), "device": ("type", "name")}
 

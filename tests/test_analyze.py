@@ -41,7 +41,13 @@ def test_adapter_overhead_counts_branch_ops_per_method(measured, simulated):
         assert table.loc["frozen", "adapter_ops"] == 0 and table.loc["full", "adapter_ops"] == 0
         assert table.loc["lora", "adapter_ops"] > table.loc["paca", "adapter_ops"] > 0
         assert table.loc["dora", "adapter_ops"] > table.loc["lora", "adapter_ops"]
-        assert 0 < table.loc["paca", "adapter_share"] < table.loc["lora", "adapter_share"] < 1
+        # A share of the step is structurally within (0, 1); which method's share is larger
+        # is compared on the projection only: on a measured run it is a ratio of wall-clock
+        # times, which a loaded machine moves (bench/ measures such figures with intervals).
+        assert 0 < table.loc["paca", "adapter_share"] < 1
+        assert 0 < table.loc["lora", "adapter_share"] < 1
+        if analysis is simulated:
+            assert table.loc["paca", "adapter_share"] < table.loc["lora", "adapter_share"]
         assert table.loc["paca", "step_vs_paca"] == pytest.approx(1.0)
         assert table.loc["frozen", "step_vs_frozen"] == pytest.approx(1.0)
     by_layer = simulated.adapter_overhead_by_layer(["lora", "paca"])
@@ -238,3 +244,21 @@ def test_analyze_bad_input_is_one_line_and_status_2(simulated_path, tmp_path, ca
             trace.load(path)
     assert main(["analyze", str(simulated_path), "--methods", "qlora"]) == 2
     assert "not in trace" in capsys.readouterr().err
+
+
+def test_analyze_shows_the_spread_and_flags_intervals_containing_1(measured_trace_path,
+                                                                    capsys):
+    assert main(["analyze", str(measured_trace_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {row["method"]: row for row in report["timing_spread"]}
+    assert list(rows) == ["frozen", "lora", "dora", "paca", "full"]
+    for method, row in rows.items():
+        assert row["step_ms_p25"] <= row["step_ms"] <= row["step_ms_p75"]
+        inside = row["step_ratio_lo"] <= 1 <= row["step_ratio_hi"]
+        assert row["contains_1"] == (inside and method != "lora"), method
+        assert row["tokens_per_s"] > 0
+    assert main(["analyze", str(measured_trace_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "spread (measured)" in printed
+    for method, row in rows.items():
+        assert (f"WARNING: {method}:" in printed) == bool(row["spread_warning"]), method

@@ -219,3 +219,45 @@ def test_model_from_local_config(capsys, tmp_path, tiny_config_folder, as_file):
     config = run["model"]["config"]
     for key, value in MODEL_PRESETS["tiny"].items():
         assert config[key] == value, key
+
+
+# --- timing spread and throughput in the printed table ------------------------------------------
+
+def test_run_prints_the_spread_and_one_warning_per_untrusted_method(capsys, tmp_path):
+    """A measured run prints each method's median step with its p25-p75, the ratio to lora
+    with its interval, throughput, and one WARNING line per method whose summary carries a
+    spread warning (whatever the load made of them); --threads is recorded."""
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "tiny", "--methods", "lora,paca", "--device", "cpu", "--seq",
+               "8", "--steps", "3", "--warmup", "0", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    loaded = trace.load(out)
+    assert loaded.run["timing"]["threads"] == 1
+    assert loaded.run["timing"]["threads_from"] == "--threads"
+    assert "spread (measured)" in printed
+    summary = loaded.summary.set_index("method")
+    for method, row in summary.iterrows():
+        line = next(line for line in printed.splitlines() if line.startswith(method + " ")
+                    and "[" in line)
+        assert f"{row['step_ms']:.1f} [{row['step_ms_p25']:.1f}-" in line
+        assert f"{row['step_ratio']:.2f} [{row['step_ratio_lo']:.2f}," in line
+    warned = [m for m, w in summary["spread_warning"].items() if w]
+    lines = [line for line in printed.splitlines() if line.startswith("WARNING: ")]
+    assert [line.split(":")[1].strip() for line in lines] == warned
+
+
+def test_a_projected_run_has_throughput_and_mfu(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "tiny", "--methods", "lora,paca", "--device", "meta",
+               "--seq", "64", "--gpu", "h100-80gb", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "throughput (projected): MFU against h100-80gb's peak" in printed
+    summary = trace.load(out).summary
+    assert (summary["mfu"] > 0).all() and (summary["mfu"] <= 1).all()
+    assert summary["step_ms_p25"].isna().all() and summary["spread_warning"].isna().all()
+    tokens = 64
+    for _, row in summary.iterrows():
+        assert row["tokens_per_s"] == pytest.approx(tokens / (row["step_ms"] / 1e3))
+        assert row["achieved_tflops"] == pytest.approx(row["mfu"] * 989.0)

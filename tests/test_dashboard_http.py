@@ -182,7 +182,7 @@ CALLBACKS = {
                   "capacity-batch.options", "capacity-batch.value", "run-info.children"],
                  ["run.value"], ["gpu.value"]),
     "overview": (["overview-table.children", "overview-errors.children", "overview-bars.figure",
-                  "overview-ratios.figure", "overview-msg.children"],
+                  "overview-ratios.figure", "overview-spread.children", "overview-msg.children"],
                  ["tabs.value", "run.value", "methods.value"], []),
     "drill": (["drill.options", "drill.value"],
               ["tabs.value", "run.value", "latency-bars.clickData", "drill-up.n_clicks",
@@ -750,3 +750,34 @@ def test_serve_allows_debug_on_loopback_only(traces, monkeypatch):
                    {"host": "0.0.0.0", "port": 8050, "debug": False}]
     assert is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("localhost.example.org")
+
+
+# --- The spread of measured step times ----------------------------------------------------
+
+def _with_steps(path: Path, paca_factor: list[float]) -> None:
+    """Give a copied trace a steps table: lora at 10 ms each round, paca at lora's time times
+    paca_factor[round]; the summary's spread columns left out (the analyzer recomputes them)."""
+    rows = []
+    for round_, factor in enumerate(paca_factor):
+        for method, ms in (("lora", 10.0), ("paca", 10.0 * factor)):
+            rows.append({"method": method, "round": round_, "step": round_, "step_ms": ms,
+                         "forward_ms": ms / 2, "backward_ms": ms / 2, "optimizer_ms": 0.0})
+    pd.DataFrame(rows).to_parquet(path / "steps.parquet", index=False)
+
+
+def test_the_overview_flags_a_ratio_whose_interval_contains_1(tmp_path):
+    from dashboards.app import _spread
+
+    unresolved = copy_trace(TINY, tmp_path / "unresolved")
+    _with_steps(unresolved, [0.8, 1.2, 0.9, 1.1, 1.0, 0.85, 1.15, 1.0])
+    block = str(_spread(TraceAnalysis(unresolved), ["lora", "paca"], "measured"))
+    assert "spread-table" in block and "spread-flag" in block
+    assert "paca: its step-time ratio to lora is not resolved" in block
+    assert "lora: its step-time ratio" not in block
+    clear = copy_trace(TINY, tmp_path / "clear")
+    _with_steps(clear, [0.8, 0.81, 0.79, 0.8, 0.8, 0.82, 0.8, 0.8])
+    block = str(_spread(TraceAnalysis(clear), ["lora", "paca"], "measured"))
+    assert "spread-table" in block and "spread-flag" not in block
+    # a trace without a steps table (the samples, written before it) shows step_ms only
+    table = TraceAnalysis(TINY).timing_spread(methods=["lora", "paca"])
+    assert table["step_ms"].notna().all() and not table["contains_1"].any()

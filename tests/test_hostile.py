@@ -114,6 +114,21 @@ PLAN = ["plan", "--model", "tiny"]
     (PLAN + ["--gpu", "l4", "--seq", "8", "--batch", "2"], "leave out --batch"),
     (PLAN + ["--gpu", "l4", "--time-budget", "nan"], "finite"),
     (PLAN + ["--gpu", "l4", "--time-budget", "-1"], "0 or more"),
+    (["calibrate", "--device", "tpu"], "invalid choice"),
+    (["calibrate", "--out", "spec.txt"], "a device spec is a .yaml file"),
+    (["calibrate", "--out", "no-such-folder/spec.yaml"], "no folder no-such-folder"),
+    (["calibrate", "--out", "."], "a device spec is a .yaml file"),
+    (["calibrate", "--threads", "0"], "--threads"),
+    (["calibrate", "--threads", "99999"], "--threads must be at most 4096"),
+    (["calibrate", "--name", "x" * 100], "--name must be a string of at most 64"),
+    (RUN + ["--seq", "8", "--threads", "0"], "--threads"),
+    (RUN + ["--seq", "8", "--threads", "two"], "--threads"),
+    (RUN + ["--seq", "8", "--threads", "100000"], "--threads must be at most 4096"),
+    (RUN + ["--seq", "8", "--time-budget", "0"], "--time-budget must be above 0"),
+    (RUN + ["--seq", "8", "--time-budget", "-3"], "--time-budget must be above 0"),
+    (RUN + ["--seq", "8", "--time-budget", "nan"], "finite"),
+    (RUN + ["--seq", "8", "--time-budget", "1e9"], "--time-budget must be at most"),
+    (RUN + ["--seq", "8", "--time-budget", "soon"], "not a number"),
     (["dash", "--port", "70000"], "65535"),
     (["dash", "--port", "0"], "positive"),
     (["dash", "no-such-folder"], "no such traces folder"),
@@ -125,6 +140,21 @@ def test_bad_arguments(capsys, tmp_path, monkeypatch, argv, expected):
     line = one_line_exit_2(capsys, argv)
     assert expected in line, line
     assert not (tmp_path / "traces").exists()
+
+
+def test_calibrate_refuses_to_overwrite_a_spec_and_cuda_where_there_is_none(capsys, tmp_path):
+    existing = tmp_path / "spec.yaml"
+    existing.write_text("keep me")
+    line = one_line_exit_2(capsys, ["calibrate", "--out", str(existing)])
+    assert "exists; give --force" in line and existing.read_text() == "keep me"
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    assert "is a folder" in one_line_exit_2(capsys, ["calibrate", "--out", str(folder)])
+    import torch
+
+    if not torch.cuda.is_available():
+        line = one_line_exit_2(capsys, ["calibrate", "--device", "cuda"])
+        assert "no CUDA device is available" in line
 
 
 def test_dash_debug_refuses_every_interface(capsys, tmp_path):

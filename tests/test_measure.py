@@ -235,15 +235,69 @@ def test_attention_backward_latency_is_measured(measured_trace, method):
             assert value > 0 and math.isfinite(value), (method, module, value)
 
 
-def test_phase_times_add_up_to_step(measured_trace):
-    """A format check: step_ms is defined as the sum of the phase medians (true by
-    construction). The real checks of the timing pass are the nesting tests above."""
-    s = measured_trace.summary
+def test_step_times_are_medians_of_the_steps_table(measured_trace):
+    """A format check: each timed step's step_ms is the sum of its phases; the summary's
+    step_ms is the median of the method's timed steps, the phase columns the medians of
+    theirs, with p25 <= median <= p75. The real checks of the timing pass are the nesting
+    tests above."""
+    from conftest import MEASURED_RUN
+
+    s = measured_trace.summary.set_index("method")
+    steps = measured_trace.steps
     assert (s["status"] == "ok").all()
-    for _, row in s.iterrows():
+    assert list(steps.columns[:7]) == list(trace.STEP_COLUMNS)
+    phases = steps[["forward_ms", "backward_ms", "optimizer_ms"]].sum(axis=1)
+    assert (steps["step_ms"] - phases).abs().max() < 1e-9
+    for method, rows in steps.groupby("method"):
+        row = s.loc[method]
         assert row["forward_ms"] > 0 and row["backward_ms"] > 0
-        assert row["step_ms"] == pytest.approx(
-            row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"])
+        assert row["steps_timed"] == len(rows) == MEASURED_RUN["steps"]
+        assert row["step_ms"] == pytest.approx(rows["step_ms"].median())
+        assert row["forward_ms"] == pytest.approx(rows["forward_ms"].median())
+        assert row["step_ms_p25"] <= row["step_ms"] <= row["step_ms_p75"]
+        assert row["step_ms_p25"] == pytest.approx(rows["step_ms"].quantile(0.25))
+        assert row["warmup_steps"] >= MEASURED_RUN["warmup"]
+
+
+def test_methods_are_timed_in_interleaved_rounds(measured_trace):
+    """Every round holds one step of every method (the load falls on all alike), and the
+    order within rounds is shuffled: not the same in every round."""
+    steps = measured_trace.steps
+    per_round = steps.groupby("round")["method"].apply(list)
+    assert len(per_round) == steps.groupby("method").size().iloc[0]
+    for methods in per_round:
+        assert sorted(methods) == sorted(METHODS)
+    for method, rows in steps.groupby("method"):
+        assert list(rows["step"]) == list(range(len(rows)))
+        assert list(rows["round"]) == list(range(len(rows)))
+
+
+def test_ratio_intervals_hold_the_ratio_and_warnings_are_recorded(measured_trace):
+    """The ratio to lora is step_ms over lora's, inside its bootstrap interval; lora's is 1
+    exactly; every warning in the summary is in run.yaml's timing record, and the record
+    says how the steps were timed."""
+    s = measured_trace.summary.set_index("method")
+    for method, row in s.iterrows():
+        assert row["step_ratio"] == pytest.approx(row["step_ms"] / s.loc["lora", "step_ms"])
+        assert row["step_ratio_lo"] <= row["step_ratio"] <= row["step_ratio_hi"]
+    assert s.loc["lora", ["step_ratio", "step_ratio_lo", "step_ratio_hi"]].tolist() == [1, 1, 1]
+    timing = measured_trace.run["timing"]
+    assert timing["threads"] == 1 and timing["rounds"] == len(set(measured_trace.steps["round"]))
+    recorded = {m: w for m, w in s["spread_warning"].items() if w}
+    assert timing["warnings"] == recorded
+
+
+def test_throughput_columns(measured_trace):
+    """tokens_per_s from the tokens of a step and its median time; achieved TFLOP/s from the
+    profiled step's counted FLOPs; no MFU on a CPU without a device spec."""
+    t = measured_trace
+    tokens = t.run["batch"] * t.run["seq"]
+    flops = t.ops.groupby("method")["flops"].sum()
+    for _, row in t.summary.iterrows():
+        assert row["tokens_per_s"] == pytest.approx(tokens / (row["step_ms"] / 1e3))
+        assert row["achieved_tflops"] == pytest.approx(
+            flops[row["method"]] / (row["step_ms"] / 1e3) / 1e12)
+        assert pd.isna(row["mfu"])
 
 
 # --- 5: op sequences ----------------------------------------------------------------------------
@@ -446,11 +500,11 @@ def test_failing_method_is_recorded_and_run_goes_on(tmp_path, monkeypatch, error
     real = measure.measure_method
     calls = []
 
-    def measure_method(spec, method, workdir):
+    def measure_method(spec, method, workdir, timing=None):
         calls.append(method)
         if method == "lora":
             raise error
-        return real(spec, method, workdir)
+        return real(spec, method, workdir, timing=timing)
 
     monkeypatch.setattr(measure, "measure_method", measure_method)
     out = engines.run(_small_spec(["lora", "paca"]), tmp_path / "run", "pytest")
@@ -483,7 +537,7 @@ def test_run_where_every_method_runs_out_of_memory_still_writes_its_trace(tmp_pa
     from paca_prof import engines
     from paca_prof.engines import measure
 
-    def measure_method(spec, method, workdir):
+    def measure_method(spec, method, workdir, timing=None):
         raise torch.OutOfMemoryError(f"out of memory in {method}")
 
     monkeypatch.setattr(measure, "measure_method", measure_method)
@@ -506,7 +560,123 @@ def test_optimizer_ops_belong_to_the_optimizer_scope(measured_trace, method):
     rows = _rows(t, method, "optimizer").set_index("module")
     assert rows.loc["[optimizer]", "n_kernels"] == len(optimizer)
     assert ops["step"].nunique() == 1
-    # the profiled step comes after the timing pass's warm-up and timed steps
-    from conftest import MEASURED_RUN
+    # the profiler pass's fresh model runs one untimed step (so that the optimizer has its
+    # state), then the profiled one
+    assert ops["step"].iloc[0] == 1
 
-    assert ops["step"].iloc[0] == MEASURED_RUN["warmup"] + MEASURED_RUN["steps"]
+
+# --- timing: interleaving, warm-up, budget, threads, memory fallback ----------------------------
+
+def test_a_time_budget_bounds_the_rounds_and_one_round_always_runs(tmp_path):
+    """A budget spent before the rounds (a tiny one) leaves exactly one round, and the
+    summary warns that one round gives no interval."""
+    from conftest import run_spec
+
+    from paca_prof import engines
+
+    spec = run_spec(model="tiny", seq=16, batch=1, dtype="fp32", steps=50, warmup=1,
+                    methods=("lora", "paca"), time_budget_s=1e-6, threads=1)
+    t = trace.load(engines.run(spec, tmp_path / "run", "pytest"))
+    assert list(t.summary["steps_timed"]) == [1, 1]
+    assert t.run["timing"]["rounds"] == 1 and t.run["timing"]["rounds_requested"] == 50
+    assert t.run["timing"]["time_budget_s"] == 1e-6
+    assert t.run["timing"]["threads"] == 1 and t.run["timing"]["threads_from"] == "--threads"
+    for warning in t.summary["spread_warning"]:
+        assert "only 1 round" in warning
+    assert t.summary["warmup_steps"].tolist() == [1, 1]  # the budget stopped any extension
+
+
+def test_threads_are_set_for_the_run_and_restored(tmp_path):
+    from conftest import run_spec
+
+    from paca_prof import engines
+
+    before = torch.get_num_threads()
+    seen = []
+    spec = run_spec(model="tiny", seq=16, batch=1, dtype="fp32", steps=1, warmup=0,
+                    methods=("lora",), threads=2 if before != 2 else 1)
+    engines.run(spec, tmp_path / "run", "pytest",
+                progress=lambda m, s: seen.append(torch.get_num_threads()))
+    assert set(seen) == {spec.threads}
+    assert torch.get_num_threads() == before
+
+
+def test_warm_up_runs_until_settled_and_is_bounded():
+    from paca_prof.engines import measure
+
+    assert measure.settled([10.0, 10.2, 9.9])
+    assert not measure.settled([10.0, 20.0, 10.0])
+    assert not measure.settled([10.0, 10.0])  # fewer than the window
+
+    class Fake:
+        """Stands for a prepared method; its steps are the script below."""
+
+        def stale_counts(self):
+            return {}
+
+    # The timing pass with a step that never settles stops after warmup + MAX_SETTLE_STEPS.
+    import itertools
+
+    times = itertools.cycle([1.0, 3.0])
+    calls = {"n": 0}
+
+    def fake_step(run, ids, clock):
+        calls["n"] += 1
+        return {("phase:forward", "forward"): next(times)}
+
+    real = measure.timed_step
+    measure.timed_step = fake_step
+    try:
+        outcome = measure.timing_pass({"lora": Fake()}, torch.zeros(1, 1), warmup=2, steps=3)
+    finally:
+        measure.timed_step = real
+    timing = outcome["lora"]
+    assert timing.warmup_steps == 2 + measure.MAX_SETTLE_STEPS and not timing.settled
+    assert len(timing.per_step) == 3 and calls["n"] == timing.warmup_steps + 3
+
+
+def test_a_method_out_of_memory_beside_the_others_is_timed_alone(monkeypatch):
+    """Preparing dora while lora and paca are held runs out of memory: dora is timed alone
+    afterwards (Timing.alone), the others together."""
+    from conftest import run_spec
+
+    from paca_prof.engines import measure
+
+    real = measure.prepare
+    refused = []
+
+    def prepare(spec, method, device):
+        if method == "dora" and not refused:  # the first time: beside lora and paca
+            refused.append(method)
+            raise torch.OutOfMemoryError("out of memory beside the others")
+        return real(spec, method, device)
+
+    monkeypatch.setattr(measure, "prepare", prepare)
+    spec = run_spec(model="tiny", seq=16, batch=1, dtype="fp32", steps=2, warmup=0,
+                    methods=("lora", "paca", "dora"))
+    outcomes = measure.time_methods(spec)
+    assert list(outcomes) == ["lora", "paca", "dora"]
+    assert all(isinstance(o, measure.Timing) for o in outcomes.values())
+    assert outcomes["dora"].alone and not outcomes["lora"].alone
+    assert len(outcomes["dora"].per_step) == 2
+
+
+def test_the_compiled_paca_function_is_built_before_any_timed_step(tmp_path, monkeypatch):
+    """engines.run builds (or loads) the compiled PartialConnection before the timing pass
+    starts: a first build never lands inside a timed step."""
+    import paca.compiled as compiled
+    from conftest import run_spec
+
+    from paca_prof import engines
+    from paca_prof.engines import measure
+
+    events = []
+    real_build, real_step = compiled.ensure_built, measure.timed_step
+    monkeypatch.setattr(compiled, "ensure_built",
+                        lambda: events.append("build") or real_build())
+    monkeypatch.setattr(measure, "timed_step",
+                        lambda *args: events.append("step") or real_step(*args))
+    spec = run_spec(model="tiny", seq=8, batch=1, dtype="fp32", steps=1, warmup=0,
+                    methods=("lora", "paca"))
+    engines.run(spec, tmp_path / "run", "pytest")
+    assert events[0] == "build" and events.count("step") == 2

@@ -135,8 +135,10 @@ def test_describe_names_the_settings_that_matter():
 
 
 def test_the_authors_scheme_is_a_method_that_reports_its_stale_steps(tmp_path):
-    """paca-authors copies the columns into W on odd-numbered forwards only: of 5 measured
-    steps (1 warm-up, 3 timed, 1 profiled) the 2nd and 4th run on columns one step old. Its
+    """paca-authors copies the columns into W on odd-numbered forwards only: every 2nd step of
+    a model runs on columns one step old. A measured run steps two models: the timing pass's
+    (its warm-up, which runs until the step time settles, and the timed steps) and the
+    profiler pass's fresh one (one untimed step, one profiled). Its
     branch is P * scaling, the gather and the copy in forward, the grad GEMM (an mm with r
     columns) and the scaling's backward in backward."""
     from conftest import run_spec
@@ -147,8 +149,11 @@ def test_the_authors_scheme_is_a_method_that_reports_its_stale_steps(tmp_path):
                     methods=("paca", "paca-authors"))
     loaded = trace.load(engines.run(spec, tmp_path / "run", "pytest"))
     summary = loaded.summary.set_index("method")
-    assert summary.loc["paca-authors", "stale_steps"] == 2
-    assert summary.loc["paca-authors", "steps_run"] == 5
+    timing_steps = int(summary.loc["paca-authors", "warmup_steps"]
+                       + summary.loc["paca-authors", "steps_timed"])
+    assert summary.loc["paca-authors", "steps_timed"] == 3
+    assert summary.loc["paca-authors", "steps_run"] == timing_steps + 2
+    assert summary.loc["paca-authors", "stale_steps"] == timing_steps // 2 + 1
     assert pd.isna(summary.loc["paca", "stale_steps"])  # PaCA's columns are never stale
     assert loaded.run["methods"]["paca-authors"]["implementation"].startswith("the PaCA authors")
     ops = loaded.ops[loaded.ops["method"] == "paca-authors"]

@@ -17,7 +17,7 @@ def _schema_dtype(dtype: str):
 
 
 def _assert_schema(table: pd.DataFrame, name: str) -> None:
-    columns = trace.TABLES[name]
+    columns = trace.ALL_TABLES[name]
     assert list(table.columns[: len(columns)]) == list(columns), name
     for column, dtype in columns.items():
         assert table[column].dtype == _schema_dtype(dtype), (name, column, table[column].dtype)
@@ -88,6 +88,31 @@ def test_round_trip_of_missing_columns_na_and_extra_columns(tmp_path):
     assert loaded.layers.empty and loaded.memory.empty
     assert loaded.run["schema_version"] == trace.SCHEMA_VERSION
     assert loaded.run["source"] == "simulated" and loaded.run["seq"] == 7
+
+
+def test_the_steps_table_round_trips_and_old_traces_without_it_load(measured_trace, tmp_path):
+    """steps.parquet is optional: a measured trace has it (schema dtypes), and a trace written
+    before it existed (no steps table, no spread or throughput columns in the summary) loads
+    with steps None and those columns NA, and the analyzer still shows its step times."""
+    from paca_prof.analyze import TraceAnalysis
+
+    _assert_schema(measured_trace.steps, "steps")
+    assert len(measured_trace.steps) > 0
+    tables = {**_tables(measured_trace), "steps": measured_trace.steps}
+    loaded = trace.load(trace.write(tmp_path / "copy", measured_trace.run, tables))
+    pd.testing.assert_frame_equal(loaded.steps, measured_trace.steps, check_exact=True)
+    old_summary = measured_trace.summary.drop(columns=[
+        "step_ms_p25", "step_ms_p75", "steps_timed", "warmup_steps", "step_ratio",
+        "step_ratio_lo", "step_ratio_hi", "spread_warning", "tokens_per_s", "step_tflop",
+        "achieved_tflops", "mfu"])
+    old_run = {k: v for k, v in measured_trace.run.items() if k != "timing"}
+    old = trace.load(trace.write(tmp_path / "old", old_run,
+                                 {**_tables(measured_trace), "summary": old_summary}))
+    assert old.steps is None
+    assert old.summary["step_ms_p25"].isna().all() and old.summary["mfu"].isna().all()
+    spread = TraceAnalysis(old).timing_spread()
+    assert spread["step_ms"].notna().all() and spread["step_ratio_lo"].isna().all()
+    assert (spread["spread_warning"] == "").all() and not spread["contains_1"].any()
 
 
 def test_run_yaml_records_the_run(measured_trace, measured_trace_path):

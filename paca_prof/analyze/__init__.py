@@ -86,6 +86,14 @@ class TraceAnalysis:
         trainable parameters, and each as a ratio to `baseline` (NaN if it is not in the trace)."""
         return overview.summary(self.trace.summary, baseline, self.check_methods(methods))
 
+    def timing_spread(self, baseline: str = "lora",
+                      methods: list[str] | None = None) -> pd.DataFrame:
+        """Per method: median step ms with p25/p75, steps timed, the ratio to `baseline` with
+        its 95% bootstrap interval and whether that contains 1, throughput (tokens/s, TFLOP/s,
+        MFU) and the spread warning (overview.timing_spread)."""
+        return overview.timing_spread(self.trace.summary, self.trace.steps,
+                                      self.check_methods(methods), baseline)
+
     def adapter_overhead(self, methods: list[str] | None = None) -> pd.DataFrame:
         """Sequential adapter overhead per method: adapter-branch ops, their busy time and the
         idle time before them, their share of the step, and the step against frozen and paca."""

@@ -39,6 +39,10 @@ def write_html(analysis: TraceAnalysis, path: str | Path, methods: list[str] | N
         f"command: <code>{html.escape(str(run.get('command', '')))}</code></p>",
         _table(analysis.summary(methods=methods), "Overview (ratios to lora)", methods,
                "overview"),
+        _table(analysis.timing_spread(methods=methods),
+               f"Step-time spread and throughput ({time_source}; ratio to lora with its 95% "
+               "bootstrap interval; contains_1: the run cannot tell the method from lora)",
+               methods, "timing-spread"),
         _table(analysis.headline(), "PaCA against LoRA, beside the paper's figures", methods,
                "headline"),
         _table(analysis.adapter_overhead(methods), "Sequential adapter overhead", methods,

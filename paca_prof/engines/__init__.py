@@ -60,17 +60,25 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s: None,
-        gpu: GpuSpec | None = None, budget: Budget | None = None) -> Path:
+        gpu: GpuSpec | None = None, budget: Budget | None = None,
+        peak: GpuSpec | None = None) -> Path:
     """Run every method of `spec` and write the trace folder `out`; returns its path.
 
     On cpu or cuda the methods are measured. On the meta device they are simulated and, with
     `gpu`, their times projected onto it; a method whose simulated reserved memory does not fit
     `budget` (by default the GPU's: its memory less its CUDA context and
-    budget.DEFAULT_HEADROOM, the planner's budget) gets status oom, with its numbers kept. A measured method that runs out of memory gets status oom, one
-    that fails otherwise status error (with the message); the others still run. The output is
-    reserved from the start (trace.Reservation) and written only when all are done.
+    budget.DEFAULT_HEADROOM, the planner's budget) gets status oom, with its numbers kept. A
+    measured method that runs out of memory gets status oom, one that fails otherwise status
+    error (with the message); the others still run. The output is reserved from the start
+    (trace.Reservation) and written only when all are done.
+
+    Measured methods are timed together in interleaved rounds (engines/measure.py), on
+    spec.threads torch threads when given; the steps table keeps every timed step and the
+    summary its spread (spread.py). Throughput columns come from every run; MFU needs a peak:
+    `gpu` for a projection, `peak` (a device spec) for a measured run, or the GPU table's
+    entry for the measured CUDA device's name.
     """
-    from paca_prof.engines.measure import measure_method
+    from paca_prof.engines.measure import measure_method, time_methods
     from paca_prof.engines.simulate import simulate_method
 
     simulated = spec.device == "meta"
@@ -92,32 +100,57 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
         reserved = reservation.__enter__()
     except trace.TraceError as error:
         raise ValueError(str(error)) from None
+    threads_before = torch.get_num_threads()
+    if peak is None and spec.device.startswith("cuda"):
+        from paca_prof.gpus import match_device
+
+        peak = match_device(torch.cuda.get_device_name(torch.device(spec.device)))
     try:
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        timings = {} if simulated else time_methods(spec, progress=progress)
         for method in spec.methods:
-            progress(method, "simulating" if simulated else "measuring")
+            progress(method, "simulating" if simulated else "profiling")
             try:
                 if simulated:
                     results.append(simulate_method(spec, method, gpu, budget))
                 else:
-                    results.append(measure_method(spec, method, reserved.staging))
+                    if isinstance(timings[method], BaseException):
+                        raise timings[method]
+                    results.append(measure_method(spec, method, reserved.staging,
+                                                  timing=timings[method]))
             except Exception as error:  # recorded in the trace and reported, never dropped
                 status = "oom" if is_out_of_memory(error) else "error"
                 if status == "error":
-                    traceback.print_exc(file=sys.stderr)
+                    traceback.print_exception(error, file=sys.stderr)
                 results.append(failed(method, status, error))
                 (reserved.staging / f"trace-{method}.json").unlink(missing_ok=True)
                 if spec.device.startswith("cuda"):
                     torch.cuda.empty_cache()
             progress(method, "done")
+        ok = {r.method for r in results if r.summary.get("status") == "ok"}
+        steps = pd.concat([t.steps_table() for m, t in timings.items() if m in ok
+                           and not isinstance(t, BaseException)] or [pd.DataFrame()],
+                          ignore_index=True)
+        summary = pd.DataFrame([r.summary for r in results])
+        summary = with_spread(summary, steps)
+        summary = with_throughput(summary, pd.concat([r.ops for r in results],
+                                                     ignore_index=True),
+                                  spec, gpu if simulated else peak)
         tables = {
-            "summary": pd.DataFrame([r.summary for r in results]),
+            "summary": summary,
             "layers": pd.concat([r.layers for r in results], ignore_index=True),
             "ops": pd.concat([r.ops for r in results], ignore_index=True),
             "memory": pd.concat([r.memory for r in results], ignore_index=True),
         }
+        if not simulated:
+            tables["steps"] = steps
         metadata = spec_metadata(spec, command, gpu if simulated else None, budget, targets)
+        if not simulated:
+            metadata["timing"] = timing_record(spec, timings, summary, peak)
         return reserved.commit(metadata, tables)
     finally:
+        torch.set_num_threads(threads_before)
         reservation.__exit__(None, None, None)
 
 
@@ -202,6 +235,69 @@ def ranked_tables(per_rank: list[list[MethodResult]]) -> dict[str, pd.DataFrame]
     return tables
 
 
+def with_spread(summary: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """The summary with the spread columns of its measured methods (spread.step_stats over the
+    steps table); step_ms stays the median the engine computed (the same number)."""
+    from paca_prof import spread
+
+    if steps.empty or summary.empty:
+        return summary
+    stats = spread.step_stats(steps).drop(columns=["step_ms", "steps_timed"])
+    return summary.merge(stats, on="method", how="left")
+
+
+def with_throughput(summary: pd.DataFrame, ops: pd.DataFrame, spec: RunSpec,
+                    peak_gpu: GpuSpec | None) -> pd.DataFrame:
+    """The summary with tokens_per_s, step_tflop, achieved_tflops and mfu (throughput.py):
+    FLOPs from each method's (profiled or simulated) ops, the peak from `peak_gpu`."""
+    from paca_prof.throughput import peak_tflops, throughput
+
+    if summary.empty or "step_ms" not in summary:
+        return summary
+    tokens = spec.batch * spec.seq * spec.recipe.grad_accum
+    flops = ops.groupby("method")["flops"].sum() if not ops.empty else pd.Series(dtype=float)
+    peak = peak_tflops(peak_gpu, spec.dtype)
+    rows = [throughput(float(row["step_ms"]) if row["step_ms"] == row["step_ms"] else
+                       float("nan"), tokens, float(flops.get(row["method"], 0.0)), peak)
+            for _, row in summary.iterrows()]
+    return pd.concat([summary.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+
+
+def timing_record(spec: RunSpec, timings: dict, summary: pd.DataFrame,
+                  peak: GpuSpec | None) -> dict:
+    """run.yaml's `timing`: how the measured steps were timed, and the spread warnings."""
+    from paca_prof import spread
+    from paca_prof.engines import measure
+
+    warnings = {}
+    if "spread_warning" in summary:
+        warnings = {str(m): str(w) for m, w in zip(summary["method"], summary["spread_warning"])
+                    if isinstance(w, str) and w}
+    timed = {m: t for m, t in timings.items() if not isinstance(t, BaseException)}
+    return {
+        "design": "interleaved rounds: one step of each method per round, in a shuffled order",
+        "rounds": max((len(t.per_step) for t in timed.values()), default=0),
+        "rounds_requested": spec.steps,
+        "warmup": (f"at least {spec.warmup} steps, then until the last "
+                   f"{measure.SETTLE_WINDOW} lie within {measure.SETTLE_TOLERANCE:.0%} of "
+                   f"their median, at most {measure.MAX_SETTLE_STEPS} more"
+                   if spec.warmup else "none"),
+        "unsettled": sorted(m for m, t in timed.items() if not t.settled),
+        "timed_alone": sorted(m for m, t in timed.items() if t.alone),
+        "threads": torch.get_num_threads(),
+        "threads_from": "--threads" if spec.threads is not None else "torch's default",
+        "time_budget_s": spec.time_budget_s,
+        "statistic": (f"median over timed steps with p25/p75; ratios to {spread.BASELINE}: "
+                      f"ratio of medians, {spread.LEVEL:.0%} percentile bootstrap over whole "
+                      f"rounds ({spread.RESAMPLES} resamples)"),
+        "spread_rule": (f"warn when IQR/median > {spread.SPREAD_LIMIT:.2f}, when the ratio's "
+                        f"interval contains 1 or is wider than {spread.WIDTH_LIMIT:.0%} of "
+                        f"it, or with fewer than {spread.MIN_ROUNDS} rounds"),
+        "warnings": warnings,
+        "peak_for_mfu": peak.name if peak is not None else None,
+    }
+
+
 def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
                   budget: Budget | None = None, targets: dict | None = None) -> dict:
     """run.yaml's content for a run of the engines (metadata.run_metadata). `sources` says where
@@ -212,8 +308,10 @@ def spec_metadata(spec: RunSpec, command: str, gpu: GpuSpec | None = None,
     if spec.device != "meta":
         sources = {"time": "measured", "bytes": "measured",
                    "reserved": "measured" if cuda else "simulated"}
-        timing = (f"median of {spec.steps} steps after {spec.warmup} warm-up steps; "
-                  + ("CUDA events" if cuda else "host perf_counter"))
+        timing = (f"median of up to {spec.steps} interleaved rounds (one step of each method "
+                  f"per round) after at least {spec.warmup} warm-up steps, until settled; "
+                  + ("CUDA events" if cuda else "host perf_counter")
+                  + "; spread and intervals in the summary, every step in steps.parquet")
         memory = "allocator events of the profiled step"
         reserved = ("torch.cuda.max_memory_reserved over the profiled step" if cuda else
                     f"simulated: the profiled step's allocations replayed through the model of "

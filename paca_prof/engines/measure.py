@@ -1,25 +1,43 @@
-"""Measure real training steps of one method on a real device (cpu or cuda).
+"""Measure real training steps of the methods on a real device (cpu or cuda).
 
-Two passes over one prepared model, each a Capture session around plain training steps, so that
-no instrument's overhead reaches another's result:
-  1. timing:   warm-up steps, then `steps` timed steps; module and phase latencies from a
-               synchronous clock (CPU) or CUDA events (GPU); the medians are reported.
-  2. profiler: one step under torch.profiler with ranges named by module path and phase, the
-               saved-tensor ledger and memory events: the op (or kernel) sequence, activation
-               bytes per module, and the categorised memory timeline with its peak.
+Two passes, each a Capture session around plain training steps, so that no instrument's
+overhead reaches another's result:
+  1. timing:   every method is prepared at once and the methods are timed in interleaved
+               rounds, as bench/bench_step.py times them: a round runs one step of each method,
+               in a freshly shuffled order, so that a burst of load on a shared machine falls
+               on all of them alike. Before the rounds, warm-up steps (interleaved too) run
+               until each method's step time settles: at least `warmup`, then until the last
+               SETTLE_WINDOW step times lie within SETTLE_TOLERANCE of their median, at most
+               MAX_SETTLE_STEPS more. Module and phase latencies come from a synchronous clock
+               (CPU) or CUDA events (GPU); every timed step is kept (the steps table), and the
+               summary reports medians with their spread (paca_prof/spread.py). A time budget
+               bounds this pass: no round starts once it is spent (one round always runs), and
+               warm-up stops extending at a third of it.
+  2. profiler: each method again, alone (the timing models are released first, so that CUDA's
+               memory counters see one model): a fresh model, one untimed step so that the
+               optimizer has its state, then one step under torch.profiler with ranges named by
+               module path and phase, the saved-tensor ledger and memory events: the op (or
+               kernel) sequence, activation bytes per module, and the categorised memory
+               timeline with its peak.
 The profiler pass's op durations carry the profiler's own overhead; they are never used as
 latencies.
+
+Limits: the timing pass holds every method's model at once. A method that runs out of memory
+there is timed alone after the others (its rounds then share no load with theirs, which the
+run.yaml timing record says); one that runs out of memory alone too is status oom.
 """
 
 from __future__ import annotations
 
 import bisect
+import gc
 import json
 import os
+import random
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -46,28 +64,46 @@ from paca_prof.trace import PHASES, normalize_dtype
 # nothing a user can act on. Read when the profiler first starts; a user's own setting wins.
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")
 
+SETTLE_WINDOW = 3  # warm-up step times looked at together
+SETTLE_TOLERANCE = 0.10  # (max - min) / median of the window at most this: settled
+MAX_SETTLE_STEPS = 8  # warm-up steps beyond --warmup, at most, waiting for it to settle
+WARMUP_BUDGET_SHARE = 1 / 3  # of the time budget, after which warm-up stops extending
 
-def measure_method(spec: RunSpec, method: str, workdir: Path) -> MethodResult:
-    """Run `method` for real on spec.device and return its tables.
+
+def measure_method(spec: RunSpec, method: str, workdir: Path,
+                   timing: Timing | None = None) -> MethodResult:
+    """`method`'s tables from its timing (by default, `method` timed alone: time_methods) and
+    a profiler pass on a fresh model.
 
     Raises torch.OutOfMemoryError (or RuntimeError from the CPU allocator) when it does not fit;
     the caller records that as status oom.
     """
+    if timing is None:
+        outcome = time_methods(spec, [method])[method]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        timing = outcome
     run = prepare(spec, method, spec.device)
     ids = make_batch(spec, spec.device)
-    latencies, phase_ms = timing_pass(run, ids, spec.warmup, spec.steps)
+    if run.optimizer is not None:
+        run.step(ids)  # the optimizer's state exists from the first step on, as in training
     chrome_path = workdir / f"trace-{method}.json"
-    profiled = _profiler_pass(run, ids, spec.device, chrome_path,
-                              step_index=spec.warmup + spec.steps)
+    profiled = _profiler_pass(run, ids, spec.device, chrome_path, step_index=run.steps_run)
     paths = run.capture().paths
-    layers = layer_table(method, module_kinds(paths), latencies, profiled["ops"],
+    layers = layer_table(method, module_kinds(paths), timing.latencies(), profiled["ops"],
                          profiled["ledger"].by_module, container_paths(paths))
+    stale = _add_counts(timing.stale, run.stale_counts())
     summary = summary_row(
-        method, times_ms=phase_ms, peak_breakdown=profiled["peak_breakdown"],
+        method, times_ms=timing.phase_ms(), peak_breakdown=profiled["peak_breakdown"],
         n_kernels=len(profiled["ops"]), activation_bytes=profiled["ledger"].total_bytes,
-        trainable_params=run.trainable_params, **profiled["device_peaks"], **run.stale_counts())
+        trainable_params=run.trainable_params, warmup_steps=timing.warmup_steps,
+        steps_timed=len(timing.per_step), **profiled["device_peaks"], **stale)
     del run
     return MethodResult(summary, layers, profiled["ops"], profiled["memory"], chrome_path)
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 # --- 1. timing ---------------------------------------------------------------------------------
@@ -95,45 +131,208 @@ class _Clock:
             torch.cuda.synchronize()
 
 
-def timing_pass(run: Prepared, ids: torch.Tensor, warmup: int, steps: int):
-    """Median latency per (module, phase) and per phase over `steps` timed steps after `warmup`
-    untimed ones. Returns ({(path, phase): ms}, {phase: ms, "step": ms})."""
-    clock = _Clock(ids.device.type == "cuda")
-    open_scopes: dict[tuple[str, str], list] = defaultdict(list)
-    intervals: list[tuple[str, str, object, object]] = []
-    per_step: list[dict] = []
+@dataclass
+class Timing:
+    """One method's timed steps: per step, {(path, phase): ms} for module scopes and
+    ("phase:<p>", p) for phases; the round of each; the warm-up steps that ran before them."""
 
-    def enter(path, phase):
-        open_scopes[(path, phase)].append(clock.stamp())
+    method: str
+    per_step: list[dict] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+    warmup_steps: int = 0
+    settled: bool = True  # False: warm-up ended (bounded) before the step time settled
+    alone: bool = False  # True: timed alone, after the others (out of memory beside them)
+    stale: dict = field(default_factory=dict)
 
-    def leave(path, phase):
-        starts = open_scopes.get((path, phase))
+    def step_ms(self, totals: dict) -> float:
+        return sum(totals.get((f"phase:{p}", p), 0.0) for p in PHASES)
+
+    def latencies(self) -> dict[tuple[str, str], float]:
+        """Median ms per (module, phase) over the timed steps."""
+        keys = set().union(*self.per_step) if self.per_step else set()
+        return {k: statistics.median(s[k] for s in self.per_step if k in s)
+                for k in keys if not k[0].startswith("phase:")}
+
+    def phase_ms(self) -> dict[str, float]:
+        """Median ms of each phase, and "step": the median of the steps' totals (not the sum
+        of the phase medians)."""
+        times = {p: statistics.median(s.get((f"phase:{p}", p), 0.0) for s in self.per_step)
+                 for p in PHASES}
+        times["step"] = statistics.median(self.step_ms(s) for s in self.per_step)
+        return times
+
+    def steps_table(self) -> pd.DataFrame:
+        """The steps table's rows of this method (trace.STEP_COLUMNS)."""
+        rows = []
+        for index, (totals, round_) in enumerate(zip(self.per_step, self.rounds)):
+            row = {"method": self.method, "round": round_, "step": index,
+                   "step_ms": self.step_ms(totals)}
+            row.update({f"{p}_ms": totals.get((f"phase:{p}", p), 0.0) for p in PHASES})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+class _StepRecorder:
+    """Times one step of a Capture session: per (module, phase) scope and per phase, summed
+    over the step's intervals (a scope entered several times, as under gradient accumulation,
+    adds up)."""
+
+    def __init__(self, clock: _Clock):
+        self.clock = clock
+        self._open: dict[tuple[str, str], list] = defaultdict(list)
+        self._intervals: list[tuple[str, str, object, object]] = []
+        self.last: dict | None = None
+
+    def attach(self, capture: Capture) -> None:
+        capture.on_scope(self._enter, self._leave)
+        capture.on_phase(start=lambda phase: self._enter(f"phase:{phase}", phase),
+                         end=lambda phase: self._leave(f"phase:{phase}", phase))
+        capture.on_step(self._done)
+
+    def _enter(self, path, phase):
+        self._open[(path, phase)].append(self.clock.stamp())
+
+    def _leave(self, path, phase):
+        starts = self._open.get((path, phase))
         if starts:
-            intervals.append((path, phase, starts.pop(), clock.stamp()))
+            self._intervals.append((path, phase, starts.pop(), self.clock.stamp()))
 
-    def step_done(index):
-        clock.sync()
-        if index >= warmup:
-            totals: dict[tuple[str, str], float] = defaultdict(float)
-            for path, phase, start, end in intervals:
-                totals[(path, phase)] += clock.ms(start, end)
-            per_step.append(totals)
-        intervals.clear()
-        open_scopes.clear()
+    def _done(self, index):
+        self.clock.sync()
+        totals: dict[tuple[str, str], float] = defaultdict(float)
+        for path, phase, start, end in self._intervals:
+            totals[(path, phase)] += self.clock.ms(start, end)
+        self.last = dict(totals)
+        self._intervals.clear()
+        self._open.clear()
 
+
+def timed_step(run: Prepared, ids: torch.Tensor, clock: _Clock) -> dict:
+    """One training step of `run` in its own Capture session (cyclic GC off inside it, as
+    Capture does); returns its {(path, phase): ms}."""
+    recorder = _StepRecorder(clock)
     with run.capture() as capture:
-        capture.on_scope(enter, leave)
-        capture.on_phase(start=lambda phase: enter(f"phase:{phase}", phase),
-                         end=lambda phase: leave(f"phase:{phase}", phase))
-        capture.on_step(step_done)
-        for _ in range(warmup + steps):
-            run.step(ids)
-    keys = set().union(*per_step)
-    medians = {key: statistics.median(s[key] for s in per_step if key in s) for key in keys}
-    phase_ms = {p: medians.get((f"phase:{p}", p), 0.0) for p in PHASES}
-    phase_ms["step"] = sum(phase_ms.values())
-    latencies = {k: v for k, v in medians.items() if not k[0].startswith("phase:")}
-    return latencies, phase_ms
+        recorder.attach(capture)
+        run.step(ids)
+    return recorder.last or {}
+
+
+def settled(times: list[float], window: int = SETTLE_WINDOW,
+            tolerance: float = SETTLE_TOLERANCE) -> bool:
+    """Whether the last `window` step times lie within `tolerance` of their median."""
+    if len(times) < window:
+        return False
+    last = times[-window:]
+    middle = statistics.median(last)
+    return middle > 0 and (max(last) - min(last)) / middle <= tolerance
+
+
+def timing_pass(runs: dict[str, Prepared], ids: torch.Tensor, warmup: int, steps: int,
+                time_budget_s: float | None = None, seed: int = 0,
+                progress=lambda method, state: None) -> dict[str, Timing | BaseException]:
+    """Warm up, then time `steps` interleaved rounds of every prepared method (the module
+    docstring). A method whose step raises drops out with its exception as its outcome; the
+    others go on. Returns {method: Timing or the exception}."""
+    clock = _Clock(ids.device.type == "cuda")
+    rng = random.Random(seed)
+    outcomes: dict[str, Timing | BaseException] = {m: Timing(m) for m in runs}
+    alive = dict(runs)
+    started = time.perf_counter()
+
+    def visit(method: str) -> dict | None:
+        try:
+            return timed_step(alive[method], ids, clock)
+        except Exception as error:  # recorded as this method's outcome; the others go on
+            outcomes[method] = error
+            del alive[method]
+            if ids.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    def shuffled(names) -> list[str]:
+        names = list(names)
+        rng.shuffle(names)
+        return names
+
+    gc.collect()
+    warm_times: dict[str, list[float]] = {m: [] for m in runs}
+    warming = set(alive) if warmup > 0 else set()
+    while warming:
+        for method in shuffled(sorted(warming)):
+            progress(method, "warming up")
+            totals = visit(method)
+            if totals is None:
+                warming.discard(method)
+                continue
+            timing = outcomes[method]
+            timing.warmup_steps += 1
+            warm_times[method].append(timing.step_ms(totals))
+        over = (time_budget_s is not None
+                and time.perf_counter() - started > WARMUP_BUDGET_SHARE * time_budget_s)
+        for method in list(warming):
+            timing = outcomes[method]
+            if timing.warmup_steps < warmup:
+                continue
+            if settled(warm_times[method]):
+                warming.discard(method)
+            elif over or timing.warmup_steps >= warmup + MAX_SETTLE_STEPS:
+                timing.settled = False
+                warming.discard(method)
+    for round_ in range(steps):
+        if round_ > 0 and time_budget_s is not None \
+                and time.perf_counter() - started > time_budget_s:
+            break
+        for method in shuffled(alive):
+            progress(method, f"timing round {round_ + 1}/{steps}")
+            totals = visit(method)
+            if totals is not None:
+                outcomes[method].per_step.append(totals)
+                outcomes[method].rounds.append(round_)
+    for method, run in alive.items():
+        outcomes[method].stale = run.stale_counts()
+    return outcomes
+
+
+def time_methods(spec: RunSpec, names: list[str] | None = None,
+                 progress=lambda method, state: None) -> dict[str, Timing | BaseException]:
+    """Prepare every method of `names` (default spec.methods) on spec.device and time them
+    together (timing_pass). A method that runs out of memory while the others are held is
+    timed alone afterwards (Timing.alone; with a time budget of its own). Returns
+    {method: Timing or the exception that stopped it}; every model is released on return."""
+    from paca_prof.engines import is_out_of_memory
+
+    names = list(names or spec.methods)
+    ids = make_batch(spec, spec.device)
+    runs: dict[str, Prepared] = {}
+    outcomes: dict[str, Timing | BaseException] = {}
+    alone: list[str] = []
+    for method in names:
+        progress(method, "preparing")
+        try:
+            runs[method] = prepare(spec, method, spec.device)
+        except Exception as error:
+            if is_out_of_memory(error) and len(names) > 1:
+                alone.append(method)
+            else:
+                outcomes[method] = error
+            if spec.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    outcomes.update(timing_pass(runs, ids, spec.warmup, spec.steps, spec.time_budget_s,
+                                spec.seed, progress))
+    for method, outcome in list(outcomes.items()):
+        if (isinstance(outcome, BaseException) and is_out_of_memory(outcome)
+                and len(runs) > 1 and method in runs):
+            alone.append(method)  # out of memory beside the others: alone, below
+    runs.clear()
+    gc.collect()
+    if spec.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    for method in alone:
+        outcome = time_methods(spec, [method], progress)[method]
+        if isinstance(outcome, Timing):
+            outcome.alone = True
+        outcomes[method] = outcome
+    return {m: outcomes[m] for m in names}
 
 
 # --- 2. profiler -------------------------------------------------------------------------------

@@ -8,13 +8,18 @@ The cost model, in full:
     launch call); a kernel starts when both the host has issued it and the previous kernel has
     finished. So a run of small kernels, such as an adapter branch beside each big GEMM, is
     bound by the host, and the device idles between kernels: the sequential adapter overhead.
-Limits: one kernel per op (foreach and fused ops launch several, attention backward launches a
-few); no overlap of kernels; efficiencies (GpuSpec.*_efficiency) and the launch and dispatch
+  - a foreach op (AdamW's and gradient clipping's _foreach_*) moves all its tensors' bytes (an
+    in-place one reads and writes its first list: simulate.py counts both) and pays
+    foreach_tensor_us per input tensor beside (a CPU loops over them; 0 for the GPU table);
+Limits: one kernel per op (fused ops launch several, attention backward launches a few); no
+overlap of kernels; efficiencies (GpuSpec.*_efficiency) and the launch and dispatch
 costs are uncalibrated estimates (GpuSpec.source says so) until a measured GPU trace calibrates
 them.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -36,7 +41,14 @@ def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec) -> np.ndarray:
     compute_us = ops["flops"].to_numpy(dtype=float) / (peak_tflops * 1e6 * efficiency)
     memory_us = ops["bytes"].to_numpy(dtype=float) / (gpu.hbm_gbps * 1e3
                                                       * gpu.bandwidth_efficiency)
-    return np.maximum(np.nan_to_num(compute_us), np.nan_to_num(memory_us)) + gpu.launch_us
+    per_tensor = 0.0
+    if gpu.foreach_tensor_us:
+        foreach = ops["name"].str.contains("_foreach_", regex=False).to_numpy()
+        tensors = np.array([len(json.loads(s)) if f else 0
+                            for s, f in zip(ops["shapes"], foreach)], dtype=float)
+        per_tensor = tensors * gpu.foreach_tensor_us
+    return (np.maximum(np.nan_to_num(compute_us), np.nan_to_num(memory_us)) + gpu.launch_us
+            + per_tensor)
 
 
 def schedule(kernel_us: np.ndarray, dispatch_us: float) -> tuple[np.ndarray, np.ndarray]:

@@ -106,7 +106,8 @@ class OpRecorder(TorchDispatchMode):
                 "shapes": json.dumps([list(t.shape) for t in inputs]),
                 "dtype": str(inputs[0].dtype).removeprefix("torch.") if inputs else "",
                 "flops": op_flops(func, args, kwargs, out),
-                "bytes": float(sum(_nbytes(t) for t in inputs + outputs)),
+                "bytes": float(sum(_nbytes(t) for t in inputs + outputs)
+                               + _written_in_place(name, args, out)),
                 "adapter_branch": self.method.is_branch_op(
                     module, name, phase, self.wrappers, [list(t.shape) for t in inputs], self.r),
                 "device": "meta", "seq_no": len(self.ops), "step": self.capture.step_index,
@@ -200,6 +201,15 @@ class MetaScalars(TorchDispatchMode):
 
 def _phase_or_none(phase: str) -> str | None:
     return None if phase == "idle" else phase
+
+
+def _written_in_place(name: str, args, out) -> int:
+    """Bytes an in-place foreach op writes back into its first list (it returns nothing, so
+    its outputs do not count them): a read and a write of each tensor, as on the device."""
+    if out is None and "_foreach_" in name and name.endswith("_") and args \
+            and isinstance(args[0], list | tuple):
+        return sum(_nbytes(t) for t in args[0] if isinstance(t, torch.Tensor))
+    return 0
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -1,0 +1,157 @@
+"""Benchmark: does the cost model, calibrated on this CPU, project what this CPU measures?
+
+Calibrates the CPU (paca_prof/calibrate.py; or reads --spec), then for each config measures a
+run on the CPU (engines.run, interleaved rounds) and projects the same config from a simulated
+run on the meta device onto the calibrated spec, and prints:
+  - per method: measured and projected step time and the projection's error (target: within
+    20%);
+  - the paca/lora step ratio, measured (with its 95% interval) and projected (target: within
+    0.05 of the measured);
+  - per decoder layer, forward and backward: the projection's median and largest absolute
+    error over the layers and methods (target: within 25%).
+Configs: tiny (the preset: 2 layers, hidden 128; 2 x 128 tokens) and mid (4 layers, hidden 512,
+intermediate 1376, vocabulary 4096; 1 x 256 tokens), fp32, one torch thread (the calibration's
+and the runs'). Every time printed says measured or projected.
+
+    python bench/bench_calibrate.py                  # calibrate, tiny and mid (~4-8 min)
+    python bench/bench_calibrate.py --configs tiny   # tiny only
+    python bench/bench_calibrate.py --spec cpu.yaml  # a spec calibrated before
+    python bench/bench_calibrate.py --quick          # quick calibration, 5 rounds
+
+Verdicts are plain comparisons with the targets (PASS / MISS); on a loaded machine the
+measured side moves, so read them beside the measured interval. Exit status 0 (1 when a target
+is missed, for scripts that want it with --strict); 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import torch  # noqa: E402
+
+from paca_prof import engines, trace  # noqa: E402
+from paca_prof.calibrate import calibrate  # noqa: E402
+from paca_prof.gpus import load_spec, write_spec  # noqa: E402
+from paca_prof.spec import RunSpec  # noqa: E402
+
+METHODS = ("frozen", "lora", "dora", "paca", "full")
+CONFIGS = {
+    "tiny": dict(model="tiny", seq=128, batch=2),
+    "mid": dict(model=dict(model_type="llama", vocab_size=4096, hidden_size=512,
+                           intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=4, max_position_embeddings=4096),
+                seq=256, batch=1),
+}
+STEP_TARGET, RATIO_TARGET, LAYER_TARGET = 0.20, 0.05, 0.25
+
+
+def _runs(name: str, spec_yaml: Path, steps: int, workdir: Path):
+    config = CONFIGS[name]
+    gpu = load_spec(spec_yaml)
+    measured = engines.run(
+        RunSpec(**config, dtype="fp32", device="cpu", methods=METHODS, steps=steps, warmup=2),
+        workdir / f"{name}-measured", "bench_calibrate")
+    projected = engines.run(
+        RunSpec(**config, dtype="fp32", device="meta", methods=METHODS),
+        workdir / f"{name}-projected", "bench_calibrate", gpu=gpu)
+    return trace.load(measured), trace.load(projected)
+
+
+def _layer_errors(measured: trace.Trace, projected: trace.Trace) -> dict[str, list[float]]:
+    errors: dict[str, list[float]] = {"forward": [], "backward": []}
+    keys = ["method", "module", "phase"]
+    layers = measured.layers.merge(projected.layers, on=keys, suffixes=("_m", "_p"))
+    decoder = layers["module"].str.fullmatch(r"model\.layers\.\d+")
+    for _, row in layers[decoder].iterrows():
+        if row["phase"] in errors and row["latency_ms_m"] > 0:
+            errors[row["phase"]].append(row["latency_ms_p"] / row["latency_ms_m"] - 1)
+    return errors
+
+
+def report(name: str, measured: trace.Trace, projected: trace.Trace) -> list[bool]:
+    m = measured.summary.set_index("method")
+    p = projected.summary.set_index("method")
+    verdicts = []
+    print(f"\nconfig {name}: {trace.title(measured.run)}; projected onto "
+          f"{projected.run['gpu']['name']}")
+    print(f"  {'method':<8} {'measured ms [p25-p75]':>26} {'projected ms':>13} {'error':>8}  "
+          f"(target within {STEP_TARGET:.0%})")
+    for method in METHODS:
+        real, model = m.loc[method, "step_ms"], p.loc[method, "step_ms"]
+        error = model / real - 1
+        ok = abs(error) <= STEP_TARGET
+        verdicts.append(ok)
+        spread = f"{real:.1f} [{m.loc[method, 'step_ms_p25']:.1f}-{m.loc[method, 'step_ms_p75']:.1f}]"
+        print(f"  {method:<8} {spread:>26} {model:>13.1f} {error:>+8.1%}  "
+              f"{'PASS' if ok else 'MISS'}")
+    real = m.loc["paca", "step_ms"] / m.loc["lora", "step_ms"]
+    model = p.loc["paca", "step_ms"] / p.loc["lora", "step_ms"]
+    ok = abs(model - real) <= RATIO_TARGET
+    verdicts.append(ok)
+    print(f"  paca/lora: measured {real:.3f} (95% interval [{m.loc['paca', 'step_ratio_lo']:.3f}, "
+          f"{m.loc['paca', 'step_ratio_hi']:.3f}]), projected {model:.3f}, difference "
+          f"{model - real:+.3f} (target within {RATIO_TARGET})  {'PASS' if ok else 'MISS'}")
+    for phase, errors in _layer_errors(measured, projected).items():
+        if not errors:
+            continue
+        worst = max(errors, key=abs)
+        median = statistics.median(abs(e) for e in errors)
+        ok = median <= LAYER_TARGET
+        verdicts.append(ok)
+        print(f"  decoder layers, {phase}: projected vs measured, median |error| {median:.1%}, "
+              f"largest {worst:+.1%} over {len(errors)} (layer, method) (target within "
+              f"{LAYER_TARGET:.0%})  {'PASS' if ok else 'MISS'}")
+    warned = {k: v for k, v in measured.run.get("timing", {}).get("warnings", {}).items()}
+    if warned:
+        print(f"  measured spread warnings: {warned}")
+    return verdicts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=None, help="a spec calibrated before")
+    parser.add_argument("--configs", default="tiny,mid")
+    parser.add_argument("--steps", type=int, default=10, help="measured rounds (default 10)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    if not names or any(n not in CONFIGS for n in names) or args.steps < 1:
+        parser.error(f"--configs from {', '.join(CONFIGS)}; --steps >= 1")
+    torch.set_num_threads(1)
+    load = os.getloadavg()[0]
+    print(f"bench_calibrate: {os.cpu_count()} CPUs, 1 torch thread, load average {load:.2f} "
+          "at start (a loaded machine moves every measured number)")
+    with tempfile.TemporaryDirectory(prefix="paca-prof-bench-calibrate-") as tmp:
+        workdir = Path(tmp)
+        spec_yaml = args.spec
+        if spec_yaml is None:
+            result = calibrate("cpu", quick=args.quick)
+            spec_yaml = write_spec(result.spec, workdir / "cpu.yaml")
+            s = result.spec
+            print(f"calibrated in {result.seconds:.0f} s (measured): fp32 peak "
+                  f"{s.fp32_tflops * 1e3:.1f} GFLOP/s x efficiency {s.matmul_efficiency:.2f}, "
+                  f"{s.hbm_gbps:.1f} GB/s, per-op {s.launch_us:.1f} us, foreach "
+                  f"{s.foreach_tensor_us:.1f} us/tensor, attention efficiency "
+                  f"{s.attention_efficiency:.2f}")
+        verdicts = []
+        for name in names:
+            measured, projected = _runs(name, spec_yaml, 5 if args.quick else args.steps,
+                                        workdir)
+            verdicts += report(name, measured, projected)
+    missed = verdicts.count(False)
+    print(f"\n{len(verdicts) - missed} of {len(verdicts)} targets met")
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
