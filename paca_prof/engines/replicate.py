@@ -521,6 +521,15 @@ def _extended(row: dict, element_tags: tuple, plan: _Plan) -> tuple[str, float]:
             i += 1
     middle = sum(n for t, n in zip(in_tags, in_nbytes) if t == MIDDLE) + \
         sum(n for t, n in zip(out_tags, out_nbytes) if t == MIDDLE)
+    name = row["name"]
+    if "_foreach_" in name and name.endswith("_") and not out_tags:
+        # an in-place foreach op also writes its first list back (simulate._written_in_place):
+        # the middle layer's run of that list, the first run of middle tensors in its inputs
+        start = in_tags.index(MIDDLE)
+        end = start
+        while end < len(in_tags) and in_tags[end] == MIDDLE:
+            end += 1
+        middle += sum(in_nbytes[start:end])
     return json.dumps(new_shapes), float(row["bytes"] + plan.extra * middle)
 
 
