@@ -738,7 +738,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
                            "or paca_prof.profile) and one with simulated bytes (--device meta, "
                            "or paca_prof.simulate) of the same configuration."))
         methods = measured.compared_methods(simulated)
-        method = _choice(method, methods, "method") if method in methods else methods[0]
+        method = method if method in methods else methods[0]  # a request's value, checked
         totals = measured.compare_totals(simulated, methods)
         note = html.P(_text(f"measured: {measured.trace.path.name}, simulated: "
                             f"{simulated.trace.path.name}; simulated - measured per method."))
