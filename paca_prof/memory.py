@@ -100,6 +100,37 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
     return Timeline(rows, peak, breakdown)
 
 
+def with_collective_frees(events: list[MemoryEvent],
+                          collectives: list[tuple[float, float]]) -> list[MemoryEvent]:
+    """The events with a free added at the end of the collective op (start, end) that made an
+    allocation the profiler never sees freed (none at its key before it is allocated again or
+    the step ends): gloo copies a reduce-scatter's input inside the op and its worker thread,
+    which the profiler does not follow, frees the copy once the collective is done. The
+    calling thread waits for that before it goes on, so the op's end stands for the free."""
+    ends = sorted(collectives)
+    starts = [start for start, _ in ends]
+    unfreed: dict[int, tuple[int, float]] = {}  # key -> (event index, the collective's end)
+    added = []
+    for i, e in enumerate(events):
+        if e.nbytes > 0:
+            if e.key in unfreed:
+                added.append(unfreed.pop(e.key))
+            j = bisect.bisect_right(starts, e.t) - 1
+            if j >= 0 and e.t <= ends[j][1]:
+                unfreed[e.key] = (i, ends[j][1])
+        else:
+            unfreed.pop(e.key, None)
+    added += unfreed.values()
+    if not added:
+        return events
+    frees = [MemoryEvent(end, events[i].key, -events[i].nbytes, events[i].phase)
+             for i, end in added]
+    # Each free goes after every event up to its time, the events' own order kept.
+    order = [(e.t, 0, i) for i, e in enumerate(events)] + [(f.t, 1, 0) for f in frees]
+    merged = events + frees
+    return [merged[k] for k in sorted(range(len(merged)), key=order.__getitem__)]
+
+
 def with_missed_frees(events: list[MemoryEvent]) -> list[MemoryEvent]:
     """The events with a free added before each allocation at a key still live: a measured
     step's profiler misses frees made on threads it does not follow (gloo's workers free some of what a collective allocated), and an address

@@ -6,15 +6,25 @@ A measured run with --fsdp runs under torchrun: every rank prepares the same mod
 gathers every rank's tables (gather_results, torch.distributed.gather_object) and writes the
 one trace folder, a `rank` column in every table.
 
+On gloo every collective runs to the end before it returns, and waits until gloo's worker
+thread has dropped its references to the buffers (MainThreadFrees): otherwise that thread can
+free a buffer FSDP2 already let go of, the profiler (which follows the main thread) misses the
+free, and the measured peak holds the buffer longer than the run did, by chance.
+
 Limits: gloo on the CPU, nccl on CUDA (one GPU per rank: LOCAL_RANK); the 4-bit bases of qlora
-and qpaca (bitsandbytes) are not sharded by fully_shard and are refused.
+and qpaca (bitsandbytes) are not sharded by fully_shard and are refused. On gloo the
+all-gathers do not overlap compute (no CPU time is projected from these runs).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import (DefaultAllGather,
+                                                                   DefaultReduceScatter)
 
 from paca_prof.distributed import Distributed
 
@@ -64,10 +74,64 @@ def shard(model: nn.Module, distributed: Distributed, device: str) -> nn.Module:
     mesh = init_device_mesh(device.split(":")[0], (distributed.world_size,))
     # None: FSDP2's default (reshard every group but the root, which backward needs first).
     reshard = None if distributed.reshard_after_forward else False
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    groups = decoder_layers(model) + [model]
+    for group in groups:
+        fully_shard(group, mesh=mesh, reshard_after_forward=reshard)
+    if not device.startswith("cuda"):
+        for group in groups:
+            group.set_custom_all_gather(MainThreadAllGather())
+            group.set_custom_reduce_scatter(MainThreadReduceScatter())
     return model
+
+
+RELEASE_WAIT_S = 1.0  # gloo's worker drops its references microseconds after it finishes
+
+
+def _references(tensors) -> list[tuple[int, int]]:
+    """Each tensor's (tensor, storage) reference counts: a collective's work holds the
+    tensors, and the views of them it made, until its worker thread lets go."""
+    return [(t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+            for t in tensors]
+
+
+def _collective_then_release(run, *tensors) -> None:
+    """Run the collective `run()` to the end, then wait (at most RELEASE_WAIT_S) until no
+    reference is left beyond those held before it: every free of these buffers is then the
+    main thread's. After the deadline the measurement falls back on memory.with_missed_frees."""
+    before = _references(tensors)
+    work = run()
+    if work is not None:
+        work.wait()
+    del work
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while any(now > then for now, then in zip(_references(tensors), before)):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0)
+
+
+class MainThreadAllGather(DefaultAllGather):
+    """FSDP2's all-gather, run to the end and released by gloo's worker before it returns
+    (so an asynchronous one, backward's prefetch, runs synchronously)."""
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        _collective_then_release(
+            lambda: super(MainThreadAllGather, self).__call__(output_tensor, input_tensor,
+                                                              group, async_op),
+            output_tensor, input_tensor)
+        return None
+
+
+class MainThreadReduceScatter(DefaultReduceScatter):
+    """FSDP2's reduce-scatter, run to the end and released by gloo's worker before it
+    returns."""
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        _collective_then_release(
+            lambda: super(MainThreadReduceScatter, self).__call__(output_tensor, input_tensor,
+                                                                  group, op, async_op),
+            output_tensor, input_tensor)
+        return None
 
 
 def gather_results(result):

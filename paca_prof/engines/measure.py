@@ -52,7 +52,8 @@ from paca_prof.engines.step import Prepared, make_batch, prepare
 from paca_prof.flops import profiled_op_flops
 from paca_prof.ledger import SavedTensorLedger
 from paca_prof.memory import (MemoryEvent, local, memory_timeline, static_bytes,
-                              static_storages, with_missed_frees)
+                              static_storages, with_collective_frees,
+                              with_missed_frees)
 from paca_prof.reserved import allocator_config, replay_step
 from paca_prof.modules import ROOT, is_logits_owner, module_depth
 from paca_prof.ops import counts_as_op
@@ -650,7 +651,9 @@ def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys
             t=e["ts"] - windows.start, key=e["args"]["Addr"], nbytes=nbytes,
             phase=windows.phase_at(e["ts"]),
             logits_scope=nbytes > 0 and any(s <= e["ts"] <= f for s, f in logits_windows)))
-    memory_events = with_missed_frees(memory_events)
+    collectives = [(e["ts"] - windows.start, e["ts"] + e["dur"] - windows.start)
+                   for e in events if e.get("ph") == "X" and e["name"].startswith("c10d::")]
+    memory_events = with_missed_frees(with_collective_frees(memory_events, collectives))
     forwards = [(start, end) for start, end, phase in windows.spans if phase == "forward"]
     saved_events: dict[int, str] = {}
     for (start, end), owners in zip(forwards, forward_owners):
