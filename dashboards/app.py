@@ -48,6 +48,7 @@ TEXT_LIMIT = 2000  # characters of one trace value shown inline
 DETAILS_LIMIT = 20_000  # characters of the run details
 RUNS_PAGE = 25  # rows of the Runs table at a time: Dash draws many components slowly
 SOURCES = ("measured", "simulated", "projected")
+HIDDEN = {"display": "none"}
 
 
 # --- Text: every value from a trace or a request is shown through these -----------------------
@@ -120,11 +121,16 @@ def _section(id_: str, title: str, children: list) -> html.Section:
         html.H2(title), *children, html.Div(id=f"{id_}-msg", className="view-msg")])
 
 
-def _controls(*pairs) -> html.Div:
-    """A row of labelled controls: _controls(("Layer", dropdown), ...)."""
+def _control(label: str, control, **props) -> html.Label:
+    """One labelled control."""
+    return html.Label(className="control", children=[html.Span(label), control], **props)
+
+
+def _controls(*items) -> html.Div:
+    """A row of labelled controls: _controls(("Layer", dropdown), ...); an item that is not a
+    (label, control) pair is a _control placed as it is."""
     return html.Div(className="controls", children=[
-        html.Label(className="control", children=[html.Span(label), control])
-        for label, control in pairs])
+        _control(*item) if isinstance(item, tuple) else item for item in items])
 
 
 def _mib(frame: pd.DataFrame) -> pd.DataFrame:
@@ -165,9 +171,39 @@ def _empty(message: str = ""):
     return lambda: figures.empty_figure(message)
 
 
-def _sources(analysis) -> tuple[str, str]:
+def _sources(analysis, with_rank: bool = True) -> tuple[str, str]:
+    """Where the run's times and bytes come from, each with the rank shown (`with_rank`)
+    when the trace holds several ("measured, rank 1"): every view's titles and notes say
+    both; the run's header, the same for every rank, says only the sources."""
     sources = analysis.sources
-    return sources.get("time") or "no times", sources.get("bytes") or analysis.source
+    time_source = sources.get("time") or "no times"
+    bytes_source = sources.get("bytes") or analysis.source
+    if with_rank and len(analysis.ranks) > 1:
+        time_source, bytes_source = (f"{time_source}, rank {analysis.rank}",
+                                     f"{bytes_source}, rank {analysis.rank}")
+    return time_source, bytes_source
+
+
+def _at(analysis) -> str:
+    """" at rank N" for an analysis of a distributed trace, "" otherwise (for notes)."""
+    return f" at rank {analysis.rank}" if len(analysis.ranks) > 1 else ""
+
+
+def _beside(other, rank: int):
+    """The second run of a comparison at `rank` (the first run's, already checked) when it
+    holds that rank, else at its own first rank (a single-process trace, a simulated rank)."""
+    return other.for_rank(rank) if rank in other.ranks else other
+
+
+def _rank_peaks(analysis, methods: list[str], table_id: str):
+    """Every rank's peak and its breakdown, for a distributed trace (None otherwise)."""
+    if len(analysis.ranks) == 1:
+        return None
+    _, bytes_source = _sources(analysis, with_rank=False)
+    return html.Div([
+        html.Div(_text(f"per-rank memory ({bytes_source}, MiB); the views show rank "
+                       f"{analysis.rank}"), className="label"),
+        _table(_mib(analysis.rank_peaks(methods)), table_id)])
 
 
 def _rows(table: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
@@ -258,7 +294,8 @@ def _views(gpus: dict) -> list[tuple[str, str, html.Section]]:
         ("memory", "Memory", _section("memory", "Memory over the step and at the peak", [
             _controls(("Timeline of", dcc.Dropdown(id="memory-method", clearable=False))),
             html.Div(className="row", children=[_graph("memory-timeline", 460),
-                                                _graph("peak-bars", 460)])])),
+                                                _graph("peak-bars", 460)]),
+            html.Div(id="memory-ranks")])),
         ("capacity", "Capacity", _section("capacity", "Capacity planning", [
             _controls(
                 ("GPU", dcc.Dropdown(id="gpu", options=_gpu_options(gpus), clearable=False,
@@ -302,6 +339,10 @@ def _layout(gpus: dict) -> html.Div:
                 ("Run", dcc.Dropdown(id="run", clearable=False, placeholder="pick a run",
                                      className="run-picker")),
                 ("", html.Button("Refresh", id="refresh", n_clicks=0, className="button")),
+                # shown by pick_run for a trace of more than one rank; every view reads it
+                _control("Rank (every view)", dcc.Dropdown(id="rank", clearable=False,
+                                                           options=[], value=None),
+                         id="rank-control", style=HIDDEN),
             ),
             html.Div(id="run-info", className="run-info"),
             html.Div(className="controls", children=[
@@ -320,10 +361,13 @@ def _layout(gpus: dict) -> html.Div:
 
 def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
 
-    def load(name):
+    def load(name, rank=None):
+        """Run `name`'s analysis at `rank`, a value from the browser (None: the trace's first
+        rank); a bad one raises ValueError (Trace.check_rank), shown as the view's alert."""
         if name is None:
             raise PreventUpdate
-        return runs.analysis(root, name)
+        analysis = runs.analysis(root, name)
+        return analysis if rank is None else analysis.for_rank(rank)
 
     def message(error: Exception) -> str:
         """An error as one line for the page, without the server's paths."""
@@ -453,18 +497,27 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Output("timeline-method", "options"), Output("timeline-method", "value"),
         Output("memory-method", "options"), Output("memory-method", "value"),
         Output("gpu", "options"), Output("gpu", "value"), Output("capacity-batch", "options"),
-        Output("capacity-batch", "value"), Output("run-info", "children"),
-        Input("run", "value"), State("gpu", "value"))
-    @guard([], [], [], None, [], None, [], None, _gpu_options(gpus), dash.no_update, [], None)
-    def pick_run(name, gpu):
-        """A new run: its methods, layers and defaults for the per-method views."""
+        Output("capacity-batch", "value"), Output("rank", "options"), Output("rank", "value"),
+        Output("rank-control", "style"), Output("run-info", "children"),
+        Input("run", "value"), State("gpu", "value"), State("rank", "value"))
+    @guard([], [], [], None, [], None, [], None, _gpu_options(gpus), dash.no_update, [], None,
+           [], None, HIDDEN)
+    def pick_run(name, gpu, rank):
+        """A new run: its methods, layers, ranks and defaults for the per-method views. The
+        rank picked for the last run is kept if this run holds it (else its first rank); the
+        picker shows only for a trace of more than one rank."""
         analysis = load(name)
+        ranks = analysis.ranks
+        try:
+            rank = analysis.all_ranks.check_rank(rank)
+        except ValueError:  # none yet, another run's rank, or a value sent by hand
+            rank = ranks[0]
         run = analysis.trace.run
         methods = analysis.trace.methods
         if not all(isinstance(m, str) for m in methods):
             raise ValueError("summary.parquet has a row without a method")
         preferred = BASELINE if BASELINE in methods else methods[0]
-        time_source, bytes_source = _sources(analysis)
+        time_source, bytes_source = _sources(analysis, with_rank=False)
         info = [
             _badge(analysis.source),
             html.Span(_text(analysis.title), className="what"),
@@ -492,17 +545,19 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         method_options = _options(methods)
         return (method_options, methods, _options(layers), layers[0] if layers else None,
                 method_options, preferred, method_options, preferred, gpu_options, gpu,
-                batch_options, batch, info)
+                batch_options, batch, _options(ranks, [str(r) for r in ranks]), rank,
+                HIDDEN if len(ranks) == 1 else {}, info)
 
     @app.callback(
         Output("overview-table", "children"), Output("overview-errors", "children"),
         Output("overview-bars", "figure"), Output("overview-ratios", "figure"),
         Output("overview-spread", "children"), Output("overview-msg", "children"),
-        Input("tabs", "value"), Input("run", "value"), Input("methods", "value"))
+        Input("tabs", "value"), Input("run", "value"), Input("methods", "value"),
+        Input("rank", "value"))
     @guard(None, None, _empty(), _empty(), None)
     @on_tab("overview")
-    def overview(name, methods):
-        analysis = load(name)
+    def overview(name, methods, rank):
+        analysis = load(name, rank)
         methods = _methods(analysis, methods)
         time_source, _ = _sources(analysis)
         table = analysis.summary(baseline=BASELINE, methods=methods)
@@ -511,12 +566,9 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         errors = [html.Div(_text(f"{row.method}: {row.status}" + (
             f": {row.error}" if isinstance(row.error, str) and row.error else "")))
             for row in failed.itertuples()]
-        if len(analysis.ranks) > 1:  # a distributed trace: every rank's peak (rank 0 above)
-            _, bytes_source = _sources(analysis)
-            errors.append(html.Div([
-                html.Div(_text(f"per-rank memory ({bytes_source}, MiB); the views show rank "
-                               f"{analysis.rank}"), className="label"),
-                _table(_mib(analysis.rank_peaks(methods)), "rank-table")]))
+        ranks = _rank_peaks(analysis, methods, "rank-table")  # a distributed trace
+        if ranks is not None:
+            errors.append(ranks)
         return (_table(table, "summary-table"), errors or None,
                 figures.overview_bars(summary, time_source),
                 figures.summary_ratio_bars(table, time_source, BASELINE),
@@ -559,11 +611,11 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
     @app.callback(
         Output("latency-bars", "figure"), Output("latency-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"),
-        Input("drill", "value"))
+        Input("drill", "value"), Input("rank", "value"))
     @guard(_empty())
     @on_tab("latency")
-    def latency(name, methods, parent):
-        analysis = load(name)
+    def latency(name, methods, parent, rank):
+        analysis = load(name, rank)
         methods = _methods(analysis, methods)
         time_source, _ = _sources(analysis)
         if parent is not None:
@@ -579,11 +631,12 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Output("timeline-graph", "figure"), Output("timeline-overhead", "children"),
         Output("timeline-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("timeline-layer", "value"),
-        Input("timeline-method", "value"), Input("timeline-phase", "value"))
+        Input("timeline-method", "value"), Input("timeline-phase", "value"),
+        Input("rank", "value"))
     @guard(_empty(), None)
     @on_tab("timeline")
-    def timeline(name, layer, method, phase):
-        analysis = load(name)
+    def timeline(name, layer, method, phase, rank):
+        analysis = load(name, rank)
         if layer is None and not analysis.decoder_layers():
             return figures.empty_figure("no layers found in this trace's modules"), None, None
         if layer is None or method is None:
@@ -613,11 +666,12 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
     @app.callback(
         Output("activation-bars", "figure"), Output("activation-table", "children"),
         Output("activations-msg", "children"),
-        Input("tabs", "value"), Input("run", "value"), Input("methods", "value"))
+        Input("tabs", "value"), Input("run", "value"), Input("methods", "value"),
+        Input("rank", "value"))
     @guard(_empty(), None)
     @on_tab("activations")
-    def activations(name, methods):
-        analysis = load(name)
+    def activations(name, methods, rank):
+        analysis = load(name, rank)
         methods = _methods(analysis, methods)
         _, bytes_source = _sources(analysis)
         return (figures.activation_by_layer(analysis.activation_by_layer(methods), bytes_source),
@@ -625,13 +679,13 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
 
     @app.callback(
         Output("memory-timeline", "figure"), Output("peak-bars", "figure"),
-        Output("memory-msg", "children"),
+        Output("memory-ranks", "children"), Output("memory-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"),
-        Input("memory-method", "value"))
-    @guard(_empty(), _empty())
+        Input("memory-method", "value"), Input("rank", "value"))
+    @guard(_empty(), _empty(), None)
     @on_tab("memory")
-    def memory(name, methods, method):
-        analysis = load(name)
+    def memory(name, methods, method, rank):
+        analysis = load(name, rank)
         methods = _methods(analysis, methods)
         if method is None:
             raise PreventUpdate
@@ -644,7 +698,8 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         return (figures.memory_timeline_area(timeline, method, bytes_source,
                                              analysis.memory_time_label()),
                 figures.peak_breakdown_bars(analysis.peak_breakdown(methods), bytes_source,
-                                            capacity_bytes), None)
+                                            capacity_bytes),
+                _rank_peaks(analysis, methods, "memory-rank-table"), None)
 
     @app.callback(
         Output("capacity-graph", "figure"), Output("capacity-table", "children"),
@@ -652,11 +707,11 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Input("tabs", "value"), Input("run", "value"), Input("methods", "value"),
         Input("gpu", "value"),
         Input("free-gib", "value"), Input("headroom", "value"),
-        Input("capacity-batch", "value"))
+        Input("capacity-batch", "value"), Input("rank", "value"))
     @guard(_empty(), None, None)
     @on_tab("capacity")
-    def capacity_plan(name, methods, gpu, free_gib, headroom, batch):
-        analysis = load(name)
+    def capacity_plan(name, methods, gpu, free_gib, headroom, batch, rank):
+        analysis = load(name, rank)
         methods = _methods(analysis, methods)
         if analysis.capacity_curve() is None:
             message_ = ("This run holds no capacity sweep (capacity.parquet, written by "
@@ -689,24 +744,24 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Output("compare-table", "children"), Output("compare-a", "figure"),
         Output("compare-b", "figure"), Output("compare-msg", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("compare-run", "value"),
-        Input("methods", "value"))
+        Input("methods", "value"), Input("rank", "value"))
     @guard(None, _empty(), _empty())
     @on_tab("compare")
-    def compare(name, other_name, methods):
-        analysis = load(name)
+    def compare(name, other_name, methods, rank):
+        analysis = load(name, rank)
         methods = _methods(analysis, methods)
         if not other_name:
             return (html.P("Pick a second run to compare."), figures.empty_figure(),
                     figures.empty_figure(), None)
-        other = load(other_name)
+        other = _beside(load(other_name), analysis.rank)
         changes = analysis.top_changes(other, methods, n=15)
         columns = ["method", "module", "phase", "latency_ms_a", "latency_ms_b",
                    "latency_ms_delta", "latency_ms_ratio", "n_kernels_a", "n_kernels_b",
                    "activation_bytes_a", "activation_bytes_b"]
         other_methods = [m for m in methods if m in other.trace.methods]
-        return (html.Div([html.P(_text(f"a = {name}, b = {other_name}: the 15 largest latency "
-                                       f"changes (b - a), matched by method, module and "
-                                       f"phase.")),
+        return (html.Div([html.P(_text(f"a = {name}{_at(analysis)}, b = {other_name}"
+                                       f"{_at(other)}: the 15 largest latency changes (b - a), "
+                                       f"matched by method, module and phase.")),
                           _table(changes[columns], "compare-changes")]),
                 figures.overview_bars(_rows(analysis.trace.summary, methods),
                                       f"a: {name}, {_sources(analysis)[0]}"),
@@ -719,15 +774,18 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Output("compare-peak", "figure"), Output("compare-activations", "figure"),
         Output("compare-bytes", "children"),
         Input("tabs", "value"), Input("run", "value"), Input("compare-run", "value"),
-        Input("compare-method", "value"))
+        Input("compare-method", "value"), Input("rank", "value"))
     @guard([], None, _empty(), _empty())
     @on_tab("compare")
-    def compare_bytes(name, other_name, method):
+    def compare_bytes(name, other_name, method, rank):
         """The run with measured bytes against the one with simulated bytes (either order),
-        as `paca-prof compare` does: totals, the peak by category, activations by module."""
+        as `paca-prof compare` does: totals, the peak by category, activations by module;
+        each run at the picked rank when it holds it (a simulated FSDP2 trace is rank 0's,
+        compared with any measured rank)."""
         if not other_name:
             return [], None, figures.empty_figure(), figures.empty_figure(), None
-        pair = [load(name), load(other_name)]
+        first = load(name, rank)
+        pair = [first, _beside(load(other_name), first.rank)]
         if pair[0].sources.get("bytes") == "simulated":
             pair.reverse()
         measured, simulated = pair
@@ -740,8 +798,9 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         methods = measured.compared_methods(simulated)
         method = method if method in methods else methods[0]  # a request's value, checked
         totals = measured.compare_totals(simulated, methods)
-        note = html.P(_text(f"measured: {measured.trace.path.name}, simulated: "
-                            f"{simulated.trace.path.name}; simulated - measured per method."))
+        note = html.P(_text(f"measured: {measured.trace.path.name}{_at(measured)}, simulated: "
+                            f"{simulated.trace.path.name}{_at(simulated)}; simulated - "
+                            f"measured per method."))
         return (_options(methods), method,
                 figures.compare_peak_bars(measured.compare_peak(simulated, [method]), method),
                 figures.compare_activation_bars(

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
+import reprlib
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -203,12 +205,22 @@ class Trace:
         """The ranks whose rows this trace holds ([0] for a single-process run)."""
         return sorted(int(r) for r in self.summary["rank"].dropna().unique()) or [0]
 
+    def check_rank(self, rank) -> int:
+        """`rank` as an int when it is one of this trace's ranks. ValueError (one short line)
+        for a value that is no whole number (a bool, a float or a string included: a value
+        from outside, such as the dashboard's rank picker, is checked here) or a rank the
+        trace does not hold."""
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+            raise ValueError(f"a rank is a whole number, not {reprlib.repr(rank)}")
+        if int(rank) not in self.ranks:
+            raise ValueError(f"rank {reprlib.repr(int(rank))} is not in this trace (ranks "
+                             f"{', '.join(map(str, self.ranks))})")
+        return int(rank)
+
     def for_rank(self, rank: int) -> Trace:
         """This trace with only `rank`'s rows in every table (chrome traces are rank 0's).
-        ValueError for a rank the trace does not hold."""
-        if rank not in self.ranks:
-            raise ValueError(f"rank {rank} is not in this trace (ranks "
-                             f"{', '.join(map(str, self.ranks))})")
+        ValueError for a rank the trace does not hold (check_rank)."""
+        rank = self.check_rank(rank)
         if self.ranks == [rank]:
             return self
 
@@ -217,10 +229,11 @@ class Trace:
                 return None
             return frame[frame["rank"] == rank].reset_index(drop=True)
 
-        return Trace(path=self.path, run=self.run, summary=only(self.summary),
-                     layers=only(self.layers), ops=only(self.ops), memory=only(self.memory),
-                     chrome_traces=self.chrome_traces if rank == 0 else {},
-                     capacity=only(self.capacity), batches=only(self.batches))
+        return replace(self, summary=only(self.summary), layers=only(self.layers),
+                       ops=only(self.ops), memory=only(self.memory),
+                       chrome_traces=self.chrome_traces if rank == 0 else {},
+                       capacity=only(self.capacity), batches=only(self.batches),
+                       steps=only(self.steps))
 
 
 def sources(run: dict) -> dict:

@@ -866,6 +866,43 @@ def test_a_crafted_trace_runs_no_script_in_the_page(tmp_path, driver):
         app.close()
 
 
+def test_the_rank_picker_switches_the_views_in_the_browser(tmp_path, driver):
+    """A 2-rank trace (test_dashboard_http.make_two_ranks: rank 1 holds twice rank 0's
+    bytes): the picker shows, rank 1 puts its peak in the overview and its name in the memory
+    view's titles; a single-rank run hides the picker."""
+    from test_dashboard_http import TINY, copy_trace, make_two_ranks
+
+    root = tmp_path / "traces"
+    make_two_ranks(root / "two-ranks")
+    copy_trace(TINY, root / "tiny")
+    app = Served(root)
+    try:
+        load_page(driver, f"{app.url}/?run=two-ranks")
+        peaks = {rank: float(TraceAnalysis(root / "two-ranks", rank=rank).summary(
+            methods=["lora"])["peak_mib"].iloc[0]) for rank in (0, 1)}
+
+        def lora_peak(d):
+            rows = {r["method"]: r for r in table_rows(d, "summary-table")}
+            return as_number(rows["lora"]["peak_mib"]) if "lora" in rows else None
+
+        wait(driver, lambda d: lora_peak(d) == pytest.approx(peaks[0], abs=1e-3), "rank 0")
+        assert driver.find_element("id", "rank-control").is_displayed()
+        pick(driver, "rank", "1")
+        wait(driver, lambda d: lora_peak(d) == pytest.approx(peaks[1], abs=1e-3),
+             "rank 1's peak in the overview")
+        assert "the views show rank 1" in text(driver, "overview-errors")
+        open_tab(driver, "Memory")
+        wait_graph(driver, "memory-timeline", lambda g: "rank 1" in g["title"])
+        wait_graph(driver, "peak-bars", lambda g: "rank 1" in g["title"])
+        screenshot(driver, "rank-picker")
+        load_page(driver, f"{app.url}/?run=tiny")
+        wait(driver, lambda d: not d.find_element("id", "rank-control").is_displayed(),
+             "the picker hidden for one rank")
+        assert view_errors(driver) == [] and severe_console_entries(driver) == []
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize("run,gpu,memory_gib", [("plan-a100-80gb", "a100-80gb", 80),
                                                 ("plan-custom-gpu", "my-card-48g", 48)])
 def test_capacity_opens_on_the_plans_gpu(served, driver, run, gpu, memory_gib):

@@ -29,7 +29,9 @@ import yaml
 
 from dashboards import runs
 from dashboards.app import RUNS_PAGE
+from paca_prof import trace as trace_io
 from paca_prof.analyze import TraceAnalysis
+from paca_prof.distributed import Distributed
 
 from test_dashboard import Served
 
@@ -126,6 +128,33 @@ def make_gpt2_tree(target: Path) -> Path:
     return target
 
 
+RANK_1_BYTES, RANK_1_TIME = 2, 1.5  # rank 1 of make_two_ranks against rank 0
+
+
+def make_two_ranks(target: Path, source: Path = TINY) -> Path:
+    """The tiny sample as a distributed (FSDP2, 2 gloo ranks) trace written through
+    paca_prof.trace's writer: rank 0's rows are the sample's, rank 1's the same with every
+    byte count RANK_1_BYTES times and every ms or us RANK_1_TIME times larger, so that each
+    view's numbers tell the ranks apart."""
+    loaded = trace_io.load(source)
+    tables = {}
+    for name in ("summary", "layers", "ops", "memory", "steps"):
+        frame = getattr(loaded, name)
+        if frame is None:
+            continue
+        other = frame.copy()
+        other["rank"] = 1
+        for column in other.columns:
+            if column == "bytes" or column.endswith("_bytes"):
+                other[column] = other[column] * RANK_1_BYTES
+            elif column.endswith(("_ms", "_us")):
+                other[column] = other[column] * RANK_1_TIME
+        tables[name] = pd.concat([frame, other], ignore_index=True)
+    run = {k: v for k, v in loaded.run.items() if k != "schema_version"}
+    run["distributed"] = Distributed(world_size=2, fsdp=True, backend="gloo").describe()
+    return trace_io.write(target, run, tables)
+
+
 def make_flat(target: Path) -> Path:
     """The tiny sample whose layers table holds no layers at all: the whole model only."""
     copy_trace(TINY, target)
@@ -145,6 +174,10 @@ def traces(tmp_path_factory) -> Path:
     make_hostile(root / HOSTILE)
     make_gpt2_tree(root / "gpt2-tree")
     make_flat(root / "flat")
+    make_two_ranks(root / "two-ranks")
+    copy_trace(TINY, root / "tiny-simulated")  # stands for the simulation of the same run
+    edit_run(root / "tiny-simulated", lambda run: run.update(
+        source="simulated", sources={"time": None, "bytes": "simulated"}))
     copy_trace(TINY, root / "broken-parquet")
     ops = root / "broken-parquet" / "ops.parquet"
     ops.write_bytes(ops.read_bytes()[: ops.stat().st_size // 2])
@@ -179,35 +212,43 @@ CALLBACKS = {
     "pick_run": (["methods.options", "methods.value", "timeline-layer.options",
                   "timeline-layer.value", "timeline-method.options", "timeline-method.value",
                   "memory-method.options", "memory-method.value", "gpu.options", "gpu.value",
-                  "capacity-batch.options", "capacity-batch.value", "run-info.children"],
-                 ["run.value"], ["gpu.value"]),
+                  "capacity-batch.options", "capacity-batch.value", "rank.options",
+                  "rank.value", "rank-control.style", "run-info.children"],
+                 ["run.value"], ["gpu.value", "rank.value"]),
     "overview": (["overview-table.children", "overview-errors.children", "overview-bars.figure",
                   "overview-ratios.figure", "overview-spread.children", "overview-msg.children"],
-                 ["tabs.value", "run.value", "methods.value"], []),
+                 ["tabs.value", "run.value", "methods.value", "rank.value"], []),
     "drill": (["drill.options", "drill.value"],
               ["tabs.value", "run.value", "latency-bars.clickData", "drill-up.n_clicks",
                "drill.value", "drill.search_value"], []),
     "latency": (["latency-bars.figure", "latency-msg.children"],
-                ["tabs.value", "run.value", "methods.value", "drill.value"], []),
+                ["tabs.value", "run.value", "methods.value", "drill.value", "rank.value"], []),
     "timeline": (["timeline-graph.figure", "timeline-overhead.children", "timeline-msg.children"],
                  ["tabs.value", "run.value", "timeline-layer.value", "timeline-method.value",
-                  "timeline-phase.value"], []),
+                  "timeline-phase.value", "rank.value"], []),
     "activations": (["activation-bars.figure", "activation-table.children",
-                     "activations-msg.children"], ["tabs.value", "run.value", "methods.value"],
-                    []),
-    "memory": (["memory-timeline.figure", "peak-bars.figure", "memory-msg.children"],
-               ["tabs.value", "run.value", "methods.value", "memory-method.value"], []),
+                     "activations-msg.children"],
+                    ["tabs.value", "run.value", "methods.value", "rank.value"], []),
+    "memory": (["memory-timeline.figure", "peak-bars.figure", "memory-ranks.children",
+                "memory-msg.children"],
+               ["tabs.value", "run.value", "methods.value", "memory-method.value", "rank.value"],
+               []),
     "capacity": (["capacity-graph.figure", "capacity-table.children", "capacity-budget.children",
                   "capacity-msg.children"],
                  ["tabs.value", "run.value", "methods.value", "gpu.value", "free-gib.value",
-                  "headroom.value", "capacity-batch.value"], []),
+                  "headroom.value", "capacity-batch.value", "rank.value"], []),
     "compare": (["compare-table.children", "compare-a.figure", "compare-b.figure",
                  "compare-msg.children"],
-                ["tabs.value", "run.value", "compare-run.value", "methods.value"], []),
+                ["tabs.value", "run.value", "compare-run.value", "methods.value", "rank.value"],
+                []),
+    "compare_bytes": (["compare-method.options", "compare-method.value", "compare-peak.figure",
+                       "compare-activations.figure", "compare-bytes.children"],
+                      ["tabs.value", "run.value", "compare-run.value", "compare-method.value",
+                       "rank.value"], []),
 }
 TABS = {"overview": "overview", "drill": "latency", "latency": "latency", "timeline": "timeline",
         "activations": "activations", "memory": "memory", "capacity": "capacity",
-        "compare": "compare", "runs_table": "runs"}
+        "compare": "compare", "compare_bytes": "compare", "runs_table": "runs"}
 GOOD = {"run.value": "tiny", "methods.value": ["lora", "paca"], "drill.value": None,
         "timeline-layer.value": "model.layers.0", "timeline-method.value": "lora",
         "timeline-phase.value": "forward", "memory-method.value": "lora",
@@ -215,7 +256,8 @@ GOOD = {"run.value": "tiny", "methods.value": ["lora", "paca"], "drill.value": N
         "capacity-batch.value": None, "compare-run.value": "tiny-b", "url.search": "",
         "refresh.n_clicks": 0, "latency-bars.clickData": None, "drill-up.n_clicks": 0,
         "drill.search_value": None, "compare-run.options": None, "run.options": [],
-        "runs-filter.value": None, "runs-page.value": 1}
+        "runs-filter.value": None, "runs-page.value": 1, "rank.value": 0,
+        "compare-method.value": None}
 INF, NAN = "__inf__", "__nan__"  # sent as the JSON tokens 1e400 and NaN
 
 
@@ -379,6 +421,23 @@ CASES = [
      "alert:must be a string"),
     ("runs-page-huge", "runs_table", {"runs-page__value": 10**30}, "quiet"),
     ("runs-page-string", "runs_table", {"runs-page__value": "2"}, "quiet"),
+    ("rank-none", "overview", {"rank__value": None}, "quiet"),  # before pick_run: rank 0
+    ("rank-string", "overview", {"rank__value": "1"}, "alert:a rank is a whole number"),
+    ("rank-markup", "overview", {"rank__value": SCRIPT}, "alert:a rank is a whole number"),
+    ("rank-component", "memory", {"rank__value": IFRAME}, "alert:a rank is a whole number"),
+    ("rank-bool", "memory", {"rank__value": True}, "alert:a rank is a whole number, not True"),
+    ("rank-float", "timeline", {"rank__value": 1.0}, "alert:a rank is a whole number"),
+    ("rank-nan", "latency", {"rank__value": NAN}, "alert:a rank is a whole number"),
+    ("rank-inf", "activations", {"rank__value": INF}, "alert:a rank is a whole number"),
+    ("rank-list", "capacity", {"rank__value": [1]}, "alert:a rank is a whole number"),
+    ("rank-unknown", "activations", {"rank__value": 1}, "alert:rank 1 is not in this trace"),
+    ("rank-negative", "compare", {"rank__value": -1}, "alert:rank -1 is not in this trace"),
+    ("rank-huge", "overview", {"rank__value": 10**400}, "alert:is not in this trace (ranks 0)"),
+    ("rank-beyond-world", "memory", {"run__value": "two-ranks", "rank__value": 2},
+     "alert:rank 2 is not in this trace (ranks 0, 1)"),
+    ("rank-bytes-string", "compare_bytes", {"rank__value": "0"},
+     "alert:a rank is a whole number"),
+    ("pick-run-rank-state-component", "pick_run", {"rank__value": IFRAME}, "quiet"),
 ]
 
 
@@ -550,6 +609,129 @@ def test_a_trace_without_layers_says_so(served):
     for callback in ("overview", "activations", "memory"):
         reply = post(served, request_body(callback, run__value="flat"))
         assert reply.status_code == 200 and alert_text(message_area(reply, callback)) is None
+
+
+# --- A distributed trace: the rank picker ----------------------------------------------------
+
+def table_cells(response, table_id: str) -> list[dict[str, str]]:
+    """An analyzer table in a reply (dashboards.app._table) as {header: cell text} rows."""
+    table = next(c for c in components(response) if c["props"].get("id") == table_id)
+    head, body = table["props"]["children"]
+
+    def texts(row):
+        return [cell["props"]["children"] for cell in row["props"]["children"]]
+
+    headers = texts(head["props"]["children"])
+    return [dict(zip(headers, texts(row))) for row in body["props"]["children"]]
+
+
+def as_number(cell: str) -> float:
+    return float("nan") if cell in ("–", "") else float(cell.replace(",", ""))
+
+
+def test_the_rank_picker_shows_only_for_several_ranks_and_keeps_a_held_rank(served):
+    picked = post(served, request_body("pick_run", run__value="two-ranks")).json()["response"]
+    assert picked["rank"]["options"] == [{"label": "0", "value": 0}, {"label": "1", "value": 1}]
+    assert picked["rank"]["value"] == 0 and picked["rank-control"]["style"] == {}
+    header = list(strings(picked["run-info"]))
+    assert any("FSDP2 over 2 ranks" in text for text in header)
+    assert "times: measured" in header and "bytes: measured" in header  # the same for all
+    kept = post(served, request_body("pick_run", run__value="two-ranks", rank__value=1))
+    assert kept.json()["response"]["rank"]["value"] == 1
+    single = post(served, request_body("pick_run", run__value="tiny", rank__value=1))
+    single = single.json()["response"]
+    assert single["rank"]["value"] == 0 and single["rank"]["options"] == [
+        {"label": "0", "value": 0}]
+    assert single["rank-control"]["style"] == {"display": "none"}
+
+
+def test_choosing_rank_1_shows_rank_1s_numbers_in_every_view(served):
+    """Rank 1 of make_two_ranks holds twice rank 0's bytes and 1.5 times its times: the
+    overview, memory, latency, timeline, activations and compare views show rank 1's."""
+    path = served.root / "two-ranks"
+    ranks = {rank: TraceAnalysis(path, rank=rank) for rank in (0, 1)}
+    methods = ["lora", "paca"]
+
+    def view(callback, rank, **values):
+        reply = post(served, request_body(callback, run__value="two-ranks", rank__value=rank,
+                                          methods__value=methods, **values))
+        assert reply.status_code == 200, reply.text[:300]
+        assert alert_text(message_area(reply, callback)) is None, callback
+        return reply.json()["response"]
+
+    for rank, analysis in ranks.items():
+        shown = {r["method"]: r for r in table_cells(view("overview", rank), "summary-table")}
+        expected = analysis.summary(methods=methods).set_index("method")
+        for method in methods:
+            for column in ("peak_mib", "activation_mib", "step_ms"):
+                assert as_number(shown[method][column]) == pytest.approx(
+                    float(expected.loc[method, column]), abs=1e-3), (rank, method, column)
+    peak = {rank: analysis.summary(methods=["lora"])["peak_mib"].iloc[0]
+            for rank, analysis in ranks.items()}
+    assert peak[1] == pytest.approx(RANK_1_BYTES * peak[0])  # the ranks told apart
+
+    overview = view("overview", 1)
+    every_rank = table_cells(overview, "rank-table")  # every rank's peak, whichever is shown
+    assert [(r["method"], r["rank"]) for r in every_rank] == [
+        ("lora", "0"), ("lora", "1"), ("paca", "0"), ("paca", "1")]
+    assert "the views show rank 1" in json.dumps(overview["overview-errors"])
+    assert "rank 1" in overview["overview-bars"]["figure"]["layout"]["title"]["text"]
+
+    memory = view("memory", 1)
+    assert [r["rank"] for r in table_cells(memory, "memory-rank-table")] == ["0", "1"] * 2
+    for graph in ("memory-timeline", "peak-bars"):
+        assert "rank 1" in memory[graph]["figure"]["layout"]["title"]["text"], graph
+    # the figures are the analyzer's rank-1 figures (dashboards/app.py computes nothing)
+    from paca_prof.analyze import figures
+
+    one = ranks[1]
+    want = figures.peak_breakdown_bars(one.peak_breakdown(methods), "measured, rank 1")
+    got = memory["peak-bars"]["figure"]
+    assert json.loads(want.to_json())["data"] == got["data"]
+    zero = view("memory", 0)["peak-bars"]["figure"]
+    assert zero["data"] != got["data"]
+    timeline = one.memory_timeline("lora", max_points=2000)
+    want = figures.memory_timeline_area(timeline, "lora", "measured, rank 1",
+                                        one.memory_time_label())
+    assert json.loads(want.to_json())["data"] == memory["memory-timeline"]["figure"]["data"]
+
+    for callback in ("latency", "timeline", "activations"):
+        graph = CALLBACKS[callback][0][0].split(".")[0]  # the view's first output: its figure
+        titles = {rank: view(callback, rank)[graph]["figure"]["layout"]["title"]["text"]
+                  for rank in (0, 1)}
+        assert "rank 0" in titles[0] and "rank 1" in titles[1], (callback, titles)
+    bars = {rank: view("latency", rank)["latency-bars"]["figure"]["data"] for rank in (0, 1)}
+    assert bars[0] != bars[1]
+
+    compare = view("compare", 1, **{"compare-run__value": "tiny"})  # b holds rank 0 only
+    note = json.dumps(compare["compare-table"])
+    assert "a = two-ranks at rank 1, b = tiny:" in note
+    assert "rank 1" in compare["compare-a"]["figure"]["layout"]["title"]["text"]
+
+
+def test_the_simulated_rank_is_compared_with_the_picked_measured_rank(served):
+    """Compare runs, measured bytes (a rank of the 2-rank trace) against simulated ones (a
+    single-rank trace, as a simulated FSDP2 run is rank 0's): the measured side is the
+    picked rank's, the simulated side its only rank."""
+    for rank in (0, 1):
+        reply = post(served, request_body("compare_bytes", run__value="two-ranks",
+                                          rank__value=rank,
+                                          **{"compare-run__value": "tiny-simulated"}))
+        assert reply.status_code == 200 and alert_text(message_area(reply, "compare_bytes")) \
+            is None
+        response = reply.json()["response"]
+        assert f"measured: two-ranks at rank {rank}, simulated: tiny-simulated;" in json.dumps(
+            response["compare-bytes"])
+        totals = {(r["method"], r["quantity"]): r
+                  for r in table_cells(response, "compare-totals")}
+        measured = TraceAnalysis(served.root / "two-ranks", rank=rank).trace.summary
+        simulated = TraceAnalysis(served.root / "tiny-simulated").trace.summary
+        for method in ("lora", "paca"):
+            peak = totals[(method, "peak_bytes")]
+            want = measured.set_index("method").loc[method, "peak_bytes"]
+            assert as_number(peak["measured"]) == pytest.approx(float(want), rel=1e-3)
+            assert as_number(peak["simulated"]) == pytest.approx(float(
+                simulated.set_index("method").loc[method, "peak_bytes"]), rel=1e-3)
 
 
 # --- The Capacity tab opens on the run's GPU -------------------------------------------------

@@ -90,6 +90,47 @@ def test_round_trip_of_missing_columns_na_and_extra_columns(tmp_path):
     assert loaded.run["source"] == "simulated" and loaded.run["seq"] == 7
 
 
+def test_a_rank_is_checked_and_selects_every_tables_rows(tmp_path):
+    """for_rank keeps one rank's rows in every table, the optional ones included (steps:
+    the spread of that rank's timed steps); check_rank takes whole numbers among the trace's
+    ranks only (a value from outside: a bool, float, string or list is refused), and
+    TraceAnalysis.for_rank makes each rank's analysis once over the same loaded trace."""
+    import numpy as np
+
+    from paca_prof.analyze import TraceAnalysis
+
+    summary = pd.DataFrame({"method": ["lora", "lora"], "status": ["ok", "ok"],
+                            "peak_bytes": [100, 200], "rank": [0, 1]})
+    steps = pd.DataFrame({"method": ["lora"] * 4, "round": [0, 1, 0, 1], "step": [0, 1, 0, 1],
+                          "step_ms": [1.0, 1.0, 2.0, 2.0], "rank": [0, 0, 1, 1]})
+    memory = pd.DataFrame({"method": ["lora"] * 2, "t": [0.0, 0.0], "category": ["weights"] * 2,
+                           "allocated_bytes": [100, 200], "rank": [0, 1]})
+    loaded = trace.load(trace.write(tmp_path / "t", MINIMAL_RUN,
+                                    {"summary": summary, "steps": steps, "memory": memory}))
+    assert loaded.ranks == [0, 1]
+    one = loaded.for_rank(1)
+    assert one.summary["peak_bytes"].tolist() == [200]
+    assert one.steps["step_ms"].tolist() == [2.0, 2.0] and set(one.steps["rank"]) == {1}
+    assert one.memory["allocated_bytes"].tolist() == [200]
+    assert loaded.for_rank(0).steps["step_ms"].tolist() == [1.0, 1.0]
+    assert loaded.check_rank(np.int64(1)) == 1
+    for bad, words in ((True, "whole number"), (1.0, "whole number"), ("1", "whole number"),
+                       ([1], "whole number"), (None, "whole number"),
+                       (2, "rank 2 is not in this trace (ranks 0, 1)"),
+                       (10**400, "is not in this trace")):
+        with pytest.raises(ValueError) as raised:
+            loaded.for_rank(bad)
+        assert words in str(raised.value) and len(str(raised.value)) < 120, raised.value
+    analysis = TraceAnalysis(loaded)
+    assert analysis.rank == 0 and analysis.for_rank(0) is analysis
+    rank_1 = analysis.for_rank(1)
+    assert rank_1 is analysis.for_rank(1) and rank_1.for_rank(0) is analysis
+    assert rank_1.summary()["peak_mib"].tolist() == [200 / 2**20]
+    assert rank_1.all_ranks is loaded
+    with pytest.raises(ValueError, match="whole number"):
+        analysis.for_rank(True)
+
+
 def test_the_steps_table_round_trips_and_old_traces_without_it_load(measured_trace, tmp_path):
     """steps.parquet is optional: a measured trace has it (schema dtypes), and a trace written
     before it existed (no steps table, no spread or throughput columns in the summary) loads

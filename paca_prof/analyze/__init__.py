@@ -23,9 +23,22 @@ class TraceAnalysis:
         rank's; rank_peaks compares them). ValueError for a rank the trace lacks."""
         loaded = source if isinstance(source, trace_io.Trace) else trace_io.load(source)
         self.all_ranks = loaded
-        self.rank = rank
         self.trace = loaded.for_rank(rank)
+        self.rank = loaded.check_rank(rank)
         self._memo: dict = {}  # navigation lists, computed once: the trace never changes
+        self._by_rank: dict[int, TraceAnalysis] = {self.rank: self}  # shared by for_rank's
+
+    def for_rank(self, rank) -> TraceAnalysis:
+        """The analysis of `rank` over the same loaded trace (nothing is read again; each
+        rank's analysis is made once and kept, with its own memo). ValueError (one line) for
+        a value that is no whole number or a rank the trace lacks (Trace.check_rank): a
+        value from outside may be passed as it came."""
+        rank = self.all_ranks.check_rank(rank)
+        if rank not in self._by_rank:
+            other = TraceAnalysis(self.all_ranks, rank)
+            other._by_rank = self._by_rank
+            self._by_rank[rank] = other
+        return self._by_rank[rank]
 
     @property
     def kernels(self) -> pd.DataFrame:
