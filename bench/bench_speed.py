@@ -1,12 +1,17 @@
 """Benchmark: the speed of `paca-prof run` and `paca-prof plan` on full-size models, imports
-included (issue 10, item 5).
+included (issue 10, item 5; issue 15, item 4).
 
 Cases, each the real command in a fresh process:
   run   `paca-prof run --model llama3-8b --seq 4096` (frozen, lora, dora, paca, full simulated
         on the meta device, times projected for the default GPU): target 10 s wall;
   plan  `paca-prof plan --model llama3-8b --gpu a100-80gb --methods frozen,lora,paca,full`:
         target 15 s wall; how many answers were confirmed at full depth is printed beside it
-        (the plan's JSON), since --confirm auto skips confirmations its time budget cannot fit.
+        (the plan's JSON), since --confirm auto skips confirmations its time budget cannot fit;
+  fsdp-plan  `paca-prof plan --model llama3.1-70b --gpu h100-80gb --fsdp --world-size 8
+        --methods lora,paca,qlora,qpaca,full`: target 30 s wall (not run by default).
+Each command runs as `python -m paca_prof` (what the paca-prof console script runs); the
+methods are simulated side by side, one per core (PACA_PROF_JOBS=1 in the environment runs
+them one at a time, for a comparison).
 Every case is repeated `--repeats` times, the cases taking turns. Per process: its wall time
 (time.perf_counter from start to exit) and its CPU time (user + system, from the rusage that
 os.wait4 returns for that child). Wall time on a shared machine depends on the load, which is
@@ -22,6 +27,7 @@ Run from the repository root:
     python bench/bench_speed.py --repeats 3     # medians and spread, no verdict
     python bench/bench_speed.py --quick         # each case once: a smoke run (no verdict)
     python bench/bench_speed.py --cases run     # one case
+    python bench/bench_speed.py --cases fsdp-plan --repeats 3
 
 Exit status: 1 when a target FAILED (or a command failed), 3 when none failed and one was
 INCONCLUSIVE, 0 otherwise (also when nothing was judged: the last line says so); 2 for bad
@@ -57,6 +63,10 @@ CASES = {
     "run": Case("run", ("run", "--model", "llama3-8b", "--seq", "4096", "--json"), 10.0),
     "plan": Case("plan", ("plan", "--model", "llama3-8b", "--gpu", "a100-80gb", "--methods",
                           "frozen,lora,paca,full", "--json"), 15.0),
+    # issue 15, item 4: llama3.1-70b over 8 ranks, five methods
+    "fsdp-plan": Case("fsdp-plan", ("plan", "--model", "llama3.1-70b", "--gpu", "h100-80gb",
+                                    "--fsdp", "--world-size", "8", "--methods",
+                                    "lora,paca,qlora,qpaca,full", "--json"), 30.0),
 }
 
 
@@ -71,7 +81,7 @@ def run_case(case: Case) -> Sample:
     """One fresh process of the case's command. RuntimeError (with the last line of its
     stderr) when it fails."""
     with tempfile.TemporaryDirectory(prefix="paca-prof-bench-") as tmp:
-        command = [sys.executable, "-m", "paca_prof.cli", *case.argv]
+        command = [sys.executable, "-m", "paca_prof", *case.argv]
         if case.name == "run":
             command += ["--out", str(Path(tmp) / "trace")]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -86,7 +96,7 @@ def run_case(case: Case) -> Sample:
             raise RuntimeError(f"{' '.join(case.argv)} exited {child.returncode}: "
                                f"{lines[-1] if lines else '(no stderr)'}")
         note = ""
-        if case.name == "plan":
+        if case.argv[0] == "plan":
             plan = json.loads((Path(tmp) / "stdout").read_text())
             confirmed = sum(m["confirmed_full_depth"] for m in plan["methods"].values())
             note = f"{confirmed}/{len(plan['methods'])} answers confirmed at full depth"
@@ -103,7 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="each case once: a smoke run")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"processes per case (default {verdicts.MIN_REPEATS}; 1 --quick)")
-    parser.add_argument("--cases", default="run,plan", help="run, plan or run,plan")
+    parser.add_argument("--cases", default="run,plan",
+                        help="comma-separated, of run, plan and fsdp-plan")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (
         1 if args.quick else verdicts.MIN_REPEATS)

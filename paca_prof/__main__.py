@@ -2,6 +2,6 @@
 
 import sys
 
-from paca_prof.cli import main
+from paca_prof.cli import command
 
-sys.exit(main())
+sys.exit(command())

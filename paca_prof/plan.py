@@ -31,7 +31,10 @@ this was exact to the byte in every case checked (llama3-8b, llama2-7b, mistral-
 every method; flash, efficient and eager attention; batch > 1; gradient checkpointing; see
 tests/test_plan.py and bench/bench_plan.py). A peak inside a middle layer (one that neither 2-
 nor 3-layer models show at its place) would break it; confirmation at full depth catches that.
-Models of 3 layers or fewer, or with unequal layer types, are simulated at full depth.
+Models of 3 layers or fewer, or with unequal layer types, are simulated at full depth. Under
+FSDP2 the depths are 3 and 4 and the timeline is also cut where the second layer's forward and
+the first layer's backward begin (the root's gathered parameters make the first layer unlike
+the others; segment_peaks), exact again against full-depth simulation (tests/test_plan.py).
 
 Search. Peak memory grows with the sequence: affine with fused attention (flash, efficient),
 quadratic with eager attention, affine in the batch always, per segment. Two probes (1024 and
@@ -59,8 +62,9 @@ the result classes are pandas-only. The curve has the columns of the analyzer's 
 simulating.
 
 Reading order: the results (Point, MethodPlan, PlanResult), then plan() and the steps it takes:
-make_spec, one _MethodModel per method (simulating and extrapolating a size), _search (a
-Bracket closed by fitted jumps), _confirm_all, the curve, and write_trace.
+make_spec, one job per method (parallel.py: side by side, one per core) with its _MethodModel
+(simulating and extrapolating a size), _search (a Bracket closed by fitted jumps) and
+_confirm, then the curve, and write_trace.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ BATCH_LIMIT = 1 << 16
 SEQ_START = (1024, 4096)
 BATCH_START = (1, 4)
 DEPTHS = (2, 3)  # simulated depths that are extrapolated to the model's
+FSDP_DEPTHS = (3, 4)  # the same under FSDP2 (see _depths)
 CURVE_POINTS = 10
 CURVE_SPAN = 1.25  # the curve runs up to 1.25x the answer
 # Full-depth confirmation runs only while the plan (the whole command, imports included, for
@@ -316,10 +321,11 @@ def plan(spec, budget: Budget, *, seq: int | None = None,
     sequence length.
 
     `granularity` is the sequence grid in tokens (batches are searched exactly). `confirm`:
-    "auto" simulates each answer and the next size at full depth while the plan stays within
-    `time_budget_s` seconds (the cheapest methods first; one starts only if CONFIRM_SAFETY
-    times its estimated time fits), "always" does so regardless, "never" skips it. ValueError
-    for bad arguments; a model the simulator cannot run raises its error.
+    "auto" simulates each answer and the next size at full depth, right after its search, if
+    CONFIRM_SAFETY times its estimated time still fits in the `time_budget_s` seconds since the
+    plan started; "always" does so regardless, "never" skips it. The methods are planned side
+    by side, one per core (parallel.py). ValueError for bad arguments; a model the simulator
+    cannot run raises its error (with the traceback of where it was raised as a note).
     """
     started = time.perf_counter()
     if granularity <= 0:
@@ -332,20 +338,35 @@ def plan(spec, budget: Budget, *, seq: int | None = None,
         limit=SEQ_LIMIT if vary == "seq" else BATCH_LIMIT,
         degree=2 if vary == "seq" and spec.recipe.attention == "eager" else 1,
         sized=(lambda x: (x, spec.batch)) if vary == "seq" else (lambda x: (seq, x)))
-    depths = _depths(spec.config)
-    models, plans = {}, {}
-    for method in spec.methods:
-        progress(method, f"simulating {'+'.join(map(str, depths))}-layer models")
-        models[method] = _MethodModel(spec, method, depths)
-        answer, probes = search.run(models[method].probe,
-                                    SEQ_START if vary == "seq" else BATCH_START)
-        plans[method] = search.method_plan(method, answer, probes,
-                                           FULL_DEPTH if len(depths) == 1 else UNCONFIRMED_OFF)
-        progress(method, "searched")
-    if len(depths) > 1 and confirm != "never":
-        remaining = None if confirm == "always" else time_budget_s - (time.perf_counter()
-                                                                      - started)
-        plans = _confirm_all(plans, models, search, remaining, progress)
+    depths = _depths(spec.config, spec.distributed.fsdp)
+    deadline = None if confirm == "always" else started + time_budget_s
+
+    def plan_method(method: str) -> MethodPlan:
+        model = _MethodModel(spec, method, depths)
+        answer, probes = search.run(model.probe, SEQ_START if vary == "seq" else BATCH_START)
+        mp = search.method_plan(method, answer, probes,
+                                FULL_DEPTH if len(depths) == 1 else UNCONFIRMED_OFF)
+        if len(depths) == 1 or confirm == "never":
+            return mp
+        if deadline is not None and (time.perf_counter() + CONFIRM_SAFETY
+                                     * model.full_depth_cost_s() > deadline):
+            return replace(mp, confirmation=UNCONFIRMED_TIME)
+        return _confirm(mp, model, search)
+
+    from paca_prof.methods.registry import import_libraries
+    from paca_prof.parallel import run_methods
+
+    plans = {}
+    for outcome in run_methods(
+            plan_method, spec.methods,
+            started=lambda method: progress(
+                method, f"simulating {'+'.join(map(str, depths))}-layer models"),
+            warm_up=lambda: import_libraries(spec.methods)):
+        if outcome.error is not None:
+            outcome.error.add_note(outcome.traceback.rstrip())  # where it was raised
+            raise outcome.error
+        plans[outcome.method] = outcome.value
+        progress(outcome.method, "searched")
     import pandas as pd
 
     curve = pd.concat([_curve(plans[m], search, spec.batch if vary == "seq" else seq)
@@ -364,8 +385,8 @@ def plan(spec, budget: Budget, *, seq: int | None = None,
 # --- Simulating one size at any depth -------------------------------------------------------
 
 # A step's timeline, cut where the layer pattern is interrupted (see segment_peaks).
-SEGMENTS = ("forward:layers", "forward:logits", "backward:logits", "backward:layers",
-            "optimizer")
+SEGMENTS = ("forward:start", "forward:layers", "forward:logits", "backward:logits",
+            "backward:layers", "backward:end", "optimizer")
 
 
 class _MethodModel:
@@ -404,11 +425,13 @@ class _MethodModel:
     def full_depth_cost_s(self) -> float:
         """Estimated seconds to build the full-depth model and simulate two steps on it: a
         model of replicate.SHALLOW_DEPTH layers replicated to the full depth where its layers
-        are alike (engines/replicate.py), the whole depth otherwise."""
+        are alike (engines/replicate.py), the whole depth otherwise (and always under FSDP2,
+        whose simulation is not replicated)."""
         from paca_prof.engines import replicate
 
         last = self._sims[self.depths[-1]]
-        depth = self.n_layers if replicate.refusal(self.spec.config) else \
+        whole = self.spec.distributed.fsdp or replicate.refusal(self.spec.config)
+        depth = self.n_layers if whole else \
             replicate.SHALLOW_DEPTH + 1  # + 1: the replication itself, about a layer's cost
         return (last.build_s + 2 * last.step_s) * depth / last.depth
 
@@ -428,8 +451,8 @@ class _DepthSimulator:
     def step(self, seq: int, batch: int) -> Point:
         started = time.perf_counter()
         result = self.sim.step(seq, batch)
-        point = replace(_point(seq, batch, segment_peaks(result.memory), self.depth,
-                               extrapolated=False),
+        point = replace(_point(seq, batch, segment_peaks(result.memory, result.segment_cuts),
+                               self.depth, extrapolated=False),
                         reserved_bytes=int(result.summary["reserved_bytes"]))
         if point.peak_bytes != result.summary["peak_bytes"]:
             raise RuntimeError(f"segment peaks ({point.peak_bytes}) disagree with the step's "
@@ -438,38 +461,51 @@ class _DepthSimulator:
         return point
 
 
-def segment_peaks(memory: pd.DataFrame) -> dict[str, dict[str, int]]:
+def segment_peaks(memory: pd.DataFrame, cuts: dict[str, float] | None = None
+                  ) -> dict[str, dict[str, int]]:
     """Peak of each timeline segment, as bytes per category at that segment's peak.
 
     `memory` is a simulated step's memory table: its first rows hold each category at the
-    start, then one row per allocation or free event, in order, with the event's signed bytes
-    (delta_bytes), phase and logits flag. Only allocations can make a peak; an allocation's
-    segment is its phase, split at lm_head: forward before its first lm_head/loss allocation,
-    and backward up to its last one, are separate from the rest; allocations between phases
-    join the segment before them. The state at the start belongs to the first segment.
+    start, then one row per allocation or free event, in order, with the event's time (t),
+    signed bytes (delta_bytes), phase and logits flag. Only allocations can make a peak; an
+    allocation's segment is its phase, split at lm_head: forward before its first lm_head/loss
+    allocation, and backward up to its last one, are separate from the rest. With `cuts`
+    (MethodResult.segment_cuts: the times at which the second decoder layer's forward and the
+    first one's backward begin) forward before the first cut and backward from the second are
+    segments of their own: under FSDP2 the root's gathered parameters make the first layer's
+    forward and backward unlike the others'. Within each segment the peak then sits at one
+    place of the layer pattern whatever the depth, which extrapolation needs. Allocations
+    between phases join the segment before them. The state at the start belongs to the first
+    segment.
     """
-    forward_layers, forward_logits, backward_logits, backward_layers, optimizer = SEGMENTS
+    (forward_start, forward_layers, forward_logits, backward_logits, backward_layers,
+     backward_end, optimizer) = SEGMENTS
+    cuts = cuts or {}
+    layers_from = cuts.get("forward", -math.inf)
+    layers_until = cuts.get("backward", math.inf)
     start = len(MEMORY_CATEGORIES)
     categories = memory["category"].tolist()
     totals = dict(zip(categories[:start], (int(v) for v in memory["allocated_bytes"][:start])))
     events = list(zip(categories[start:], memory["allocated_bytes"][start:].tolist(),
                       memory["delta_bytes"][start:].tolist(), memory["phase"][start:].tolist(),
-                      memory["logits_scope"][start:].tolist()))
-    last_backward_logits = max((i for i, (_, _, delta, phase, logits) in enumerate(events)
+                      memory["logits_scope"][start:].tolist(), memory["t"][start:].tolist()))
+    last_backward_logits = max((i for i, (_, _, delta, phase, logits, _) in enumerate(events)
                                 if phase == "backward" and delta > 0 and logits), default=-1)
     total = sum(totals.values())
-    segment, seen_logits = forward_layers, False
+    segment, seen_logits = (forward_start if cuts else forward_layers), False
     peaks: dict[str, tuple[int, dict[str, int]]] = {segment: (total, dict(totals))}
-    for i, (category, allocated, delta, phase, logits) in enumerate(events):
+    for i, (category, allocated, delta, phase, logits, t) in enumerate(events):
         totals[category] = int(allocated)
         total += delta
         if delta <= 0:
             continue
         if phase == "forward":
             seen_logits = seen_logits or bool(logits)
-            segment = forward_logits if seen_logits else forward_layers
+            segment = (forward_logits if seen_logits else
+                       forward_layers if t >= layers_from else forward_start)
         elif phase == "backward":
-            segment = backward_logits if i <= last_backward_logits else backward_layers
+            segment = (backward_logits if i <= last_backward_logits else
+                       backward_end if t >= layers_until else backward_layers)
         elif phase == "optimizer":
             segment = optimizer
         if total > peaks.get(segment, (-1,))[0]:
@@ -511,12 +547,16 @@ def _at_depth(spec, depth: int):
     return at_depth(spec, depth)
 
 
-def _depths(config) -> tuple[int, ...]:
+def _depths(config, fsdp: bool = False) -> tuple[int, ...]:
+    """The depths simulated and extrapolated (one: the model's own, simulated throughout).
+    Under FSDP2 one layer deeper: the middle layers' segment (segment_peaks' cuts) must hold
+    both the layer that prefetches the last one and the last one."""
+    depths = FSDP_DEPTHS if fsdp else DEPTHS
     n_layers = config.num_hidden_layers
     layer_types = getattr(config, "layer_types", None)
-    if n_layers <= DEPTHS[-1] or (layer_types and len(set(layer_types)) > 1):
+    if n_layers <= depths[-1] or (layer_types and len(set(layer_types)) > 1):
         return (n_layers,)
-    return DEPTHS
+    return depths
 
 
 # --- Search ---------------------------------------------------------------------------------
@@ -666,25 +706,6 @@ def _size(point: Point, vary: str) -> int:
 
 
 # --- Confirmation at full depth -------------------------------------------------------------
-
-def _confirm_all(plans: dict[str, MethodPlan], models: dict[str, _MethodModel],
-                 search: _Search, seconds: float | None, progress: Progress
-                 ) -> dict[str, MethodPlan]:
-    """Confirm each method's answer at full depth, the cheapest first, while `seconds` allow
-    (None: all of them); a method left out says so in its confirmation."""
-    started = time.perf_counter()
-    confirmed = dict(plans)
-    for method in sorted(plans, key=lambda m: models[m].full_depth_cost_s()):
-        model = models[method]
-        if seconds is not None and (time.perf_counter() - started
-                                    + CONFIRM_SAFETY * model.full_depth_cost_s() > seconds):
-            confirmed[method] = replace(plans[method], confirmation=UNCONFIRMED_TIME)
-            continue
-        progress(method, f"confirming at full depth ({model.n_layers} layers)")
-        confirmed[method] = _confirm(plans[method], model, search)
-        progress(method, "confirmed")
-    return confirmed
-
 
 def _confirm(mp: MethodPlan, model: _MethodModel, search: _Search) -> MethodPlan:
     """Simulate the answer and the next size at full depth. On disagreement (mostly the

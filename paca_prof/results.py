@@ -19,8 +19,10 @@ class MethodResult:
     """One method's summary row and its rows of the other tables (empty when it failed).
 
     A simulated step also keeps what its memory table was made from, for the planner and the
-    allocator model (not written to the trace): `memory_events` (memory.MemoryEvent, in order)
-    and `start_bytes` (bytes per category alive when the step started)."""
+    allocator model (not written to the trace): `memory_events` (memory.MemoryEvent, in order),
+    `start_bytes` (bytes per category alive when the step started) and, under FSDP2,
+    `segment_cuts` (the times at which the second decoder layer's forward and the first one's
+    backward begin: plan.segment_peaks)."""
 
     summary: dict
     layers: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -29,6 +31,7 @@ class MethodResult:
     chrome_trace: Path | None = None
     memory_events: list = field(default_factory=list)
     start_bytes: dict = field(default_factory=dict)
+    segment_cuts: dict = field(default_factory=dict)
 
     @property
     def method(self) -> str:

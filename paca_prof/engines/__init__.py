@@ -24,6 +24,8 @@ from paca_prof.budget import Budget, make_budget
 from paca_prof.reserved import ALLOCATOR_WORDS
 from paca_prof.gpus import GpuSpec
 from paca_prof.metadata import config_dict, device_info, run_metadata
+from paca_prof.methods.registry import import_libraries
+from paca_prof.parallel import run_methods
 from paca_prof.results import MethodResult, failed
 from paca_prof.spec import RunSpec
 
@@ -109,21 +111,28 @@ def run(spec: RunSpec, out: Path, command: str, progress: Progress = lambda m, s
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         timings = {} if simulated else time_methods(spec, progress=progress)
-        for method in spec.methods:
-            progress(method, "simulating" if simulated else "profiling")
-            try:
-                if simulated:
-                    results.append(simulate_method(spec, method, gpu, budget))
-                else:
-                    if isinstance(timings[method], BaseException):
-                        raise timings[method]
-                    results.append(measure_method(spec, method, reserved.staging,
-                                                  timing=timings[method]))
-            except Exception as error:  # recorded in the trace and reported, never dropped
-                status = "oom" if is_out_of_memory(error) else "error"
+
+        def measured(method: str) -> MethodResult:
+            if isinstance(timings[method], BaseException):
+                raise timings[method]
+            return measure_method(spec, method, reserved.staging, timing=timings[method])
+
+        # Simulations run side by side (parallel.py); measured methods one at a time, alone.
+        outcomes = run_methods(
+            (lambda method: simulate_method(spec, method, gpu, budget)) if simulated
+            else measured, spec.methods, jobs=None if simulated else 1,
+            started=lambda method: progress(method, "simulating" if simulated
+                                            else "profiling"),
+            warm_up=lambda: import_libraries(spec.methods))
+        for outcome in outcomes:
+            method = outcome.method
+            if outcome.error is None:
+                results.append(outcome.value)
+            else:  # recorded in the trace and reported, never dropped
+                status = "oom" if is_out_of_memory(outcome.error) else "error"
                 if status == "error":
-                    traceback.print_exception(error, file=sys.stderr)
-                results.append(failed(method, status, error))
+                    print(outcome.traceback, file=sys.stderr, end="")
+                results.append(failed(method, status, outcome.error))
                 (reserved.staging / f"trace-{method}.json").unlink(missing_ok=True)
                 if spec.device.startswith("cuda"):
                     torch.cuda.empty_cache()

@@ -413,7 +413,17 @@ class Simulator:
             **({"paged_bytes": paged} if paged else {}))
         memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
         return MethodResult(summary, layers, all_ops, memory, memory_events=events,
-                            start_bytes=static)
+                            start_bytes=static, segment_cuts=self._segment_cuts(sharding))
+
+    def _segment_cuts(self, sharding: dict | None) -> dict[str, float]:
+        """Under FSDP2, the ticks at which the second layer's forward and the first layer's
+        backward begin (MethodResult.segment_cuts); none without FSDP2 or two layers."""
+        if sharding is None or len(self.layer_modules) < 2:
+            return {}
+        schedule = sharding["schedule"]
+        first, second = self.layer_modules[0][0], self.layer_modules[1][0]
+        return {"forward": float(schedule.forward_enter[second][0]),
+                "backward": float(schedule.backward_enter[first][0])}
 
     def _reserved(self, static: list, events: list[MemoryEvent], budget) -> ReservedMemory:
         """The step replayed through the caching-allocator model (reserved.py); out of memory

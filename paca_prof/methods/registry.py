@@ -359,6 +359,18 @@ def describe_targets(model: nn.Module, targets) -> dict:
     return {"names": leaves, "linears": len(found), "rule": rule}
 
 
+def import_libraries(names) -> None:
+    """Import what preparing the methods `names` imports on first use (PEFT for PEFT's
+    methods, bitsandbytes for the 4-bit ones, paca's layers), so that processes forked
+    afterwards (parallel.py) start with it."""
+    import paca.layer  # noqa: F401
+
+    if any(REGISTRY[name].implementation is _peft_version for name in names):
+        import peft.tuners.lora  # noqa: F401
+    if any(REGISTRY[name].quantization for name in names):
+        import paca.quantized  # noqa: F401 (bitsandbytes with it)
+
+
 def prepare(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe,
             peft_config: dict | None = None) -> nn.Module:
     """Prepare a transformers model for method `name`, in place, and return the model to train.
