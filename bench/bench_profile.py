@@ -189,9 +189,7 @@ def report(args, rounds, cpu) -> dict[str, verdicts.Judgement]:
     print("(measured: wall medians per call; ratio: case / plain; 95% interval: bootstrap over "
           "whole rounds; per-round: median of the within-round ratios; cpu: ratio of the "
           "CPU-time medians)")
-    print("(verdict: PASS when the whole 95% interval is within the target, FAIL when all of it"
-          " is beyond, INCONCLUSIVE otherwise; no verdict under --quick or with fewer than"
-          f" {verdicts.MIN_ROUNDS} rounds: see bench/verdicts.py)")
+    print(verdicts.legend(verdicts.MIN_ROUNDS))
     return judgements
 
 

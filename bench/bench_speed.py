@@ -157,9 +157,7 @@ def main(argv=None) -> int:
               f"{judgements[name]}")
         print(f"  CPU s    {describe(cpus, verdicts.median_interval(cpus))}   (reported, not "
               "judged)")
-    print("(verdict: PASS when the whole 95% interval is within the target, FAIL when all of it"
-          " is beyond, INCONCLUSIVE otherwise; no verdict under --quick or with fewer than"
-          f" {verdicts.MIN_REPEATS} repeats: see bench/verdicts.py)")
+    print(verdicts.legend(verdicts.MIN_REPEATS, "repeats"))
     print(verdicts.summary(judgements))
     return verdicts.exit_status(judgements.values())
 

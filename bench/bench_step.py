@@ -384,11 +384,7 @@ def report(
         " round; mins: the ratio of the per-method minima; cpu: of the CPU-time medians.)"
     )
     if cfg.targets:
-        print(
-            "    (verdict: PASS when the whole 95% interval is within the target, FAIL when all of"
-            " it is beyond, INCONCLUSIVE otherwise; no verdict under --quick or with fewer than"
-            f" {verdicts.MIN_ROUNDS} rounds: see bench/verdicts.py.)"
-        )
+        print("    " + verdicts.legend(verdicts.MIN_ROUNDS))
     elif rounds < verdicts.MIN_ROUNDS:
         print(f"    (intervals from {rounds} round(s), fewer than the {verdicts.MIN_ROUNDS} a verdict"
               " needs: not to be trusted)")

@@ -214,6 +214,13 @@ def judge(
     return Judgement(verdict(interval, limit))
 
 
+def legend(minimum: int, unit: str = "rounds") -> str:
+    """The line a benchmark prints under its verdicts: how they are reached."""
+    return ("(verdict: PASS when the whole 95% interval is within the target, FAIL when all of"
+            " it is beyond, INCONCLUSIVE otherwise; no verdict under --quick or with fewer than"
+            f" {minimum} {unit}: see bench/verdicts.py)")
+
+
 def not_checked(reason: str) -> Judgement:
     return Judgement(NOT_CHECKED, reason)
 
