@@ -884,8 +884,25 @@ def serve(traces_dir: str | Path, host: str = "127.0.0.1", port: int = 8050,
     if debug and not is_loopback(str(host)):
         raise ValueError(f"debug mode serves the Werkzeug debugger, which runs code sent to "
                          f"it: only on a loopback address (127.0.0.1), not {host}")
+    _check_address(str(host), port)
     app = create_app(traces_dir)
     app.run(host=host, port=port, debug=debug)
+
+
+def _check_address(host: str, port: int) -> None:
+    """ValueError (one line) when the server could not listen on host:port (a port in use,
+    out of range, an address not on this machine), found before Dash announces the address:
+    Werkzeug would print that the app runs, then exit with status 1."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Werkzeug binds
+            probe.bind(address)
+    except (OSError, OverflowError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"cannot serve on {host}:{port}: {reason}") from None
 
 
 if __name__ == "__main__":

@@ -926,12 +926,29 @@ def test_serve_allows_debug_on_loopback_only(traces, monkeypatch):
 
     ran = []
     monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: ran.append(kw))
+    monkeypatch.setattr("dashboards.app._check_address", lambda host, port: None)  # 8050 may be taken
     serve(traces, host="127.0.0.1", debug=True)
     serve(traces, host="0.0.0.0", debug=False)
     assert ran == [{"host": "127.0.0.1", "port": 8050, "debug": True},
                    {"host": "0.0.0.0", "port": 8050, "debug": False}]
     assert is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("localhost.example.org")
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_dash_starts(traces, monkeypatch):
+    import socket
+
+    import dash
+
+    from dashboards.app import serve
+
+    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: pytest.fail("Dash started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot serve on 127.0.0.1:{port}: .*in use"):
+            serve(traces, host="127.0.0.1", port=port)
 
 
 # --- The spread of measured step times ----------------------------------------------------

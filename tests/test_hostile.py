@@ -162,6 +162,17 @@ def test_dash_debug_refuses_every_interface(capsys, tmp_path):
     assert "loopback" in line
 
 
+def test_dash_on_a_port_in_use_is_one_line(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        line = one_line_exit_2(capsys, ["dash", str(tmp_path), "--port", port])
+    assert f"cannot serve on 127.0.0.1:{port}" in line and "in use" in line
+
+
 def test_bad_output_folders(capsys, tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
