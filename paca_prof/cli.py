@@ -423,7 +423,8 @@ def _cmd_run(args) -> int:
                        threads=args.threads, time_budget_s=args.time_budget)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    keep_out_bitsandbytes(spec.methods, spec.recipe.optimizer)
+    if args.own_process:
+        keep_out_bitsandbytes(spec.methods, spec.recipe.optimizer)
     from paca_prof import engines
 
     out = args.out or engines.default_out(spec)
@@ -663,7 +664,8 @@ def _cmd_plan(args) -> int:
                                  distributed=_distributed(args, "meta"))
     except ValueError as error:
         raise UsageError(str(error)) from None
-    keep_out_bitsandbytes(spec.methods, spec.recipe.optimizer)
+    if args.own_process:
+        keep_out_bitsandbytes(spec.methods, spec.recipe.optimizer)
     bar, progress = _progress_bar("paca-prof plan", len(spec.methods), finished="searched")
     try:
         result = planner.plan(spec, budget, seq=args.seq, granularity=args.granularity,
@@ -903,17 +905,22 @@ def _terminate(signum, frame):
 
 
 def command() -> int:
-    """The paca-prof command (the console script and python -m paca_prof): main(), then a
-    quick end. The interpreter's last garbage collection would walk every object the run
-    built (1.5 s after a llama3-8b simulation); the process ends next and every file is
-    written and closed, so they are left to the operating system (gc.freeze)."""
-    code = main()
+    """The paca-prof command (the console script and python -m paca_prof): main() in a
+    process of its own, then a quick end. In its own process a run or plan may keep out
+    imports it does not use (unused_imports.py). The interpreter's last garbage collection
+    would walk every object the run built (1.5 s after a llama3-8b simulation); the process
+    ends next and every file is written and closed, so they are left to the operating system
+    (gc.freeze)."""
+    code = main(own_process=True)
     sys.stdout.flush()
     gc.freeze()
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Parse `argv` (default sys.argv) and run the command; returns the exit status. Called
+    in a process that goes on (own_process False: a test, a notebook), it changes nothing
+    process-wide beyond signal handlers it restores."""
     import signal
 
     # transformers' own deprecation notices, raised from inside its and PEFT's code: nothing a
@@ -930,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.own_process = own_process
         return args.handler(args)
     except UsageError as error:
         print(f"paca-prof: error: {error}", file=sys.stderr)

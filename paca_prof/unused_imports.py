@@ -6,9 +6,10 @@ dispatchers at injection), and bitsandbytes' import builds its torch.compile'd o
 none of it marks bitsandbytes as absent (sys.modules[name] = None, Python's documented way to
 block an import), so that PEFT and transformers take their paths for a machine without it.
 
-Limits: process-wide and one-way, so only the command line's run and plan call it, once the
-whole run is known and before PEFT is imported; a library user's process (paca_prof.profile)
-is never touched. Where bitsandbytes is already imported it stays.
+Limits: process-wide and one-way, so only the paca-prof command's run and plan call it, in a
+process of their own (cli.command), once the whole run is known and before PEFT is imported;
+cli.main called in a process that goes on (a test, a notebook) and a library user's process
+(paca_prof.profile) are never touched. Where bitsandbytes is already imported it stays.
 """
 
 from __future__ import annotations

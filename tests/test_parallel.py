@@ -105,18 +105,23 @@ def test_bitsandbytes_is_needed_only_by_4_bit_methods_and_8_bit_optimizers():
     assert needs_bitsandbytes(("paca",), "paged-adamw-8bit")
 
 
-@pytest.mark.parametrize("methods, imported", [("lora,paca", False), ("lora,qlora", True)])
-def test_a_run_imports_bitsandbytes_only_when_it_uses_it(methods, imported, tmp_path):
+@pytest.mark.parametrize("entry, methods, state", [
+    ("command", "lora,paca", "blocked"), ("command", "lora,qlora", "imported"),
+    ("main", "lora,paca", "imported")])  # main() in a process that goes on changes nothing
+def test_the_command_imports_bitsandbytes_only_when_it_uses_it(entry, methods, state,
+                                                               tmp_path):
     """The run's process, seen from inside: bitsandbytes' module after a simulated run."""
-    probe = ("import sys, runpy; sys.argv = ['paca-prof', 'run', '--model', 'tiny', '--seq', "
+    probe = ("import sys; sys.argv = ['paca-prof', 'run', '--model', 'tiny', '--seq', "
              f"'16', '--methods', '{methods}', '--device', 'meta', '--out', "
              f"'{tmp_path / 'trace'}']\n"
-             "from paca_prof.cli import main\n"
-             "assert main() == 0\n"
-             "print('bitsandbytes', sys.modules.get('bitsandbytes') is not None)")
+             f"from paca_prof.cli import {entry}\n"
+             f"assert {entry}() == 0\n"
+             "module = sys.modules.get('bitsandbytes', 'absent')\n"
+             "print('blocked' if module is None else 'absent' if module == 'absent' "
+             "else 'imported')")
     done = subprocess.run([sys.executable, "-c", probe], env=checkout_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == f"bitsandbytes {imported}"
+    assert done.stdout.strip().splitlines()[-1] == state
     summary = trace.load(tmp_path / "trace").summary
     assert (summary["status"] == "ok").all(), summary[["method", "error"]]
