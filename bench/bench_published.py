@@ -18,8 +18,12 @@ fine-tuning figure moved by 4% between PEFT's own runs.
 Each row is simulated at the longest batch (4 x 768): reserved memory grows with the batch's
 length and the maximum is taken over steps. The simulation replays one step's allocations
 through the caching-allocator model twice (paca_prof/reserved.py); a real run's batches vary in
-length, and their fragmentation over thousands of steps is not modelled, nor is the
-evaluation's generation between training steps (PEFT evaluates every 250 steps).
+length, and what their order leaves cached is not in these figures, nor is the evaluation's
+generation between training steps (PEFT evaluates every 250 steps). Besides torch and
+transformers versions, the two full fine-tuning runs differ by PEFT's empty_cache schedule
+(after every step in the older run, every 10 steps since its commit 90d3fc05d), which only
+matters across steps of varying length:
+bench/bench_length_order.py shows how far the order of lengths moves the simulated maximum.
 
 Targets (issue 10): reserved within 8% of each published figure; the DoRA/LoRA and full/LoRA
 ratios within 3%. These compare exact simulated bytes, not samples: PASS or FAIL as printed.

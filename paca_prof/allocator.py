@@ -33,7 +33,8 @@ torch.cuda.memory_allocated counts them; reserved bytes are the memory held from
 max_memory_* (raised at every increase).
 
 Limits: one device and one stream (a training step runs on the default stream), so no
-record_stream, event waits, CUDA graphs or private memory pools; no empty_cache calls, no
+record_stream, event waits, CUDA graphs or private memory pools; empty_cache only where a
+caller asks for it (CachingAllocator.empty_cache, replay's EMPTY_CACHE event); no
 garbage_collection_threshold or per-process memory fraction (`capacity_bytes` stands for the
 memory the device leaves to PyTorch), no large_segment_size_mb, roundup_power2_divisions with a
 single value for all sizes (not the per-interval list). The CUDA context and anything allocated
@@ -60,6 +61,7 @@ MIN_LARGE_ALLOC = 10 * MIB      # kMinLargeAlloc: large requests below it get a 
 LARGE_SEGMENT = 20 * MIB        # kLargeBuffer: that segment, and the large pool's expandable page
 ROUND_LARGE = 2 * MIB           # kRoundLarge: larger requests get a segment of this multiple
 MAX_REQUEST = 2**60             # allocate(): "Tried to allocate more than 1EB memory"
+EMPTY_CACHE = "torch.cuda.empty_cache"  # replay(): the key of an event that empties the cache
 _UNLIMITED = 2**64 - 1          # SIZE_MAX: max_split_size when not set
 _UNLIMITED_DEVICE = 2**50       # device size behind expandable address space without a capacity
 
@@ -481,10 +483,19 @@ class CachingAllocator:
             index -= 1
         return released >= target
 
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): give back every fully free segment of both pools, and the
+        free whole pages of expandable segments (release_cached_blocks). Blocks in use keep
+        their segments, free parts of those included; peaks are not reset."""
+        self._release_cached_blocks()
+
     def _release_cache(self) -> bool:
-        """release_cached_blocks: free every fully free segment of both pools and unmap the
-        free whole pages of expandable segments; the retry that follows counts as one."""
+        """release_cached_blocks on out of memory; the retry that follows counts as one."""
         self.alloc_retries += 1
+        self._release_cached_blocks()
+        return True
+
+    def _release_cached_blocks(self) -> None:
         for pool in (self._large, self._small):
             to_unmap = []
             for key in list(pool.keys):
@@ -499,7 +510,6 @@ class CachingAllocator:
                     # nothing of the segment is mapped any more: release its address space
                     pool.remove_unmapped(block)
                     self._count_segment(-1)
-        return True
 
     def _release_segment(self, block: _Block, pool: _Pool) -> None:
         """cudaFree a whole free segment (release_block)."""
@@ -658,9 +668,10 @@ def replay(events: Iterable[tuple[Hashable, int]],
     events: (key, nbytes) in program order; nbytes > 0 allocates a block of that many bytes for
     `key` (a storage id, unique among live blocks), nbytes < 0 frees the block of `key` (its
     size is the allocation's). A zero-byte allocation takes no block, as in PyTorch, so
-    (key, 0) changes nothing. Replay stops at the first request that runs out of memory
-    (oom_at). Raises ValueError (one line, with the event's index) for a malformed event, a
-    key allocated twice, or a free of a key that is not live or with another size.
+    (key, 0) changes nothing, except (EMPTY_CACHE, 0): torch.cuda.empty_cache() there. Replay
+    stops at the first request that runs out of memory (oom_at). Raises ValueError (one line,
+    with the event's index) for a malformed event, a key allocated twice, or a free of a key
+    that is not live or with another size.
     """
     model = CachingAllocator(config)
     malloc, free = model.malloc, model.free
@@ -682,6 +693,8 @@ def replay(events: Iterable[tuple[Hashable, int]],
                 malloc(key, nbytes)
             elif nbytes < 0:
                 free(key, -nbytes)
+            elif key == EMPTY_CACHE:
+                model.empty_cache()
         except OutOfMemoryError:
             oom_at, oom_bytes = index, nbytes
         except ValueError as error:

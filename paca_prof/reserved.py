@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paca_prof.allocator import AllocatorConfig, replay
+from paca_prof.allocator import EMPTY_CACHE, AllocatorConfig, replay
 from paca_prof.memory import MemoryEvent
 from paca_prof.recipe import ALLOCATORS  # PyTorch's default, and expandable_segments:True
 
@@ -61,15 +61,39 @@ def replay_step(static: list[tuple[int, int, str]], events: list[MemoryEvent],
     category) of the storages alive when the step starts (memory.static_storages), in the
     order the model holds them; `events`: the step's allocations and frees, keys in the same
     space. A free of a storage that is not live (made before the storages listed) is left
-    out."""
+    out. The same as replay_run over the step twice."""
+    return replay_run(static, [events, events], config)
+
+
+def replay_run(static: list[tuple[int, int, str]], steps: list[list[MemoryEvent]],
+               config: AllocatorConfig = AllocatorConfig(),
+               empty_cache_every: int | None = None) -> ReservedMemory:
+    """Replay a run of steps, each with its own events (steps of other shapes: batches of
+    varying length), in the order a run allocates them: the model's storages, then each step
+    in turn, the optimizer state made at the first step's first optimizer event (after its
+    last event, without one); what a step leaves allocated is freed when the next one starts.
+    With `empty_cache_every` N, torch.cuda.empty_cache() runs after every Nth step, as a loop
+    that calls it does (it gives back only fully free segments; max_memory_reserved keeps its
+    peak). Every step's keys are in the space of `static`; a free of a storage not live is left
+    out (see replay_step).
+
+    Limits: the steps' events are taken as recorded one at a time (each step's own shape), so
+    the order of lengths is the caller's: what a run's real sequence of batches leaves cached
+    from step to step is only as right as the sequence given.
+    """
+    if empty_cache_every is not None and (isinstance(empty_cache_every, bool)
+                                          or not isinstance(empty_cache_every, int)
+                                          or empty_cache_every < 1):
+        raise ValueError(f"empty_cache_every must be a whole number of steps of at least 1, "
+                         f"got {empty_cache_every!r}")
     model_storages = [(("model", key), nbytes) for key, nbytes, category in static
                       if category != "optimizer"]
     optimizer_state = [(("model", key), nbytes) for key, nbytes, category in static
                        if category == "optimizer"]
     sequence = list(model_storages)
     live = {key for key, _ in model_storages}
-    for step in (1, 2):
-        state_pending = step == 1
+    state_pending = True
+    for step, events in enumerate(steps, 1):
         made: dict[int, int] = {}
         for e in events:
             if state_pending and e.phase == "optimizer":
@@ -88,7 +112,10 @@ def replay_step(static: list[tuple[int, int, str]], events: list[MemoryEvent],
         if state_pending:  # no optimizer phase (frozen): states, if any, come at the end
             sequence.extend(optimizer_state)
             live.update(key for key, _ in optimizer_state)
+            state_pending = False
         sequence.extend(((step, key), -nbytes) for key, nbytes in made.items())
+        if empty_cache_every is not None and step % empty_cache_every == 0:
+            sequence.append((EMPTY_CACHE, 0))
     result = replay(sequence, config)
     return ReservedMemory(result.peak_reserved, result.peak_allocated, result.oom_at is not None,
                           result.oom_bytes)

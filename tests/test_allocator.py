@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paca_prof.allocator import (
+    EMPTY_CACHE,
     AllocatorConfig,
     CachingAllocator,
     OutOfMemoryError,
@@ -199,6 +200,34 @@ def test_cached_segments_are_released_before_oom_and_the_oom_is_reported():
     assert result.oom_at == 6 and result.oom_bytes == 20 * MiB
     assert len(result.allocated) == 7  # the replay stops at the failed request
     assert result.alloc_retries == 2 and result.device_frees == 2
+
+
+def test_empty_cache_gives_back_only_fully_free_segments():
+    # a 12 MiB (its own 12 MiB segment) and b 5 MiB (a 20 MiB segment, 15 MiB of it free):
+    # 32 MiB. a freed, empty_cache: a's segment goes back, b's stays whole (its free 15 MiB
+    # with it): 20 MiB. b freed, empty_cache: 0. The peak stays; no alloc retry is counted.
+    events = [alloc("a", 12 * MiB), alloc("b", 5 * MiB), free("a", 12 * MiB), (EMPTY_CACHE, 0),
+              free("b", 5 * MiB), (EMPTY_CACHE, 0)]
+    result = replay(events)
+    assert [r // MiB for r in result.reserved] == [12, 32, 32, 20, 20, 0]
+    assert result.peak_reserved == 32 * MiB
+    assert result.alloc_retries == 0 and result.device_frees == 2
+
+
+def test_empty_cache_unmaps_free_pages_of_expandable_segments():
+    # two 16 MiB blocks map two 20 MiB pages; both freed, empty_cache unmaps both pages
+    model = CachingAllocator(EXPANDABLE)
+    model.malloc("a", 16 * MiB)
+    model.malloc("b", 16 * MiB)
+    assert model.reserved == 40 * MiB
+    model.free("a")
+    model.empty_cache()
+    assert model.reserved == 40 * MiB  # a's 16 MiB holds no whole page: nothing to unmap
+    model.free("b")
+    model.empty_cache()
+    assert model.reserved == 0 and model.peak_reserved == 40 * MiB
+    assert model.alloc_retries == 0
+    model.verify()
 
 
 def test_out_of_memory_retry_as_in_pytorch_test_cuda():

@@ -12,7 +12,7 @@ import pytest
 
 from paca_prof.allocator import AllocatorConfig
 from paca_prof.memory import MemoryEvent
-from paca_prof.reserved import allocator_config, replay_step
+from paca_prof.reserved import allocator_config, replay_run, replay_step
 
 KiB, MiB = 2**10, 2**20
 WEIGHT = (1, 1 * KiB, "weights")  # one small weight: a 2 MiB small-pool segment
@@ -72,6 +72,37 @@ def test_what_the_step_leaves_allocated_is_freed_before_the_next():
     result = replay_step([WEIGHT], step)
     assert result.allocated_bytes == 1 * KiB + 12 * MiB
     assert result.reserved_bytes == 2 * MiB + 12 * MiB
+
+
+def activation_step(nbytes):
+    return [event(0, 10, nbytes, "forward"), event(1, 10, -nbytes, "backward")]
+
+
+def test_replay_step_is_a_run_of_the_same_step_twice():
+    step = activation_step(12 * MiB) + [event(2, 11, 1 * KiB, "optimizer"),
+                                        event(3, 11, -1 * KiB, "optimizer")]
+    static = [WEIGHT, (2, 4 * MiB, "optimizer")]
+    assert replay_run(static, [step, step]) == replay_step(static, step)
+
+
+def test_a_longer_step_after_a_shorter_one_cannot_use_its_cached_block():
+    # 12 MiB then 14 MiB: the 12 MiB segment stays cached and the 14 MiB request needs its own:
+    # 2 + 12 + 14 MiB. The other way round the 12 MiB request splits the cached 14 MiB block
+    # (a rest of 2 MiB, over 1 MiB): 2 + 14 MiB. With empty_cache after every step the 12 MiB
+    # segment is given back first: the peak is 2 + 14 MiB.
+    short, long = activation_step(12 * MiB), activation_step(14 * MiB)
+    assert replay_run([WEIGHT], [short, long]).reserved_bytes == 2 * MiB + 12 * MiB + 14 * MiB
+    assert replay_run([WEIGHT], [long, short]).reserved_bytes == 2 * MiB + 14 * MiB
+    emptied = replay_run([WEIGHT], [short, long], empty_cache_every=1)
+    assert emptied.reserved_bytes == 2 * MiB + 14 * MiB
+    # every 2 steps: the cache is emptied after the second, too late for it
+    assert replay_run([WEIGHT], [short, long], empty_cache_every=2).reserved_bytes == 28 * MiB
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True, "10"])
+def test_empty_cache_every_is_a_whole_number_of_steps(every):
+    with pytest.raises(ValueError, match="empty_cache_every must be a whole number"):
+        replay_run([WEIGHT], [activation_step(MiB)], empty_cache_every=every)
 
 
 def test_capacity_makes_an_out_of_memory_with_the_request_that_failed():
