@@ -233,7 +233,9 @@ class PlanResult:
                             f"{self.distributed['world_size']} ranks (rank 0: full padded "
                             "shards; sharded parameters, gradients, optimizer states; "
                             "all-gather buffers of the current and prefetched layer; "
-                            "reduce-scatter buffers; engines/fsdp_sim.py); batch per rank"}
+                            "reduce-scatter buffers; engines/fsdp_sim.py); batch per rank; "
+                            "FSDP2 pads every rank's shards to the same size, so each answer "
+                            "holds for every rank"}
                if self.distributed else {}),
         }
 

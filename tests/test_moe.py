@@ -12,7 +12,9 @@ scalars that no dispatch mode sees."""
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ import torch
 from conftest import run_spec as RunSpec
 
 from paca_prof import trace
+from paca_prof.methods import MethodSettings
 from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import simulate_method
 
@@ -309,3 +312,40 @@ def test_peft_refuses_dora_and_dropout_on_expert_parameters(refused):
                       target_parameters=["experts.gate_up_proj", "experts.down_proj"], **refused)
     with pytest.raises(ValueError, match="does not work with"):
         get_peft_model(model, lora)
+
+
+def test_a_users_peft_config_with_target_parameters_simulated_equals_measured():
+    """--peft-config with PEFT's target_parameters (LoRA on the 3-D expert parameters, as
+    save_pretrained writes it): simulated on meta = measured on the CPU, and it trains what
+    --experts adapt trains for lora."""
+    from paca_prof.methods.peft_config import check
+
+    config = check({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                    "target_modules": ["q_proj", "v_proj"],
+                    "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]})
+    spec = _spec("qwen3_moe", "lora", targets=("q_proj", "v_proj"), peft_config=config)
+    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-test-"))
+    measured = measure_method(spec, "lora", workdir).summary
+    simulated = simulate_method(replace(spec, device="meta"), "lora").summary
+    _assert_equal_bytes(measured, simulated)
+    ours = simulate_method(replace(_spec("qwen3_moe", "lora", device="meta",
+                                         targets=("q_proj", "v_proj"), experts="adapt"),
+                                   settings=MethodSettings(r=8, alpha=16)), "lora").summary
+    assert simulated["trainable_params"] == ours["trainable_params"]
+
+
+def test_target_parameters_that_match_nothing_are_one_line_and_exit_2(tmp_path, capsys):
+    """PEFT only warns when target_parameters match no parameter (and trains less than the
+    config says); the command refuses it."""
+    from paca_prof.cli import main
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"],
+         "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    assert main(["run", "--model", "tiny", "--seq", "16", "--device", "meta",
+                 "--peft-config", str(folder), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no parameter was matched" in err[0], err
+    assert not (tmp_path / "t").exists()

@@ -11,6 +11,8 @@ inference_mode is False (a saved adapter says True, which would freeze it), and 
 initialisation that reads the base weights (PiSSA, OLoRA, LoftQ, EVA, CorDA, LoRA-GA) becomes
 PEFT's default (the weights are random here, and initial values change neither speed nor
 memory). megatron_config is refused: PEFT would import the module the file names.
+target_parameters (LoRA on 3-D expert parameters, PEFT's ParamWrapper) is simulated as PEFT
+runs it; target_modules or target_parameters that match nothing are refused (PEFT only warns).
 
 Limits: a regex target_modules is matched by Python's re, which does not bound its time.
 """

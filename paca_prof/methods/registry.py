@@ -149,16 +149,18 @@ def _prepare_peft(use_dora: bool) -> Prepare:
                 peft_config: dict | None = None) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
+        from paca_prof.methods.experts import allow_meta_lora_factors
+
         if peft_config is not None:  # the user's own adapter, exactly
             from paca_prof.methods.peft_config import lora_config
 
             config = lora_config(peft_config)
+            if config.target_parameters:
+                allow_meta_lora_factors()
         else:
             expert_targets = None
             if recipe.experts == "adapt" and not use_dora:  # PEFT has no DoRA on parameters
                 from paca.experts import expert_suffixes
-
-                from paca_prof.methods.experts import allow_meta_lora_factors
 
                 expert_targets = expert_suffixes(model) or None
                 allow_meta_lora_factors()
@@ -438,18 +440,25 @@ def check_settings(model: nn.Module, names, settings: MethodSettings, recipe: Re
 def _check_peft_config(model: nn.Module, name: str, settings: MethodSettings, recipe: Recipe,
                        peft_config: dict) -> None:
     """ValueError (one line) if PEFT cannot apply the config to (a copy of) `model`: targets
-    that match nothing, a pattern it refuses."""
+    that match nothing, a pattern it refuses, and target_modules or target_parameters that
+    match nothing while the other does (PEFT only warns then, and trains less than the
+    config says)."""
     import copy
     import warnings
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             REGISTRY[name].prepare(copy.deepcopy(model), settings, recipe,
                                    peft_config=peft_config)
     except Exception as error:  # PEFT raises ValueError, KeyError, TypeError, ...
         message = (str(error).splitlines() or [type(error).__name__])[0][:300]
         raise ValueError(f"--peft-config does not apply to this model: {message}") from None
+    for warning in caught:
+        message = str(warning.message)
+        if "were set but no" in message and "was matched" in message:
+            raise ValueError(f"--peft-config does not apply to this model: "
+                             f"{message.splitlines()[0][:300]}")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
