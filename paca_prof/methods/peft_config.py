@@ -14,7 +14,11 @@ memory). megatron_config is refused: PEFT would import the module the file names
 target_parameters (LoRA on 3-D expert parameters, PEFT's ParamWrapper) is simulated as PEFT
 runs it; target_modules or target_parameters that match nothing are refused (PEFT only warns).
 
-Limits: a regex target_modules is matched by Python's re, which does not bound its time.
+The regexes of a config (a string target_modules, the keys of rank_pattern and
+alpha_pattern) are matched by PEFT with Python's re, which has no time limit: a pattern that
+backtracks catastrophically would stall the run. check_patterns_finish matches them against
+the model's module paths first, as PEFT will, in a forked process given PATTERN_SECONDS.
+Limits: where fork is unavailable (or in a daemon process) that check is skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from paca_prof import validate
 
 MAX_FILE_BYTES = 2**20
+PATTERN_SECONDS = 2.0  # what matching a config's regexes against a model's paths may take
 MAX_NAMES = 10_000
 MAX_R = 2**20
 PEFT_METHODS = ("lora", "dora")
@@ -165,6 +170,43 @@ def _compile(pattern: str, what: str) -> None:
     except re.error as error:
         raise ValueError(f"{what}: {pattern[:40]!r} is not a regular expression ({error})") \
             from None
+
+
+def check_patterns_finish(fields: dict, paths: list[str], where: str = "--peft-config",
+                          seconds: float = PATTERN_SECONDS) -> None:
+    """ValueError (one line) when the config's regexes do not finish matching `paths` (the
+    model's module paths) within `seconds`, matched as PEFT matches them: a string
+    target_modules with re.fullmatch, each rank_pattern and alpha_pattern key with
+    re.match(rf"(.*\.)?({key})$"). The matching runs in a forked process, killed at the
+    deadline (re cannot be interrupted in the process that runs it)."""
+    import multiprocessing
+
+    patterns = []
+    target_modules = fields.get("target_modules")
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        patterns.append(("target_modules", target_modules, target_modules, re.fullmatch))
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in fields.get(name) or {}:
+            patterns.append((name, key, rf"(.*\.)?({key})$", re.match))
+    if (not patterns or "fork" not in multiprocessing.get_all_start_methods()
+            or multiprocessing.current_process().daemon):  # a daemon cannot have children
+        return
+    for field_name, shown, pattern, match in patterns:
+        worker = multiprocessing.get_context("fork").Process(
+            target=_match_all, args=(pattern, match, paths), daemon=True)
+        worker.start()
+        worker.join(seconds)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+            raise ValueError(f"{where}: {field_name} regex {shown[:40]!r} did not finish matching "
+                             f"the model's {len(paths)} module paths in {seconds:g} s (PEFT "
+                             "matches with Python's re, which has no time limit)")
+
+
+def _match_all(pattern: str, match, paths: list[str]) -> None:
+    for path in paths:
+        match(pattern, path)
 
 
 def plain(value):

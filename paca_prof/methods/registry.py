@@ -446,6 +446,9 @@ def _check_peft_config(model: nn.Module, name: str, settings: MethodSettings, re
     import copy
     import warnings
 
+    from paca_prof.methods.peft_config import check_patterns_finish
+
+    check_patterns_finish(peft_config, [path for path, _ in model.named_modules()])
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
