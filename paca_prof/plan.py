@@ -429,17 +429,20 @@ class _MethodModel:
         return point
 
     def full_depth_cost_s(self) -> float:
-        """Estimated seconds to build the full-depth model and simulate two steps on it: a
-        model of replicate.SHALLOW_DEPTH layers replicated to the full depth where its layers
-        are alike (engines/replicate.py), the whole depth otherwise (and always under FSDP2,
-        whose simulation is not replicated)."""
+        """Estimated seconds to confirm an answer: build the full-depth model and simulate two
+        steps on it (a model of replicate.SHALLOW_DEPTH layers replicated to the full depth
+        where its layers are alike, engines/replicate.py; the whole depth otherwise, and
+        always under FSDP2, whose simulation is not replicated). Under FSDP2 twice the steps:
+        the shallow models' reserved/peak is no guide there (DESIGN.md), so the first round
+        of _confirm disagrees as a rule and a second follows."""
         from paca_prof.engines import replicate
 
         last = self._sims[self.depths[-1]]
         whole = self.spec.distributed.fsdp or replicate.refusal(self.spec.config)
         depth = self.n_layers if whole else \
             replicate.SHALLOW_DEPTH + 1  # + 1: the replication itself, about a layer's cost
-        return (last.build_s + 2 * last.step_s) * depth / last.depth
+        steps = 2 * (RESERVED_ROUNDS if self.spec.distributed.fsdp else 1)
+        return (last.build_s + steps * last.step_s) * depth / last.depth
 
 
 class _DepthSimulator:
