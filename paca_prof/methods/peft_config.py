@@ -177,7 +177,7 @@ def check_patterns_finish(fields: dict, paths: list[str], where: str = "--peft-c
     """ValueError (one line) when the config's regexes do not finish matching `paths` (the
     model's module paths) within `seconds`, matched as PEFT matches them: a string
     target_modules with re.fullmatch, each rank_pattern and alpha_pattern key with
-    re.match(rf"(.*\.)?({key})$"). The matching runs in a forked process, killed at the
+    re.match over "(.*\\.)?(KEY)$". The matching runs in a forked process, killed at the
     deadline (re cannot be interrupted in the process that runs it)."""
     import multiprocessing
 
