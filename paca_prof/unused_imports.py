@@ -27,10 +27,7 @@ def needs_bitsandbytes(methods, optimizer: str) -> bool:
     return any(m in QUANTIZED for m in methods) or optimizer in BITSANDBYTES_OPTIMIZERS
 
 
-def keep_out_bitsandbytes(methods, optimizer: str) -> bool:
-    """Block bitsandbytes' import for the rest of the process if the run does not need it.
-    Returns whether it is blocked."""
-    if needs_bitsandbytes(methods, optimizer) or "bitsandbytes" in sys.modules:
-        return sys.modules.get("bitsandbytes", False) is None
-    sys.modules["bitsandbytes"] = None
-    return True
+def keep_out_bitsandbytes(methods, optimizer: str) -> None:
+    """Block bitsandbytes' import for the rest of the process if the run does not need it."""
+    if not needs_bitsandbytes(methods, optimizer) and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None

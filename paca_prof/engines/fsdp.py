@@ -84,7 +84,9 @@ def shard(model: nn.Module, distributed: Distributed, device: str) -> nn.Module:
     return model
 
 
-RELEASE_WAIT_S = 1.0  # gloo's worker drops its references microseconds after it finishes
+# gloo's worker drops its references microseconds after it finishes; the bound is for a
+# machine so loaded that the thread waits long to be scheduled (the wait ends at the release)
+RELEASE_WAIT_S = 10.0
 
 
 def _references(tensors) -> list[tuple[int, int]]:

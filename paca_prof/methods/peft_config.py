@@ -31,7 +31,9 @@ from pathlib import Path
 from paca_prof import validate
 
 MAX_FILE_BYTES = 2**20
-PATTERN_SECONDS = 2.0  # what matching a config's regexes against a model's paths may take
+# What matching a config's regexes against a model's paths may take: microseconds for any
+# sane pattern, so a loaded machine's slow fork never refuses one; a runaway one never ends.
+PATTERN_SECONDS = 5.0
 MAX_NAMES = 10_000
 MAX_R = 2**20
 PEFT_METHODS = ("lora", "dora")
