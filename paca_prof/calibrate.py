@@ -6,9 +6,10 @@
               model-shaped ones' rate over that peak, after the per-op cost is taken off;
   bandwidth   element-wise adds over several sizes, fitted as time = bytes / bandwidth + c
               (hbm_gbps, with bandwidth_efficiency 1: the fit is already what ops reach);
-  per-op      the per-op cost of eager training code: on the CPU, a small llama's step (all
-              overhead, no compute to speak of) under the timing pass's instrument, divided by
-              its ops; on CUDA, the host time of a tiny op with autograd;
+  per-op      the host cost of eager training code, per op and per module entered
+              (module_call_us): small llama steps (all overhead, no compute to speak of) of
+              frozen, lora and paca under the timing pass's instrument, fitted on their ops
+              and module entries as the projection counts them (_overhead_fit);
   foreach     torch._foreach_add_ over many small tensors: the cost per tensor of a foreach
               op (foreach_tensor_us), which AdamW's and clipping's foreach ops pay per tensor;
   attention   scaled_dot_product_attention at a model-like shape (attention_efficiency);
@@ -18,8 +19,9 @@ and writes a GpuSpec (gpus.py) that `paca-prof run --device meta --gpu SPEC.yaml
 
 On the CPU the host runs every op itself, one after another: the spec then has dispatch_us 0
 and the per-op cost in launch_us, so that the schedule (engines/project.py) adds it to every op
-instead of overlapping it with the previous kernel as a GPU would. On CUDA the tiny op's host
-time is dispatch_us and the device-side gap launch_us (timed with CUDA events).
+instead of overlapping it with the previous kernel as a GPU would (module_call_us likewise). On
+CUDA the fitted per-op host time is dispatch_us and launch_us 0 (the tiny op's host time,
+`tiny_op_us`, is kept beside it for comparison).
 
 Limits: about 20-60 s on a small CPU; every number is measured on this machine under its
 current load (run it on a quiet machine; the load average is recorded in `source`); one
@@ -53,6 +55,8 @@ class Calibration:
     gemm: list[dict] = field(default_factory=list)  # one row per timed matmul
     bandwidth: list[dict] = field(default_factory=list)
     dispatch_us: float = 0.0
+    tiny_op_us: float = 0.0
+    overhead: dict = field(default_factory=dict)
     foreach_tensor_us: float = 0.0
     attention: dict = field(default_factory=dict)
     optimizer: dict = field(default_factory=dict)
@@ -159,31 +163,65 @@ _OVERHEAD_MODEL = dict(model_type="llama", vocab_size=128, hidden_size=64, inter
                        max_position_embeddings=256)
 
 
-def _model_op_us(timer: _Timer, device: str) -> float:
-    """The per-op cost of a transformers model's training step as the timing pass measures it:
-    frozen (forward and backward, no optimizer) on a small llama at 16 tokens, timed in a
-    Capture session as engines/measure.py times it (module hooks included: the projection is
-    checked against such measurements), divided by its ops (counted as the cost model counts
-    them). Its compute is negligible at this size."""
+OVERHEAD_METHODS = ("frozen", "lora", "paca")  # few, many and some module entries per op
+
+
+def _overhead_fit(timer: _Timer, device: str) -> dict:
+    """The host cost of eager training code, as two numbers: per op and per module entered.
+
+    Each of OVERHEAD_METHODS runs a training step of a small llama at 16 tokens (its compute is
+    negligible), timed in a Capture session as engines/measure.py times it (module hooks
+    included: the projection is checked against such measurements). Its ops and module
+    entries are counted on the simulated step, as the projection counts them (len(ops) and
+    engines.project.scope_entries). Least squares, both costs >= 0:
+        measured step = per_op_us * ops + module_call_us * entries.
+    Adapters enter about twice as many modules per op as a plain model, which is what tells
+    the two apart. Limits: three methods, one size; the optimizer phase is left out (AdamW's
+    foreach cost is fitted on its own)."""
     from paca_prof.engines.measure import _Clock, timed_step
+    from paca_prof.engines.project import scope_entries
+    from paca_prof.engines.simulate import simulate_method
     from paca_prof.engines.step import make_batch, prepare
     from paca_prof.spec import RunSpec
 
-    spec = RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
-                   device=device, methods=("frozen",))
-    run = prepare(spec, "frozen", device)
-    ids = make_batch(spec, device)
     clock = _Clock(device.startswith("cuda"))
-    with _CountOps() as counter:
-        run.step(ids)
-    ops = len(counter.ops)
-    for _ in range(2):
-        timed_step(run, ids, clock)
-    times = []
-    for _ in range(3 if time.perf_counter() > timer.deadline else 9):
-        totals = timed_step(run, ids, clock)
-        times.append(sum(v for (path, _), v in totals.items() if path.startswith("phase:")))
-    return statistics.median(times) * 1e3 / max(ops, 1)
+    rows = []
+    for method in OVERHEAD_METHODS:
+        spec = RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
+                       device=device, methods=(method,))
+        ops = simulate_method(RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
+                                      device="meta", methods=(method,)), method).ops
+        ops = ops[ops["phase"] != "optimizer"].sort_values("seq_no")
+        run = prepare(spec, method, device)
+        ids = make_batch(spec, device)
+        for _ in range(2):
+            timed_step(run, ids, clock)
+        times = []
+        for _ in range(3 if time.perf_counter() > timer.deadline else 9):
+            totals = timed_step(run, ids, clock)
+            times.append(sum(v for (path, _), v in totals.items()
+                             if path in ("phase:forward", "phase:backward")))
+        rows.append({"method": method, "ops": len(ops),
+                     "entries": float(scope_entries(ops).sum()),
+                     "measured_us": statistics.median(times) * 1e3})
+    per_op, per_call = _fit_two(rows)
+    return {"per_op_us": per_op, "module_call_us": per_call, "steps": rows}
+
+
+def _fit_two(rows: list[dict]) -> tuple[float, float]:
+    """measured_us = a * ops + b * entries by least squares on relative error, a, b >= 0
+    (with one of them 0, the other is fitted alone)."""
+    xs = [(r["ops"] / r["measured_us"], r["entries"] / r["measured_us"]) for r in rows]
+    sxx = sum(x * x for x, _ in xs)
+    syy = sum(y * y for _, y in xs)
+    sxy = sum(x * y for x, y in xs)
+    sx, sy = sum(x for x, _ in xs), sum(y for _, y in xs)  # targets are all 1
+    det = sxx * syy - sxy * sxy
+    if det > 0:
+        a, b = (sx * syy - sy * sxy) / det, (sy * sxx - sx * sxy) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    return (sx / sxx, 0.0) if sx / sxx * sx >= sy / syy * sy else (0.0, sy / syy)
 
 
 def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
@@ -280,7 +318,8 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         bandwidth = _bandwidth(timer, device, quick)
     progress("per-op cost")
     tiny_op = _dispatch_us(timer, device)
-    dispatch = _model_op_us(timer, device) if not device.startswith("cuda") else tiny_op
+    overhead = _overhead_fit(timer, device)
+    dispatch = overhead["per_op_us"]
     per_byte, _ = _fit_line([r["bytes"] for r in bandwidth], [r["us"] for r in bandwidth])
     gbps = 1.0 / per_byte / 1e3  # bytes per us -> GB/s
     peaks = {d: max(r["tflops"] for r in gemm if r["dtype"] == d) for d in dtypes}
@@ -315,13 +354,16 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         attention_efficiency=round(max(attention["efficiency"], 1e-3), 4),
         bandwidth_efficiency=1.0,
         foreach_tensor_us=round(foreach, 4),
+        module_call_us=round(overhead["module_call_us"], 3),
         source=(f"paca-prof calibrate on {label}, {torch.get_num_threads()} torch thread(s), "
                 f"load average {load:.2f} at start; peaks: best GEMM rate measured; "
                 f"efficiencies fitted on model-shaped GEMMs and SDPA; "
-                f"{'per-op cost in launch_us (the CPU runs ops one after another)' if not cuda else 'dispatch: tiny-op host time'}"),
+                f"{'per-op cost in launch_us (the CPU runs ops one after another)' if not cuda else 'dispatch: per-op host time'}"
+                f", and per module entered in module_call_us, fitted on small steps of "
+                f"{', '.join(OVERHEAD_METHODS)}"),
     )
-    return Calibration(spec, gemm, bandwidth, dispatch, foreach, attention, optimizer,
-                       time.perf_counter() - started)
+    return Calibration(spec, gemm, bandwidth, dispatch, tiny_op, overhead, foreach, attention,
+                       optimizer, time.perf_counter() - started)
 
 
 def _cpu_label() -> str:

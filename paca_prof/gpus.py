@@ -20,6 +20,7 @@ A device spec is one GpuSpec. Built-in specs come from datasheets (each names it
     attention_efficiency: 0.50
     bandwidth_efficiency: 0.80
     foreach_tensor_us: 0.0     # a foreach op's extra cost per input tensor (CPU: a loop)
+    module_call_us: 0.0        # host time per module scope entered (calibrate fits it)
     source: "where these numbers come from"
 """
 
@@ -64,6 +65,10 @@ class GpuSpec:
     # CPU it loops over its tensors, each paying this much more (calibrate measures it; the
     # GPU table's 0: CUDA's multi-tensor kernels take dozens of tensors per launch).
     foreach_tensor_us: float = 0.0
+    # Entering a module (nn.Module.__call__, hooks, an adapter layer's Python around its ops)
+    # costs the host this much beyond the ops' own dispatch (engines/project.py counts the
+    # entries). The GPU table's 0: its dispatch_us estimates fold it in; calibrate fits it.
+    module_call_us: float = 0.0
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -92,6 +97,7 @@ class GpuSpec:
             "interconnect_gbps": (0, 1e5, False),
             "matmul_efficiency": (0, 1, False), "attention_efficiency": (0, 1, False),
             "bandwidth_efficiency": (0, 1, False), "foreach_tensor_us": (-1e-12, 1e4, False),
+            "module_call_us": (-1e-12, 1e4, False),
         }
         for name, (above, maximum, integer) in bounds.items():
             if name in values:

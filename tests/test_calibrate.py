@@ -37,6 +37,8 @@ def test_the_spec_loads_and_its_numbers_are_measured(calibrated):
     assert 0 < spec.matmul_efficiency <= 1 and 0 < spec.attention_efficiency <= 1
     assert spec.hbm_gbps > 0 and spec.launch_us > 0 and spec.dispatch_us == 0
     assert spec.foreach_tensor_us >= 0
+    assert spec.module_call_us == pytest.approx(result.overhead["module_call_us"], abs=1e-3)
+    assert [r["method"] for r in result.overhead["steps"]] == ["frozen", "lora", "paca"]
     assert {r["dtype"] for r in result.gemm} == {"fp32", "bf16"}
     assert "calibrate" in spec.source and "1 torch thread" in spec.source
 
@@ -100,3 +102,18 @@ def test_foreach_ops_pay_per_tensor_and_in_place_writes_count():
     xs = [torch.ones(3), torch.ones(5)]
     assert _written_in_place("aten::_foreach_mul_", (xs, 2.0), None) == 32
     assert _written_in_place("aten::_foreach_mul", (xs, 2.0), xs) == 0
+
+
+def test_the_overhead_fit_recovers_per_op_and_per_module_costs():
+    """Steps made from known costs (10 us per op, 30 per module entered) give them back; where
+    the data would make one cost negative, it is 0 and the other is fitted alone."""
+    from paca_prof.calibrate import _fit_two
+
+    counts = [(224, 59), (340, 199), (234, 58)]
+    rows = [{"ops": n, "entries": e, "measured_us": 10.0 * n + 30.0 * e} for n, e in counts]
+    assert _fit_two(rows) == pytest.approx((10.0, 30.0))
+    # more entries made the steps faster: no per-module cost, only a per-op one
+    rows = [{"ops": 100, "entries": 10, "measured_us": 1000.0},
+            {"ops": 100, "entries": 50, "measured_us": 900.0}]
+    per_op, per_call = _fit_two(rows)
+    assert per_call == 0.0 and 9.0 < per_op < 10.0

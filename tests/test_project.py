@@ -4,6 +4,8 @@ formula, a peak, an efficiency, the launch or the dispatch cost fails one of the
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
@@ -93,3 +95,34 @@ def test_ops_are_projected_in_issue_order_whatever_the_row_order():
     projected = project.project_ops(shuffled, DEVICE)
     assert projected["seq_no"].tolist() == list(range(len(OPS)))
     assert projected["start_us"].tolist() == pytest.approx(STARTS)
+
+
+# Module scopes the op stream enters at each op of OPS: op0 enters q_proj and its five
+# ancestors ([root], model, model.layers, model.layers.0, self_attn); op1 stays inside them;
+# op2 starts the backward phase inside self_attn (five); op3 enters q_proj; op4 stays there;
+# op5 starts the optimizer phase in its own scope.
+ENTRIES = [6, 0, 5, 1, 0, 1]
+
+
+def test_scope_entries_count_the_modules_each_op_enters():
+    assert project.scope_entries(OPS).tolist() == ENTRIES
+
+
+def test_module_calls_delay_the_host_on_a_device_with_its_own_host():
+    # module_call_us 1 on top of dispatch 5: op i is issued at the sum over ops <= i of
+    # 5 + entries: 11, 16, 26, 32, 37, 43. op0 starts at 11 and ends at 53; from then on the
+    # device is the bound: 53-65, 65-467, 467-489, 489-531, 531-533. Kernel times unchanged.
+    projected = project.project_ops(OPS, replace(DEVICE, module_call_us=1.0))
+    assert projected["start_us"].tolist() == pytest.approx([11.0, 53.0, 65.0, 467.0, 489.0,
+                                                            531.0])
+    assert projected["dur_us"].tolist() == pytest.approx(KERNEL_US)
+
+
+def test_module_calls_are_paid_in_line_where_the_host_is_the_device():
+    # dispatch 0 (a CPU spec): 3 us per entry join each op's own time:
+    # 42 + 18, 12, 402 + 15, 22 + 3, 42, 2 + 3; one after another from 0.
+    cpu_like = replace(DEVICE, dispatch_us=0.0, module_call_us=3.0)
+    projected = project.project_ops(OPS, cpu_like)
+    assert projected["dur_us"].tolist() == pytest.approx([60.0, 12.0, 417.0, 25.0, 42.0, 5.0])
+    assert projected["start_us"].tolist() == pytest.approx([0.0, 60.0, 72.0, 489.0, 514.0,
+                                                            556.0])

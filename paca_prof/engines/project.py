@@ -11,6 +11,10 @@ The cost model, in full:
   - a foreach op (AdamW's and gradient clipping's _foreach_*) moves all its tensors' bytes (an
     in-place one reads and writes its first list: simulate.py counts both) and pays
     foreach_tensor_us per input tensor beside (a CPU loops over them; 0 for the GPU table);
+  - every module scope the op stream enters (scope_entries: nn.Module's __call__, its hooks,
+    an adapter layer's Python) costs the host module_call_us more before that op is issued;
+    on a device whose host issues nothing ahead (dispatch_us 0: a CPU, which runs its ops
+    itself) it is paid in line, in the op's time, as launch_us is there.
 Limits: one kernel per op (fused ops launch several, attention backward launches a few); no
 overlap of kernels; efficiencies (GpuSpec.*_efficiency) and the launch and dispatch
 costs are uncalibrated estimates (GpuSpec.source says so) until a measured GPU trace calibrates
@@ -25,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from paca_prof.gpus import GpuSpec
+from paca_prof.modules import ancestors
 
 BF16_DTYPES = ("bfloat16", "bf16", "c10::BFloat16")
 FP16_DTYPES = ("float16", "fp16", "c10::Half")
@@ -51,13 +56,31 @@ def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec) -> np.ndarray:
             + per_tensor)
 
 
-def schedule(kernel_us: np.ndarray, dispatch_us: float) -> tuple[np.ndarray, np.ndarray]:
-    """Start and end of each kernel when the host issues one op every dispatch_us."""
+def scope_entries(ops: pd.DataFrame) -> np.ndarray:
+    """How many module scopes the op stream enters at each op (in the given order): the op's
+    module and those of its ancestors that the previous op of the same phase was not inside.
+    The unit of GpuSpec.module_call_us. Limits: it sees modules through their ops, so a module
+    that runs no op (nn.Identity as LoRA's dropout 0) counts nothing and a module called twice
+    with no other module's op between counts once; calibrate fits module_call_us on this same
+    count, so what it misses is folded into the fitted cost."""
+    entries = np.zeros(len(ops))
+    previous, previous_phase = set(), None
+    for i, (module, phase) in enumerate(zip(ops["module"], ops["phase"])):
+        inside = set(ancestors(module))
+        entries[i] = len(inside - previous) if phase == previous_phase else len(inside)
+        previous, previous_phase = inside, phase
+    return entries
+
+
+def schedule(kernel_us: np.ndarray, dispatch_us: float,
+             host_us: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end of each kernel when the host issues one op every dispatch_us, plus
+    host_us[i] (its module calls) before op i."""
     starts = np.empty_like(kernel_us)
     ends = np.empty_like(kernel_us)
-    device_free = 0.0
+    device_free = issued = 0.0
     for i, duration in enumerate(kernel_us):
-        issued = (i + 1) * dispatch_us
+        issued += dispatch_us + (host_us[i] if host_us is not None else 0.0)
         starts[i] = max(issued, device_free)
         ends[i] = device_free = starts[i] + duration
     return starts, ends
@@ -69,7 +92,10 @@ def project_ops(ops: pd.DataFrame, gpu: GpuSpec) -> pd.DataFrame:
     if ops.empty:
         return ops.assign(start_us=[], dur_us=[])
     durations = kernel_times_us(ops, gpu)
-    starts, _ = schedule(durations, gpu.dispatch_us)
+    calls_us = scope_entries(ops) * gpu.module_call_us if gpu.module_call_us else None
+    if calls_us is not None and gpu.dispatch_us == 0:  # the host is the device: in line
+        durations, calls_us = durations + calls_us, None
+    starts, _ = schedule(durations, gpu.dispatch_us, calls_us)
     ops["start_us"], ops["dur_us"] = starts, durations
     return ops
 
