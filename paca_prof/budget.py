@@ -73,9 +73,13 @@ class Budget:
     def budget_bytes(self) -> int:
         return self.memory_bytes - self.context_bytes - self.headroom_bytes
 
-    def describe(self) -> str:
+    def describe(self, meaning: bool = True) -> str:
+        """The budget as a sum, e.g. 'a100-80gb: 80.00 GiB - CUDA context 512.00 MiB - headroom
+        1.30 GiB (512MiB+1%: ...) = budget 78.20 GiB for reserved memory'; without `meaning`,
+        the default headroom is not explained."""
         source = self.gpu or "given memory"
-        meaning = f": {HEADROOM_MEANING}" if self.headroom == DEFAULT_HEADROOM else ""
+        meaning = (f": {HEADROOM_MEANING}" if meaning and self.headroom == DEFAULT_HEADROOM
+                   else "")
         context = (f" - CUDA context {format_bytes(self.context_bytes)}" if self.context_bytes
                    else "")
         return (f"{source}: {format_bytes(self.memory_bytes)}{context} - headroom "

@@ -449,6 +449,9 @@ def _cmd_run(args) -> int:
         print(json.dumps(payload, indent=2))
     else:
         _print_summary(analysis)
+        if device == "meta":  # which limit decided ok and oom: the planner's budget
+            print(f"ok/oom: simulated reserved memory against {budget.describe(meaning=False)}"
+                  " (paca-prof plan's budget)")
         if len(analysis.ranks) > 1:
             print(f"\nper-rank memory (MiB, {analysis.sources.get('bytes')}); the table above "
                   f"is rank {analysis.rank}'s")

@@ -261,3 +261,25 @@ def test_a_projected_run_has_throughput_and_mfu(capsys, tmp_path):
     for _, row in summary.iterrows():
         assert row["tokens_per_s"] == pytest.approx(tokens / (row["step_ms"] / 1e3))
         assert row["achieved_tflops"] == pytest.approx(row["mfu"] * 989.0)
+
+
+def test_a_simulated_run_says_which_limit_decided_ok_and_oom(capsys, tmp_path):
+    """The ok/oom verdict of a simulated run is stated with the budget that decided it, the
+    planner's: the GPU's memory less its CUDA context less the headroom."""
+    from paca_prof.budget import make_budget
+
+    for headroom, status in (("512MiB+1%", "ok"), ("79.499GiB", "oom")):
+        out = tmp_path / f"run-{status}"
+        rc = main(["run", "--model", "tiny", "--methods", "lora", "--device", "meta", "--seq",
+                   "64", "--gpu", "a100-80gb", "--headroom", headroom, "--out", str(out)])
+        assert rc == 0
+        budget = make_budget(gpu="a100-80gb", headroom=headroom)
+        lines = [line for line in capsys.readouterr().out.splitlines()
+                 if line.startswith("ok/oom: ")]
+        expected = (f"ok/oom: simulated reserved memory against "
+                    f"{budget.describe(meaning=False)} (paca-prof plan's budget)")
+        assert lines == [expected]
+        assert "a100-80gb: 80.00 GiB - CUDA context 512.00 MiB - headroom" in lines[0]
+        summary = trace.load(out).summary.set_index("method")
+        assert summary.loc["lora", "status"] == status
+        assert (summary.loc["lora", "reserved_bytes"] <= budget.budget_bytes) == (status == "ok")
