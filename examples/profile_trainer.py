@@ -28,6 +28,8 @@ from paca_prof.integrations.transformers import ProfilerCallback
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 PAD = 0
+WARMUP, ACTIVE = 1, 3  # the profiled steps: 1 warm-up, then 2 timed and 1 profiled
+MAX_STEPS = 1000
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -61,27 +63,39 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
             "labels": padded("labels", -100)}
 
 
+def _error(message: str) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"profile_trainer.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="the trace folder (default: a new folder under the temp dir)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps (default 6)")
+    parser.error = lambda message: sys.exit(_error(message))  # one line, no usage block
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="paca-prof-example-"))
-    out = args.out or work / "trace"
+    if not WARMUP + ACTIVE <= args.steps <= MAX_STEPS:
+        return _error(f"--steps must be from {WARMUP + ACTIVE} (warm-up {WARMUP} and active "
+                      f"{ACTIVE} steps) to {MAX_STEPS}, got {args.steps}")
+    if args.out is not None and args.out.exists():
+        return _error(f"--out {args.out} already exists; give a new folder")
+    out = args.out or Path(tempfile.mkdtemp(prefix="paca-prof-example-")) / "trace"
 
     model = get_peft_model(tiny_llama(), LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    profiler = ProfilerCallback(out, warmup=1, active=3)  # the one line profiling adds
-    training = TrainingArguments(
-        output_dir=str(work / "trainer"), max_steps=args.steps, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, activation_checkpointing=True, learning_rate=1e-3,
-        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True)
-    Trainer(model=model, args=training, train_dataset=examples(),
-            data_collator=collate,
-            callbacks=[profiler]).train()
+    profiler = ProfilerCallback(out, warmup=WARMUP, active=ACTIVE)  # the line profiling adds
+    with tempfile.TemporaryDirectory(prefix="paca-prof-example-trainer-") as trainer_dir:
+        training = TrainingArguments(
+            output_dir=trainer_dir, max_steps=args.steps, per_device_train_batch_size=4,
+            gradient_accumulation_steps=2, activation_checkpointing=True, learning_rate=1e-3,
+            use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+            disable_tqdm=True)
+        Trainer(model=model, args=training, train_dataset=examples(),
+                data_collator=collate,
+                callbacks=[profiler]).train()
 
     print(f"\ntrace: {profiler.path}\n")
     return paca_prof(["analyze", str(profiler.path)])

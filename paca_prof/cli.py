@@ -869,7 +869,9 @@ def _print_spread(analysis, methods: list[str] | None, baseline: str) -> None:
         mfu = "-" if row["mfu"] != row["mfu"] else f"{100 * row['mfu']:.1f}%"
         tflops = "-" if row["achieved_tflops"] != row["achieved_tflops"] else \
             f"{row['achieved_tflops']:.3g}"
-        rate = f"{row['tokens_per_s']:>10,.0f} {tflops:>9} {mfu:>7}"
+        tokens = "-" if row["tokens_per_s"] != row["tokens_per_s"] else \
+            f"{row['tokens_per_s']:,.0f}"
+        rate = f"{tokens:>10} {tflops:>9} {mfu:>7}"
         if not measured:
             print(f"{row['method']:<8} {row['step_ms']:>10.1f} {rate}")
             continue

@@ -4,6 +4,7 @@ configuration, training left bit-identical, the schedule, and one clear error pe
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -110,11 +111,19 @@ def test_analyze_reads_the_trace(lora_trace, tmp_path):
         "peak_bytes"].iloc[0]
     shapes = analysis.batch_shapes()
     assert list(shapes["micro_batches"]) == [3] and shapes["padding_tokens"].iloc[0] == 9
+    totals = analysis.activation_totals().iloc[0]  # no frozen run: no floor, not a floor of 0
+    assert totals["bytes"] == lora_trace.summary["activation_bytes"].iloc[0]
+    assert totals["floor_bytes"] != totals["floor_bytes"]
+    assert totals["added_bytes"] != totals["added_bytes"]
     done = subprocess.run([sys.executable, "-m", "paca_prof.cli", "analyze",
                            str(lora_trace.path)], capture_output=True, text=True,
                           env=checkout_env(), cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "batches the model saw" in done.stdout and "lora" in done.stdout
+    # numbers a profile() trace lacks (tokens/s, the frozen floor) print as "-", never nan
+    assert not re.search(r"\bnan\b", done.stdout, re.IGNORECASE), done.stdout
+    floor = done.stdout.split("what each method adds\n")[1].splitlines()[1].split()
+    assert floor[0] == "lora" and floor[2:] == ["-", "-"], floor
 
 
 def test_gradient_accumulation_counts_micro_batches(tmp_path):

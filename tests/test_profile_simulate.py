@@ -295,3 +295,42 @@ def test_compare_figures(measured_and_simulated):
     bars = figures.compare_activation_bars(table, "lora", top=5)
     disagreeing = table[(table["method"] == "lora") & (table["diff_bytes"] != 0)]
     assert list(bars.data[0].y) == list(disagreeing["module"].head(5))
+
+
+def test_the_dashboard_reads_a_profiled_trace(measured_and_simulated, tmp_path):
+    """Every view of the dashboard over a profile() trace, and the compare view of it against
+    its simulation, driven over HTTP as the browser drives them: no alert, the trace's own
+    numbers shown."""
+    import shutil
+
+    from test_dashboard import Served
+    from test_dashboard_http import (alert_text, assert_clean, message_area, post,
+                                     request_body)
+
+    root = tmp_path / "traces"
+    for path, name in zip(measured_and_simulated, ("mine", "mine-simulated")):
+        shutil.copytree(path, root / name)
+    measured = TraceAnalysis(root / "mine")
+    inputs = {"run__value": "mine", "compare-run__value": "mine-simulated",
+              "methods__value": ["lora"], "timeline-layer__value": "model.layers.0",
+              "timeline-method__value": "lora", "memory-method__value": "lora",
+              "compare-method__value": "lora"}
+    served = Served(root)
+    try:
+        replies = {}
+        for callback in ("list_runs", "pick_run", "overview", "latency", "timeline",
+                         "activations", "memory", "compare", "compare_bytes"):
+            reply = post(served, request_body(callback, **inputs))
+            assert_clean(reply)
+            assert reply.status_code == 200, callback
+            assert alert_text(message_area(reply, callback)) is None, callback
+            replies[callback] = reply.text
+    finally:
+        served.close()
+    assert '"mine"' in replies["list_runs"] and '"mine-simulated"' in replies["list_runs"]
+    row = measured.trace.summary.iloc[0]
+    totals = measured.compare_totals(TraceAnalysis(root / "mine-simulated")).set_index(
+        "quantity")
+    assert f'"{int(row["activation_bytes"]):,}"' in replies["compare_bytes"]
+    assert f'"{int(totals.loc["activation_bytes", "simulated"]):,}"' in replies["compare_bytes"]
+    assert "model.layers.0" in replies["timeline"] and "lora" in replies["overview"]

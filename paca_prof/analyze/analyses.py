@@ -145,8 +145,10 @@ def activation_savings(layers: pd.DataFrame, methods: list[str]) -> pd.DataFrame
 
 
 def activation_totals(savings: pd.DataFrame) -> pd.DataFrame:
-    """Totals of activation_savings per method, with paca's savings against each method."""
-    totals = savings.groupby("method", sort=False)[["bytes", "floor_bytes", "added_bytes"]].sum()
+    """Totals of activation_savings per method, with paca's savings against each method.
+    Without a frozen run the floor and the added bytes stay NaN (not a sum of nothing, 0)."""
+    totals = savings.groupby("method", sort=False)[["bytes", "floor_bytes", "added_bytes"]].sum(
+        min_count=1)
     if "paca" in totals.index:
         totals["paca_saves_bytes"] = totals["bytes"] - totals.loc["paca", "bytes"]
         totals["paca_saves_added_share"] = 1 - totals.loc["paca", "added_bytes"] / totals[
