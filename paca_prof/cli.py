@@ -832,6 +832,8 @@ def _print_summary(analysis, methods: list[str] | None = None) -> None:
 def _print_stale(analysis, methods: list[str] | None) -> None:
     """One line per method whose columns can be stale (paca-authors): how many of the steps
     its measured run ran (warm-up, timed and profiled) ran on stale columns."""
+    import pandas as pd
+
     summary = analysis.trace.summary
     if "stale_steps" not in summary:
         return
@@ -839,7 +841,7 @@ def _print_stale(analysis, methods: list[str] | None) -> None:
         if methods is not None and row["method"] not in methods:
             continue
         stale, run = row["stale_steps"], row.get("steps_run")
-        if stale is None or str(stale) == "<NA>" or stale != stale:
+        if pd.isna(stale):
             continue
         print(f"{row['method']}: {int(stale)} of {int(run)} steps run (warm-up, timed and "
               "profiled; measured) ran on stale columns (W[:, idx] one optimizer step old)")

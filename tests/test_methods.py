@@ -160,9 +160,9 @@ def test_the_authors_scheme_is_a_method_that_reports_its_stale_steps(tmp_path, c
 
     cli._print_summary(TraceAnalysis(loaded.path))  # what `paca-prof run` prints
     lines = [line for line in capsys.readouterr().out.splitlines() if "stale" in line]
-    assert lines == [f"paca-authors: {timing_steps // 2 + 1} of {timing_steps + 2} steps run "
-                     "(warm-up, timed and profiled; measured) ran on stale columns (W[:, idx] "
-                     "one optimizer step old)"]
+    assert lines == [(f"paca-authors: {timing_steps // 2 + 1} of {timing_steps + 2} steps run "
+                      "(warm-up, timed and profiled; measured) ran on stale columns (W[:, idx] "
+                      "one optimizer step old)")]
     assert loaded.run["methods"]["paca-authors"]["implementation"].startswith("the PaCA authors")
     ops = loaded.ops[loaded.ops["method"] == "paca-authors"]
     branch = ops[ops["adapter_branch"]]

@@ -342,7 +342,7 @@ def test_paca_model_strict_load_with_wrong_names_is_refused_before_any_change(ma
     adapter[first] += 1.0
     with pytest.raises(StateDictMismatch, match=r"unexpected keys \['junk'\]"):
         model.load_state_dict({**adapter, "junk": torch.zeros(1)})
-    last = sorted(adapter)[-1]
+    last = max(adapter)
     with pytest.raises(StateDictMismatch, match=re.escape(f"missing keys ['{last}']")):
         model.load_state_dict({k: v for k, v in adapter.items() if k != last})
     after = _snapshot(model.get_base_model())
