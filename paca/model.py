@@ -22,10 +22,10 @@ from paca.layer import PacaLayer, PacaLinear, check_indices, check_layer_state
 from paca.targets import draw_indices, find_targets, matches, select_indices, select_targets
 
 __all__ = [
-    "PacaModel", "check_injectable", "disable_adapter", "find_targets",
-    "get_nb_trainable_parameters", "get_paca_model", "inject_paca", "merge_and_unload",
-    "paca_layers", "print_trainable_parameters", "select_indices", "sync_columns", "unload",
-    "unwrap",
+    "PacaModel", "StateDictMismatch", "check_injectable", "check_names_and_shapes",
+    "disable_adapter", "find_targets", "get_nb_trainable_parameters", "get_paca_model",
+    "inject_paca", "merge_and_unload", "paca_layers", "print_trainable_parameters",
+    "select_indices", "sync_columns", "unload", "unwrap",
 ]
 
 
@@ -141,6 +141,9 @@ class PacaModel(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads an adapter-only state dict (as state_dict() returns) or a full one. Missing
         keys are those of the adapter only; checks run before anything changes."""
+        if strict:  # names first (the injected model's own hook checks shapes and columns)
+            check_names_and_shapes(self, state_dict, "", True, required=self._adapter_keys(""),
+                                   shapes=False)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         adapter = self._adapter_keys("")
         missing = [k for k in result.missing_keys if k in adapter]
@@ -356,12 +359,56 @@ def _modules_to_save(model: nn.Module, config: PacaConfig, targets: set[str]) ->
     return found
 
 
+class StateDictMismatch(ValueError, RuntimeError):
+    """A state dict that a PaCA model refuses before loading any of it: a ValueError, as every
+    refused PaCA load is, and a RuntimeError, as torch's own load_state_dict errors are."""
+
+
 def _check_whole_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys,
                             unexpected_keys, error_msgs) -> None:
     """load_state_dict pre-hook on the injected model: it runs before any of its modules loads,
-    so every PaCA layer's tensors are checked before anything changes."""
+    so every PaCA layer's tensors, then every shape, are checked before anything changes
+    (torch itself reports a wrong shape only after it has copied everything else). Names are
+    not: torch passes strict=True to every module's hooks whatever the caller asked, so only
+    PacaModel.load_state_dict, which knows, checks them first."""
     for path, layer in paca_layers(module).items():
         check_layer_state(layer, state_dict, f"{prefix}{path}.")
+    check_names_and_shapes(module, state_dict, prefix, strict=False)
+
+
+def check_names_and_shapes(model: nn.Module, state_dict, prefix: str, strict: bool,
+                           required: set[str] | None = None, shapes: bool = True) -> None:
+    """Raise StateDictMismatch, changing nothing, if loading `state_dict` into `model` (its keys
+    under `prefix`) would fail in torch: a tensor whose shape differs from the model's, or,
+    with strict, keys the model lacks or (among `required`, default all) keys it needs.
+    shapes=False: names only.
+
+    Names are left to torch when a module has load_state_dict post-hooks (they may forgive
+    missing or unexpected keys)."""
+    # nn.Module's, not an override's: PacaModel.state_dict() is the adapter only.
+    expected = nn.Module.state_dict(model, prefix=prefix, keep_vars=True)
+    where = type(model).__name__
+    wrong = []
+    for key, value in state_dict.items() if shapes else ():
+        mine = expected.get(key)
+        if mine is None or not isinstance(value, torch.Tensor) or not isinstance(mine, torch.Tensor):
+            continue
+        if nn.parameter.is_lazy(mine) or tuple(mine.shape) == tuple(value.shape):
+            continue
+        wrong.append(f"{key} has shape {tuple(value.shape)}, the model's is {tuple(mine.shape)}")
+    if wrong:
+        raise StateDictMismatch(f"state dict refused for {where} before any change: {wrong[0]}"
+                                + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if not strict or any(m._load_state_dict_post_hooks for m in model.modules()):
+        return
+    unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in expected)
+    missing = sorted(k for k in (required if required is not None else expected)
+                     if k not in state_dict)
+    if unexpected or missing:
+        raise StateDictMismatch(
+            f"state dict refused for {where} before any change (strict): unexpected keys "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, missing keys "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
 def _forget(model: nn.Module) -> None:

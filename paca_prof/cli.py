@@ -836,6 +836,25 @@ def _print_summary(analysis, methods: list[str] | None = None) -> None:
             cells.append(f"{text:>16}")
         print(f"{row['method']:<8} {row['status']:<6} " + " ".join(cells))
     _print_spread(analysis, methods, baseline)
+    _print_stale(analysis, methods)
+
+
+def _print_stale(analysis, methods: list[str] | None) -> None:
+    """One line per method whose columns can be stale (paca-authors): how many of the steps
+    its measured run ran (warm-up, timed and profiled) ran on stale columns."""
+    import pandas as pd
+
+    summary = analysis.trace.summary
+    if "stale_steps" not in summary:
+        return
+    for _, row in summary.iterrows():
+        if methods is not None and row["method"] not in methods:
+            continue
+        stale, run = row["stale_steps"], row.get("steps_run")
+        if pd.isna(stale):
+            continue
+        print(f"{row['method']}: {int(stale)} of {int(run)} steps run (warm-up, timed and "
+              "profiled; measured) ran on stale columns (W[:, idx] one optimizer step old)")
 
 
 def _print_spread(analysis, methods: list[str] | None, baseline: str) -> None:

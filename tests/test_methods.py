@@ -134,7 +134,7 @@ def test_describe_names_the_settings_that_matter():
     assert "nf4" in methods.get("qlora").describe(settings)["base_weights"]
 
 
-def test_the_authors_scheme_is_a_method_that_reports_its_stale_steps(tmp_path):
+def test_the_authors_scheme_is_a_method_that_reports_its_stale_steps(tmp_path, capsys):
     """paca-authors copies the columns into W on odd-numbered forwards only: every 2nd step of
     a model runs on columns one step old. A measured run steps two models: the timing pass's
     (its warm-up, which runs until the step time settles, and the timed steps) and the
@@ -155,6 +155,14 @@ def test_the_authors_scheme_is_a_method_that_reports_its_stale_steps(tmp_path):
     assert summary.loc["paca-authors", "steps_run"] == timing_steps + 2
     assert summary.loc["paca-authors", "stale_steps"] == timing_steps // 2 + 1
     assert pd.isna(summary.loc["paca", "stale_steps"])  # PaCA's columns are never stale
+    from paca_prof import cli
+    from paca_prof.analyze import TraceAnalysis
+
+    cli._print_summary(TraceAnalysis(loaded.path))  # what `paca-prof run` prints
+    lines = [line for line in capsys.readouterr().out.splitlines() if "stale" in line]
+    assert lines == [(f"paca-authors: {timing_steps // 2 + 1} of {timing_steps + 2} steps run "
+                      "(warm-up, timed and profiled; measured) ran on stale columns (W[:, idx] "
+                      "one optimizer step old)")]
     assert loaded.run["methods"]["paca-authors"]["implementation"].startswith("the PaCA authors")
     ops = loaded.ops[loaded.ops["method"] == "paca-authors"]
     branch = ops[ops["adapter_branch"]]

@@ -313,6 +313,45 @@ def test_load_state_dict_bad_shapes_name_the_layer_and_change_nothing(make_llama
         assert after[1] == before[1]
 
 
+def test_a_wrong_shape_outside_paca_layers_is_refused_before_any_change(make_llama):
+    """torch copies every other tensor before it reports a wrong shape; the injected model's
+    check refuses first, so the changed columns in the same dict never reach the model."""
+    from paca.model import StateDictMismatch
+
+    model = inject_paca(make_llama(), cfg())
+    before = _snapshot(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["model.layers.0.self_attn.q_proj.paca_weight"] += 1.0
+    state["model.norm.weight"] = torch.zeros(3)
+    with pytest.raises(StateDictMismatch, match=r"model\.norm\.weight has shape \(3,\)"):
+        model.load_state_dict(state)
+    assert issubclass(StateDictMismatch, ValueError) and issubclass(StateDictMismatch,
+                                                                    RuntimeError)
+    after = _snapshot(model)
+    assert_same_state(after[0], before[0])
+    assert after[1] == before[1]
+
+
+def test_paca_model_strict_load_with_wrong_names_is_refused_before_any_change(make_llama):
+    from paca.model import StateDictMismatch
+
+    model = get_paca_model(make_llama(), cfg())
+    before = _snapshot(model.get_base_model())
+    adapter = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(k for k in adapter if k.endswith(".paca_weight"))
+    adapter[first] += 1.0
+    with pytest.raises(StateDictMismatch, match=r"unexpected keys \['junk'\]"):
+        model.load_state_dict({**adapter, "junk": torch.zeros(1)})
+    last = max(adapter)
+    with pytest.raises(StateDictMismatch, match=re.escape(f"missing keys ['{last}']")):
+        model.load_state_dict({k: v for k, v in adapter.items() if k != last})
+    after = _snapshot(model.get_base_model())
+    assert_same_state(after[0], before[0])
+    assert after[1] == before[1]
+    model.load_state_dict({**adapter, "junk": torch.zeros(1)}, strict=False)  # as torch: ignored
+    assert torch.equal(model.state_dict()[first], adapter[first])
+
+
 def test_adapter_of_another_model_shape_is_refused_before_any_change(make_llama, tmp_path):
     model, _ = trained(make_llama)
     model.save_pretrained(tmp_path)
