@@ -38,11 +38,13 @@ def test_a_loop_with_accumulation_shows_its_phases_micro_batches_and_steps():
             optimizer.step()
             optimizer.zero_grad()
             unwatched.step()  # another optimizer's step is not this session's
-    one_step = lambda i: [("start", "forward", i, 0), ("end", "forward"),  # noqa: E731
-                          ("start", "backward", i, 0), ("end", "backward"),
-                          ("start", "forward", i, 1), ("end", "forward"),
-                          ("start", "backward", i, 1), ("end", "backward"),
-                          ("start", "optimizer", i, 2), ("end", "optimizer"), ("step", i)]
+    def one_step(i):
+        return [("start", "forward", i, 0), ("end", "forward"),
+                ("start", "backward", i, 0), ("end", "backward"),
+                ("start", "forward", i, 1), ("end", "forward"),
+                ("start", "backward", i, 1), ("end", "backward"),
+                ("start", "optimizer", i, 2), ("end", "optimizer"), ("step", i)]
+
     assert log == one_step(0) + one_step(1)
     assert capture.step_index == 2
 
@@ -88,3 +90,19 @@ def test_without_an_optimizer_a_backward_pass_ends_the_step_and_hooks_are_remove
 def test_an_unknown_step_rule_is_refused():
     with pytest.raises(ValueError, match="steps must be one of"):
         Capture(_model(), steps="epoch")
+
+
+def test_a_module_sharing_its_output_with_an_inner_one_keeps_the_inner_one_current():
+    """The MLP returns down_proj's output: both backward scopes open on its gradient, and the
+    ops that follow (down_proj's GEMMs) are down_proj's, as a measured run attributes them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)))
+    seen: list[tuple[str, str]] = []
+    with Capture(model) as capture:
+        capture.on_scope(lambda path, phase: phase == "backward" and seen.append(
+            (path, capture.current)))
+        model(torch.randn(3, 4)).sum().backward()
+    # the root, "1" and "1.1" share one output: whichever opens, "1.1" stays the current scope
+    assert [path for path, _ in seen[:3]] == ["1.1", "1", ROOT]
+    assert [current for _, current in seen[:3]] == ["1.1", "1.1", "1.1"]
+    assert ("0", "0") in seen

@@ -159,13 +159,10 @@ def test_measured_and_simulated_ops_mean_the_same_flops_and_dtypes(measured_and_
     assert {"fp32": "float32", "bf16": "bfloat16"}[dtype] in tensor_dtypes[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (audit of issue 16): when a module's output is also its parent's (down_proj and "
-    "the MLP, o_proj and self_attn, lm_head and the model), Capture opens the parent's backward "
-    "scope after the child's on the same gradient, so the simulation (capture.current) puts "
-    "the child's backward ops in the parent; the measured run puts them in the child"))
 def test_backward_ops_are_attributed_to_the_same_module_measured_and_simulated(
         measured_and_simulated):
+    """A module whose output is also its parent's (down_proj and the MLP, o_proj and
+    self_attn, lm_head and the model) owns its backward ops in both engines."""
     _, pairs = measured_and_simulated
     measured, simulated = (result.ops for result in pairs["frozen"])
     backward = [ops[(ops["phase"] == "backward") & (ops["flops"] > 0)].groupby("module")[
