@@ -34,7 +34,7 @@ from dash.exceptions import PreventUpdate
 from werkzeug.exceptions import HTTPException
 
 from paca_prof import validate
-from paca_prof.analyze import capacity, display, figures
+from paca_prof.analyze import display, figures
 from paca_prof.budget import DEFAULT_HEADROOM, make_budget
 from paca_prof.units import GIB
 from dashboards import runs
@@ -541,7 +541,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         if found is not None:
             batch = found[1]
             batch_options = [{"label": str(b), "value": b}
-                             for b in capacity.batches(analysis.trace.capacity)]
+                             for b in analysis.capacity_batches()]
         method_options = _options(methods)
         return (method_options, methods, _options(layers), layers[0] if layers else None,
                 method_options, preferred, method_options, preferred, gpu_options, gpu,
@@ -717,7 +717,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
             message_ = ("This run holds no capacity sweep (capacity.parquet, written by "
                         "`paca-prof plan --out`). The dashboard never simulates.")
             return figures.empty_figure("no capacity sweep in this run"), None, message_, None
-        held = capacity.batches(analysis.trace.capacity)
+        held = analysis.capacity_batches()
         if batch is not None and (isinstance(batch, bool) or batch not in held):
             raise ValueError(f"no capacity points at batch {_show(batch)} (have {held})")
         memory, headroom = _free_memory(free_gib), _headroom(headroom)

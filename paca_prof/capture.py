@@ -229,7 +229,18 @@ class Capture:
 
     def _backward_enter(self, path: str) -> None:
         self._backward_event()
-        self._enter(path, "backward")
+        # A module whose output is also an inner module's (the MLP's is down_proj's) opens its
+        # backward on the same gradient, after the inner one: it goes beneath it, so that the
+        # innermost scope stays current, as in forward.
+        at = len(self.stack)
+        while at and _contains(path, self.stack[at - 1]):
+            at -= 1
+        if at == len(self.stack):
+            self._enter(path, "backward")
+            return
+        self.stack.insert(at, path)
+        for callback in self._scope_enter:
+            callback(path, "backward")
 
     def _backward_exit(self, path: str) -> None:
         self._backward_event()
@@ -336,3 +347,11 @@ def _grad_tensors(value) -> list[torch.Tensor]:
         elif isinstance(item, dict):
             stack.extend(item.values())
     return found
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """Whether module path `outer` contains `inner` (the root contains every module; the loss
+    and optimizer scopes contain nothing)."""
+    if outer == inner or inner.startswith("["):
+        return False
+    return outer == ROOT or inner.startswith(outer + ".")

@@ -772,20 +772,15 @@ def _print_plan(result) -> None:
                     f"{format_bytes(budget)} budget")
         print(f"{name}: {head}")
         print(f"  {mp.confirmation}")
-        curve = result.curve[result.curve["method"] == name]
-        table = curve.pivot_table(index=[result.vary, "probed"], columns="category",
-                                  values="bytes", aggfunc="sum").reset_index()
-        reserved = curve.groupby(result.vary)["reserved_bytes"].first()
         categories = list(MEMORY_CATEGORIES)
         header = (f"  {result.vary:>8} {'reserved GiB':>12} {'% budget':>8} {'peak GiB':>9} "
                   + " ".join(f"{c:>11}" for c in categories) + "  source")
         print(header)
-        for _, row in table.sort_values(result.vary).iterrows():
-            size = int(row[result.vary])
-            peak = sum(int(row[c]) for c in categories)
-            held = int(reserved.loc[size])
-            mark = "  <- max" if size == mp.max_size else ("  over budget" if held > budget
-                                                          else "")
+        for _, row in result.curve_table(name).iterrows():
+            size, peak, held = (int(row[result.vary]), int(row["peak_bytes"]),
+                                int(row["reserved_bytes"]))
+            mark = "  <- max" if row["is_max"] else ("  over budget" if row["over_budget"]
+                                                     else "")
             cells = " ".join(f"{int(row[c]) / GIB:>11.2f}" for c in categories)
             print(f"  {size:>8} {held / GIB:>12.2f} {100 * held / budget:>8.1f} "
                   f"{peak / GIB:>9.2f} {cells}  {'probed' if row['probed'] else 'fitted'}{mark}")

@@ -239,6 +239,27 @@ class PlanResult:
                if self.distributed else {}),
         }
 
+    def curve_table(self, method: str) -> pd.DataFrame:
+        """The curve of one method as the plan printout shows it, one row per size, smallest
+        first: the size (column named by `vary`), reserved_bytes, peak_bytes (the sum of the
+        categories), the bytes of each memory category, probed (simulated, else fitted),
+        over_budget (reserved above the budget) and is_max (the answer's size)."""
+        curve = self.curve[self.curve["method"] == method]
+        table = curve.pivot_table(index=[self.vary, "probed"], columns="category",
+                                  values="bytes", aggfunc="sum").reset_index()
+        categories = list(MEMORY_CATEGORIES)
+        table[categories] = table[categories].astype("int64")
+        reserved = curve.groupby(self.vary)["reserved_bytes"].first()
+        table.insert(1, "reserved_bytes", [int(reserved.loc[s]) for s in table[self.vary]])
+        table.insert(2, "peak_bytes", table[categories].sum(axis=1))
+        table[self.vary] = table[self.vary].astype("int64")
+        table["over_budget"] = table["reserved_bytes"] > self.budget.budget_bytes
+        table["is_max"] = table[self.vary] == self.methods[method].max_size
+        table.columns.name = None
+        return table.sort_values(self.vary, kind="stable").reset_index(drop=True)[
+            [self.vary, "reserved_bytes", "peak_bytes", *categories, "probed", "over_budget",
+             "is_max"]]
+
     def to_dict(self) -> dict:
         """The JSON object of `paca-prof plan --json`."""
         key = f"max_{self.vary}"

@@ -262,3 +262,15 @@ def test_analyze_shows_the_spread_and_flags_intervals_containing_1(measured_trac
     assert "spread (measured)" in printed
     for method, row in rows.items():
         assert (f"WARNING: {method}:" in printed) == bool(row["spread_warning"]), method
+
+
+def test_capacity_batches_come_from_the_front_object():
+    """The dashboard's batch picker reads the sweep's batches through TraceAnalysis."""
+    from conftest import ROOT
+
+    plan = TraceAnalysis(ROOT / "traces" / "sample-plan-llama3-8b-a100-80gb")
+    held = sorted(int(b) for b in plan.trace.capacity["batch"].unique())
+    assert plan.capacity_batches() == held and held
+    assert plan.capacity_curve()[1] in held
+    assert TraceAnalysis(ROOT / "traces" / "sample-llama3-8b-seq4096-a100-80gb"
+                         ).capacity_batches() == []

@@ -196,6 +196,21 @@ def test_curve_is_a_capacity_table_up_to_a_quarter_past_the_answer(tiny_plan):
         assert mp.max_size <= best[method] < mp.max_size + 16
 
 
+def test_curve_table_is_the_printed_table_one_row_per_size(tiny_plan):
+    """The planner, not the view, turns the curve into the table `paca-prof plan` prints."""
+    budget = TINY_BUDGET.budget_bytes
+    for method, mp in tiny_plan.methods.items():
+        table = tiny_plan.curve_table(method)
+        rows = tiny_plan.curve[tiny_plan.curve["method"] == method]
+        assert list(table["seq"]) == sorted(set(rows["seq"]))
+        assert (table["peak_bytes"] == table[list(MEMORY_CATEGORIES)].sum(axis=1)).all()
+        best = table[table["is_max"]]
+        assert list(best["seq"]) == [mp.max_size]
+        assert int(best["peak_bytes"].iloc[0]) == mp.best.peak_bytes
+        assert int(best["reserved_bytes"].iloc[0]) == mp.best.reserved_bytes
+        assert (table["over_budget"] == (table["reserved_bytes"] > budget)).all()
+
+
 def test_largest_batch_at_a_fixed_sequence():
     result = plan("tiny", TINY_BUDGET, ("paca",), seq=128, **TINY)
     mp = result.methods["paca"]

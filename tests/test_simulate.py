@@ -134,6 +134,42 @@ def test_ledger_equals_an_independent_count_of_saved_bytes(measured_and_simulate
     assert pairs[method][0].summary["activation_bytes"] == _independent_saved_bytes(spec, method)
 
 
+
+@pytest.mark.parametrize("method", DEFAULT_METHODS)
+def test_measured_and_simulated_ops_mean_the_same_flops_and_dtypes(measured_and_simulated,
+                                                                   method):
+    """One definition of FLOPs (torch's formulas, from the profiler's input shapes when
+    measured) and of dtype names (torch's spelling, normalised when written): the same step
+    measured and simulated counts the same FLOPs per phase, and per module in forward,
+    attention included, and names its tensors' dtypes alike."""
+    dtype, pairs = measured_and_simulated
+    measured, simulated = (result.ops for result in pairs[method])
+    per_phase = [ops.groupby("phase")["flops"].sum() for ops in (measured, simulated)]
+    pd.testing.assert_series_equal(*per_phase, check_names=False)
+    forward = [ops[(ops["phase"] == "forward") & (ops["flops"] > 0)].groupby("module")[
+        "flops"].sum() for ops in (measured, simulated)]
+    assert len(forward[0]) > 0
+    pd.testing.assert_series_equal(*forward, check_names=False)
+    attention = measured[measured["module"].str.endswith("self_attn")
+                         & measured["name"].isin(["aten::bmm", "aten::matmul"])]
+    assert attention["flops"].sum() > 0  # eager attention's score and value GEMMs count
+    tensor_dtypes = [set(ops["dtype"]) - {"", "ScalarList", "TensorList"}
+                     for ops in (measured, simulated)]
+    assert tensor_dtypes[0] == tensor_dtypes[1]
+    assert {"fp32": "float32", "bf16": "bfloat16"}[dtype] in tensor_dtypes[0]
+
+
+def test_backward_ops_are_attributed_to_the_same_module_measured_and_simulated(
+        measured_and_simulated):
+    """A module whose output is also its parent's (down_proj and the MLP, o_proj and
+    self_attn, lm_head and the model) owns its backward ops in both engines."""
+    _, pairs = measured_and_simulated
+    measured, simulated = (result.ops for result in pairs["frozen"])
+    backward = [ops[(ops["phase"] == "backward") & (ops["flops"] > 0)].groupby("module")[
+        "flops"].sum() for ops in (measured, simulated)]
+    pd.testing.assert_series_equal(*backward, check_names=False)
+
+
 def test_simulated_paca_linear_saves_exactly_the_partial_input():
     spec = RunSpec(device="meta", **{**TINY, "dtype": "bf16", "attention": "flash"})
     result = simulate_method(spec, "paca")

@@ -232,6 +232,15 @@ class TraceAnalysis:
             diff = diff[diff["method"].isin(methods)]
         return analyses.top_changes(diff, n=n)
 
+    def capacity_batches(self) -> list[int]:
+        """The batch sizes the capacity sweep holds, smallest first ([] without a sweep)."""
+        sweep = self.trace.capacity
+        if sweep is None or sweep.empty:
+            return []
+        from paca_prof.analyze import capacity
+
+        return capacity.batches(sweep)
+
     def capacity_curve(self, batch: int | None = None) -> tuple[pd.DataFrame, int] | None:
         """The capacity sweep at one batch (default: the run's batch if the sweep has it,
         else its smallest) and that batch; None if the trace has no sweep."""
