@@ -62,7 +62,10 @@ def prepare_step(method: str, seq: int, batch: int) -> Callable[[], float]:
     layers = {f"model.layers.{i}" for i in range(MODEL["num_hidden_layers"])}
 
     def step() -> float:
-        latencies, phase_ms = timing_pass(run, ids, warmup=0, steps=1)
+        outcome = timing_pass({method: run}, ids, warmup=0, steps=1)[method]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        latencies, phase_ms = outcome.latencies(), outcome.phase_ms()
         inside = sum(ms for (path, phase), ms in latencies.items()
                      if path in layers and phase in ("forward", "backward"))
         return inside / (phase_ms["forward"] + phase_ms["backward"])

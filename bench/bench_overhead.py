@@ -76,10 +76,14 @@ def prepare_cases(args, method: str) -> dict[str, Callable[[], object]]:
     spec.config.max_position_embeddings = max(spec.config.max_position_embeddings, args.seq)
     run = prepare(spec, method, "cpu")
     ids = make_batch(spec, "cpu")
-    return {
-        "plain": lambda: run.step(ids),
-        "instrumented": lambda: timing_pass(run, ids, warmup=0, steps=1),
-    }
+
+    def instrumented():
+        outcome = timing_pass({method: run}, ids, warmup=0, steps=1)[method]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return {"plain": lambda: run.step(ids), "instrumented": instrumented}
 
 
 def measure(args, methods: list[str], warmup: int) -> tuple[list[dict], dict]:

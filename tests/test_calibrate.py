@@ -1,9 +1,11 @@
-"""paca-prof calibrate: the spec it fits loads as --gpu reads it, and a projection onto it is
-in the measured run's range. LOOSE by design: a shared machine moves every measured number, so
-the only time check is projected step within 3x of measured (bench/bench_calibrate.py has the
-real targets: 20%, 0.05, 25%)."""
+"""paca-prof calibrate: the spec it fits loads as --gpu reads it, and a run projects onto it.
+No test here compares a projected time with a measured one: a shared machine moves every
+measured number (issue 17: no test asserts a ratio of timings). bench/bench_calibrate.py judges
+that accuracy against its targets (20%, 0.05, 25%)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -43,11 +45,10 @@ def test_the_spec_loads_and_its_numbers_are_measured(calibrated):
     assert "calibrate" in spec.source and "1 torch thread" in spec.source
 
 
-def test_a_projection_onto_the_calibrated_cpu_is_within_3x_of_measured(calibrated,
-                                                                       measured_trace):
-    """The shared measured run (tiny, 2 x 128, fp32, one thread) against its projection onto
-    the spec calibrated here: every method's step within a factor 3 (loose), and the
-    projection's source and GPU recorded."""
+def test_the_measured_run_projects_onto_the_calibrated_cpu(calibrated, measured_trace):
+    """The shared measured run's spec (tiny, 2 x 128, fp32) projected onto the spec calibrated
+    here: every measured method gets a projected step, and the projection's source and GPU are
+    recorded. How close it comes to the measured times is bench_calibrate's to judge."""
     from conftest import MEASURED_RUN, run_spec
 
     from paca_prof import engines
@@ -60,10 +61,9 @@ def test_a_projection_onto_the_calibrated_cpu_is_within_3x_of_measured(calibrate
     projected = trace.load(out)
     assert projected.run["sources"]["time"] == "projected"
     assert projected.run["gpu"]["name"] == "calibrated-cpu"
-    measured = measured_trace.summary.set_index("method")["step_ms"]
-    for method, ms in projected.summary.set_index("method")["step_ms"].items():
-        assert measured[method] / 3 <= ms <= 3 * measured[method], (method, ms,
-                                                                   measured[method])
+    steps = projected.summary.set_index("method")["step_ms"]
+    assert list(steps.index) == list(measured_trace.methods)
+    assert (steps > 0).all() and steps.map(math.isfinite).all(), steps
     assert MEASURED_RUN["dtype"] == "fp32"
 
 
