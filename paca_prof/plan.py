@@ -12,7 +12,9 @@ published measurements give (max_memory_reserved). The CUDA context is the GPU t
 cuda_context_bytes (0 for a bare --memory). The headroom keeps back only what stays unmodelled,
 DEFAULT_HEADROOM = "512MiB+1%" (budget.py says what each part stands for); any sum of byte
 sizes and percentages of the device memory is accepted ("2GiB", "10%", "0"); every answer
-states it. A full-depth simulation is replayed exactly; an extrapolated point's reserved memory
+states it. A full-depth simulation is replayed exactly, within the budget as `run` replays it
+(the allocator frees its cache and retries before it fails, as PyTorch's does), so `run` and
+`plan` give one verdict for one size; an extrapolated point's reserved memory
 is estimated as its peak times reserved/peak of the last full-depth simulation (before there is
 one, of the deepest shallow simulation, which overestimates: 1.09-1.21 at 3 layers against
 1.03-1.07 at 32 on llama3-8b), so answers near the budget are confirmed at full depth.
@@ -54,8 +56,9 @@ Limits: what neither the simulation nor the allocator model covers (kernel works
 streams, first-step-only allocations) is what the headroom is for; peak memory is assumed to grow
 with size (it does for every method here), but reserved memory need not: fragmentation depends
 on how the step's blocks fall into segments (full fine-tuning of llama3-8b with flash
-attention reserves 78.4 GiB at 1344 tokens, 88.3 at 3072 and 79.9 at 4096, for one peak of
-74.8 GiB), so an answer is the largest size below the first one found not to fit, and a
+attention reserves 78.4 GiB at 1344 tokens, 88.3 at 3072 and 79.9 at 4096 when nothing bounds
+it; within the 78.20 GiB budget of an A100 80GB, where the allocator frees its cache before it
+fails, it fits up to 4224 tokens), so an answer is the largest size below the first one found not to fit, and a
 longer one can fit where reserved dips; sequences are searched up to SEQ_LIMIT tokens and
 batches up to BATCH_LIMIT (an answer at the limit says so); the model's max_position_embeddings
 is not enforced.
@@ -369,7 +372,7 @@ def plan(spec, budget: Budget, *, seq: int | None = None,
     deadline = None if confirm == "always" else started + time_budget_s
 
     def plan_method(method: str) -> MethodPlan:
-        model = _MethodModel(spec, method, depths)
+        model = _MethodModel(spec, method, depths, budget)
         answer, probes = search.run(model.probe, SEQ_START if vary == "seq" else BATCH_START)
         mp = search.method_plan(method, answer, probes,
                                 FULL_DEPTH if len(depths) == 1 else UNCONFIRMED_OFF)
@@ -420,10 +423,14 @@ class _MethodModel:
     """Probes one method at any size: simulated at `depths` and extrapolated to the model's
     depth, or (probe_full) simulated at full depth."""
 
-    def __init__(self, spec, method: str, depths: tuple[int, ...]):
-        self.spec, self.method, self.depths = spec, method, depths
+    def __init__(self, spec, method: str, depths: tuple[int, ...], budget=None):
+        self.spec, self.method, self.depths, self.budget = spec, method, depths, budget
         self.n_layers = spec.config.num_hidden_layers
-        self._sims = {d: _DepthSimulator(_at_depth(spec, d), method, d) for d in depths}
+        # a full-depth step is replayed within the budget, as `run` replays it (the allocator
+        # frees its cache and retries before it fails, as PyTorch's does): one rule for both
+        self._sims = {d: _DepthSimulator(_at_depth(spec, d), method, d,
+                                         budget if d == self.n_layers else None)
+                      for d in depths}
         self._full: _DepthSimulator | None = None
         # reserved / peak of the last full-depth simulation: the estimate for extrapolated
         # points once one is known
@@ -444,7 +451,7 @@ class _MethodModel:
 
     def probe_full(self, seq: int, batch: int) -> Point:
         if self._full is None:
-            self._full = _DepthSimulator(self.spec, self.method, self.n_layers)
+            self._full = _DepthSimulator(self.spec, self.method, self.n_layers, self.budget)
         point = self._full.step(seq, batch)
         self.learned_ratio = point.reserved_ratio
         return point
@@ -467,20 +474,21 @@ class _MethodModel:
 
 
 class _DepthSimulator:
-    """A Simulator of one method at one depth that returns its step's segment peaks."""
+    """A Simulator of one method at one depth that returns its step's segment peaks; with a
+    budget (budget.Budget), its reserved memory is replayed within it (Simulator.step)."""
 
-    def __init__(self, spec, method: str, depth: int):
+    def __init__(self, spec, method: str, depth: int, budget=None):
         from paca_prof.engines.simulate import Simulator
 
         started = time.perf_counter()
-        self.depth = depth
+        self.depth, self.budget = depth, budget
         self.sim = Simulator(spec, method)
         self.build_s = time.perf_counter() - started
         self.step_s = 0.0
 
     def step(self, seq: int, batch: int) -> Point:
         started = time.perf_counter()
-        result = self.sim.step(seq, batch)
+        result = self.sim.step(seq, batch, budget=self.budget)
         point = replace(_point(seq, batch, segment_peaks(result.memory, result.segment_cuts),
                                self.depth, extrapolated=False),
                         reserved_bytes=int(result.summary["reserved_bytes"]))
