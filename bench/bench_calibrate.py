@@ -18,9 +18,12 @@ and the runs'). Every time printed says measured or projected.
     python bench/bench_calibrate.py --spec cpu.yaml  # a spec calibrated before
     python bench/bench_calibrate.py --quick          # quick calibration, 5 rounds
 
-Verdicts are plain comparisons with the targets (PASS / MISS); on a loaded machine the
-measured side moves, so read them beside the measured interval. Exit status 0 (1 when a target
-is missed, for scripts that want it with --strict); 2 for bad arguments.
+Verdicts by bench/verdicts.py, from the far ends of intervals: a step's |error| from the 95%
+interval of the measured median (its timed steps as repeats, at least MIN_REPEATS), the
+paca/lora difference from the measured ratio's 95% bootstrap interval. No verdict under
+--quick. The per-layer errors have no interval (one value per layer and method): they are
+compared with their target and printed as within / outside, not judged. Exit status by
+verdicts.exit_status (1 on a FAIL, 3 when something is INCONCLUSIVE); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
+
+import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sys.path)
 
 from paca_prof import engines, trace  # noqa: E402
 from paca_prof.calibrate import calibrate  # noqa: E402
@@ -77,43 +82,61 @@ def _layer_errors(measured: trace.Trace, projected: trace.Trace) -> dict[str, li
     return errors
 
 
-def report(name: str, measured: trace.Trace, projected: trace.Trace) -> list[bool]:
+def _abs_interval(low: float, high: float) -> verdicts.Interval:
+    """The interval of |x| for x in [low, high]."""
+    if low <= 0 <= high:
+        return verdicts.Interval(0.0, max(-low, high))
+    return verdicts.Interval(min(abs(low), abs(high)), max(abs(low), abs(high)))
+
+
+def report(name: str, measured: trace.Trace, projected: trace.Trace,
+           quick: bool) -> dict[str, verdicts.Judgement]:
     m = measured.summary.set_index("method")
     p = projected.summary.set_index("method")
-    verdicts = []
+    judged: dict[str, verdicts.Judgement] = {}
     print(f"\nconfig {name}: {trace.title(measured.run)}; projected onto "
           f"{projected.run['gpu']['name']}")
-    print(f"  {'method':<8} {'measured ms [p25-p75]':>26} {'projected ms':>13} {'error':>8}  "
-          f"(target within {STEP_TARGET:.0%})")
+    print(f"  {'method':<8} {'measured ms [p25-p75]':>26} {'projected ms':>13} {'error':>8} "
+          f"{'95% interval':>18}  (target |error| within {STEP_TARGET:.0%})")
+    steps = measured.steps
     for method in METHODS:
         real, model = m.loc[method, "step_ms"], p.loc[method, "step_ms"]
         error = model / real - 1
-        ok = abs(error) <= STEP_TARGET
-        verdicts.append(ok)
+        times = steps.loc[steps["method"] == method, "step_ms"].tolist()
+        median = verdicts.median_interval(times)
+        interval = None if median is None else _abs_interval(model / median.high - 1,
+                                                             model / median.low - 1)
+        judged[f"{name} {method} step"] = verdicts.judge(
+            interval, STEP_TARGET, n=len(times), minimum=verdicts.MIN_REPEATS, quick=quick,
+            unit="timed steps")
         spread = f"{real:.1f} [{m.loc[method, 'step_ms_p25']:.1f}-{m.loc[method, 'step_ms_p75']:.1f}]"
-        print(f"  {method:<8} {spread:>26} {model:>13.1f} {error:>+8.1%}  "
-              f"{'PASS' if ok else 'MISS'}")
+        shown = "-" if median is None else (f"[{model / median.high - 1:+.1%}, "
+                                            f"{model / median.low - 1:+.1%}]")
+        print(f"  {method:<8} {spread:>26} {model:>13.1f} {error:>+8.1%} {shown:>18}  "
+              f"{judged[f'{name} {method} step']}")
     real = m.loc["paca", "step_ms"] / m.loc["lora", "step_ms"]
     model = p.loc["paca", "step_ms"] / p.loc["lora", "step_ms"]
-    ok = abs(model - real) <= RATIO_TARGET
-    verdicts.append(ok)
-    print(f"  paca/lora: measured {real:.3f} (95% interval [{m.loc['paca', 'step_ratio_lo']:.3f}, "
-          f"{m.loc['paca', 'step_ratio_hi']:.3f}]), projected {model:.3f}, difference "
-          f"{model - real:+.3f} (target within {RATIO_TARGET})  {'PASS' if ok else 'MISS'}")
+    low, high = m.loc["paca", "step_ratio_lo"], m.loc["paca", "step_ratio_hi"]
+    ratio_rounds = int(m.loc["paca", "steps_timed"])
+    judged[f"{name} paca/lora"] = verdicts.judge(
+        _abs_interval(model - high, model - low), RATIO_TARGET, n=ratio_rounds,
+        minimum=verdicts.MIN_REPEATS, quick=quick, unit="timed steps")
+    print(f"  paca/lora: measured {real:.3f} (95% interval [{low:.3f}, {high:.3f}]), projected "
+          f"{model:.3f}, difference {model - real:+.3f} [{model - high:+.3f}, {model - low:+.3f}]"
+          f" (target within {RATIO_TARGET})  {judged[f'{name} paca/lora']}")
     for phase, errors in _layer_errors(measured, projected).items():
         if not errors:
             continue
         worst = max(errors, key=abs)
         median = statistics.median(abs(e) for e in errors)
-        ok = median <= LAYER_TARGET
-        verdicts.append(ok)
         print(f"  decoder layers, {phase}: projected vs measured, median |error| {median:.1%}, "
-              f"largest {worst:+.1%} over {len(errors)} (layer, method) (target within "
-              f"{LAYER_TARGET:.0%})  {'PASS' if ok else 'MISS'}")
+              f"largest {worst:+.1%} over {len(errors)} (layer, method): "
+              f"{'within' if median <= LAYER_TARGET else 'outside'} {LAYER_TARGET:.0%} "
+              f"(compared, not judged: no interval)")
     warned = {k: v for k, v in measured.run.get("timing", {}).get("warnings", {}).items()}
     if warned:
         print(f"  measured spread warnings: {warned}")
-    return verdicts
+    return judged
 
 
 def main(argv=None) -> int:
@@ -122,7 +145,6 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="tiny,mid")
     parser.add_argument("--steps", type=int, default=10, help="measured rounds (default 10)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     if not names or any(n not in CONFIGS for n in names) or args.steps < 1:
@@ -144,14 +166,14 @@ def main(argv=None) -> int:
                   f"{s.module_call_us:.1f} us, foreach "
                   f"{s.foreach_tensor_us:.1f} us/tensor, attention efficiency "
                   f"{s.attention_efficiency:.2f}")
-        verdicts = []
+        judged: dict[str, verdicts.Judgement] = {}
         for name in names:
             measured, projected = _runs(name, spec_yaml, 5 if args.quick else args.steps,
                                         workdir)
-            verdicts += report(name, measured, projected)
-    missed = verdicts.count(False)
-    print(f"\n{len(verdicts) - missed} of {len(verdicts)} targets met")
-    return 1 if args.strict and missed else 0
+            judged.update(report(name, measured, projected, args.quick))
+    print(verdicts.legend(verdicts.MIN_REPEATS, "timed steps"))
+    print(verdicts.summary(judged))
+    return verdicts.exit_status(judged.values())
 
 
 if __name__ == "__main__":
