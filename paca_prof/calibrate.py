@@ -187,10 +187,12 @@ def _overhead_fit(timer: _Timer, device: str) -> dict:
     clock = _Clock(device.startswith("cuda"))
     rows = []
     for method in OVERHEAD_METHODS:
-        spec = RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
-                       device=device, methods=(method,))
-        ops = simulate_method(RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
-                                      device="meta", methods=(method,)), method).ops
+        def spec_on(where: str) -> RunSpec:
+            return RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
+                           device=where, methods=(method,))
+
+        spec = spec_on(device)
+        ops = simulate_method(spec_on("meta"), method).ops
         ops = ops[ops["phase"] != "optimizer"].sort_values("seq_no")
         run = prepare(spec, method, device)
         ids = make_batch(spec, device)

@@ -58,9 +58,9 @@ with size (it does for every method here), but reserved memory need not: fragmen
 on how the step's blocks fall into segments (full fine-tuning of llama3-8b with flash
 attention reserves 78.4 GiB at 1344 tokens, 88.3 at 3072 and 79.9 at 4096 when nothing bounds
 it; within the 78.20 GiB budget of an A100 80GB, where the allocator frees its cache before it
-fails, it fits up to 4224 tokens), so an answer is the largest size below the first one found not to fit, and a
-longer one can fit where reserved dips; sequences are searched up to SEQ_LIMIT tokens and
-batches up to BATCH_LIMIT (an answer at the limit says so); the model's max_position_embeddings
+fails, it fits up to 4224 tokens), so an answer is the largest size below the first one found
+not to fit, and a longer one can fit where reserved dips; sequences are searched up to
+SEQ_LIMIT tokens and batches up to BATCH_LIMIT (an answer at the limit says so); the model's max_position_embeddings
 is not enforced.
 
 This module imports torch only inside the functions that simulate; the budget is budget.py's and
