@@ -391,7 +391,7 @@ def check_names_and_shapes(model: nn.Module, state_dict, prefix: str, strict: bo
     wrong = []
     for key, value in state_dict.items() if shapes else ():
         mine = expected.get(key)
-        if mine is None or not isinstance(value, torch.Tensor) or not isinstance(mine, torch.Tensor):
+        if not (isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor)):
             continue
         if nn.parameter.is_lazy(mine) or tuple(mine.shape) == tuple(value.shape):
             continue
