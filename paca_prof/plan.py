@@ -60,8 +60,8 @@ attention reserves 78.4 GiB at 1344 tokens, 88.3 at 3072 and 79.9 at 4096 when n
 it; within the 78.20 GiB budget of an A100 80GB, where the allocator frees its cache before it
 fails, it fits up to 4224 tokens), so an answer is the largest size below the first one found
 not to fit, and a longer one can fit where reserved dips; sequences are searched up to
-SEQ_LIMIT tokens and batches up to BATCH_LIMIT (an answer at the limit says so); the model's max_position_embeddings
-is not enforced.
+SEQ_LIMIT tokens and batches up to BATCH_LIMIT (an answer at the limit says so); the model's
+max_position_embeddings is not enforced.
 
 This module imports torch only inside the functions that simulate; the budget is budget.py's and
 the result classes are pandas-only. The curve has the columns of the analyzer's capacity sweep
