@@ -76,6 +76,10 @@ def inject_paca(
     model.__dict__["_paca_load_check"] = model.register_load_state_dict_pre_hook(
         _check_whole_state_dict
     )
+    model.__dict__["_paca_layer_list"] = list(layers.values())
+    model.__dict__["_paca_stack_guard"] = model.register_forward_pre_hook(
+        _refuse_peft_over_paca
+    )
     return model
 
 
@@ -411,10 +415,39 @@ def check_names_and_shapes(model: nn.Module, state_dict, prefix: str, strict: bo
             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
+def _refuse_peft_over_paca(model: nn.Module, args) -> None:
+    """Forward pre-hook of a model PaCA went into: raise RuntimeError on a training forward
+    when a PEFT adapter was stacked over it (get_peft_model over a PaCA model keeps only its
+    own adapter trainable, so PaCA's columns would silently stop training).
+
+    Cheap on every forward: a look at each PaCA layer's requires_grad; the model's modules are
+    searched for a PEFT layer only when some enabled layer's columns are frozen, once per set of
+    frozen layers. Frozen columns without a PEFT adapter (a user's choice) pass. Skipped while
+    torch.compile traces (the wrap happens in eager code first, where it is caught)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or "peft" not in sys.modules:
+        return
+    frozen = tuple(id(layer) for layer in model.__dict__["_paca_layer_list"]
+                   if layer._enabled and not layer.paca_weight.requires_grad)
+    if not frozen or model.__dict__.get("_paca_frozen_checked") == frozen:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise RuntimeError(
+            "a PEFT adapter was stacked over this PaCA model, and it froze PaCA's trained "
+            f"columns ({len(frozen)} PaCA layers no longer train): stacking PEFT and PaCA is "
+            "not supported. Merge PaCA first (paca_model.merge_and_unload()) and apply PEFT to "
+            "the result, or train one of the two")
+    model.__dict__["_paca_frozen_checked"] = frozen
+
+
 def _forget(model: nn.Module) -> None:
-    handle = model.__dict__.pop("_paca_load_check", None)
-    if handle is not None:
-        handle.remove()
+    for name in ("_paca_load_check", "_paca_stack_guard"):
+        handle = model.__dict__.pop(name, None)
+        if handle is not None:
+            handle.remove()
+    model.__dict__.pop("_paca_layer_list", None)
+    model.__dict__.pop("_paca_frozen_checked", None)
     model.__dict__.pop("_paca_modules_to_save", None)
     model.__dict__.pop("paca_config", None)
 

@@ -510,6 +510,33 @@ def test_stacking_on_a_peft_adapter_is_refused(make_llama):
     assert [p.requires_grad for p in lora.parameters()] == before
 
 
+@pytest.mark.parametrize("wrap", [get_paca_model, inject_paca])
+def test_a_peft_adapter_over_paca_is_refused_at_its_first_training_forward(make_llama, wrap):
+    """get_peft_model over a PaCA model keeps only its own adapter trainable: PaCA's columns
+    would silently stop training. The first training forward refuses; no-grad forwards run."""
+    from peft import LoraConfig, get_peft_model
+
+    paca_model = wrap(make_llama(), cfg(target_modules=["q_proj", "v_proj"]))
+    stacked = get_peft_model(paca_model, LoraConfig(r=2, target_modules=["k_proj"]))
+    assert not any(layer.paca_weight.requires_grad for layer in paca_layers(paca_model).values())
+    probe = batch(9)
+    with torch.no_grad():
+        stacked(input_ids=probe)  # evaluation trains nothing: allowed
+    with pytest.raises(RuntimeError, match="PEFT adapter was stacked over this PaCA model"):
+        stacked(input_ids=probe, labels=probe)
+
+
+def test_columns_frozen_by_hand_without_peft_are_the_users_choice(make_llama):
+    model = get_paca_model(make_llama(), cfg(target_modules=["q_proj", "v_proj"]))
+    layer = next(iter(paca_layers(model).values()))
+    layer.paca_weight.requires_grad_(False)
+    probe = batch(9)
+    model(input_ids=probe, labels=probe).loss.backward()
+    assert layer.paca_weight.grad is None
+    assert all(other.paca_weight.grad is not None
+               for other in paca_layers(model).values() if other is not layer)
+
+
 # ---------------------------------------------------------------- wrapped models
 
 

@@ -82,6 +82,47 @@ def test_the_operator_is_transparent_to_profilers():
     assert counts_as_op("aten::index_select") and counts_as_op("aten::addmm")
 
 
+
+def test_its_fake_kernel_is_the_aten_ops_meta_kernels_the_simulator_runs():
+    """No fake kernel of its own: torch refuses register_fake for a CompositeImplicitAutograd
+    operator, which decomposes on fake and meta tensors instead. So torch.compile's fake tensors
+    and the simulator (PartialConnectionFn on the meta device) run the same aten ops' meta
+    kernels, in the same order, forward and backward, with the same shapes (views aside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    assert paca.compiled.ensure_built().available
+    with pytest.raises(RuntimeError, match="CompositeImplicitAutograd kernel"):
+        torch.library.register_fake("paca::partial_connection")(lambda *args: None)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:  # views make no kernel (and C++ orders them differently)
+                shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out)
+                          if isinstance(t, torch.Tensor)]
+                self.seen.append((str(func), shapes))
+            return out
+
+    sequences = []
+    for fn in (torch.ops.paca.partial_connection.default, PartialConnectionFn.apply):
+        with torch.device("meta"):
+            x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+            p = torch.randn(4, 24, dtype=torch.bfloat16).t().requires_grad_()
+            weight, bias = torch.randn(24, 32, dtype=torch.bfloat16), None
+            indices = torch.tensor([1, 4, 9, 30])
+        with Ops() as ops:
+            y = fn(x, p, weight, bias, indices, 2.5)
+            y.backward(torch.ones_like(y))
+        assert y.is_meta and p.grad.shape == (24, 4)
+        sequences.append(ops.seen)
+    assert sequences[0] == sequences[1]
+    assert any("index_select" in op for op, _ in sequences[0])
+
+
 def test_build_failure_warns_once_and_falls_back(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise OSError("no C++ compiler found\nsecond line")
