@@ -420,7 +420,7 @@ def _register(app: dash.Dash, root: Path, gpus: dict) -> None:
         Output("compare-run", "options"), Output("compare-run", "value"),
         Output("run-alert", "children"),
         Input("url", "search"), Input("refresh", "n_clicks"),
-        State("run", "value"), State("compare-run", "value"))
+        State("run", "value"), State("compare-run", "value"), prevent_initial_call=False)
     @guard(*[dash.no_update] * 4)
     def list_runs(search, _clicks, current, compare):
         """Re-list the folder on every page load and refresh; ?run=NAME picks a run."""
@@ -844,7 +844,8 @@ def create_app(traces_dir: str | Path, preload: bool = True) -> dash.Dash:
 
     app = dash.Dash(__name__, title="paca-prof", update_title=None, serve_locally=True,
                     external_stylesheets=[], external_scripts=[],
-                    assets_folder=str(Path(__file__).with_name("assets")))
+                    assets_folder=str(Path(__file__).with_name("assets")),
+                    prevent_initial_callbacks=True)
     app.layout = lambda: _layout(GPUS)  # a function: rebuilt on every page load
     _register(app, root, GPUS)
     _guard_dispatch(app)

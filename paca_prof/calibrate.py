@@ -164,16 +164,21 @@ _OVERHEAD_MODEL = dict(model_type="llama", vocab_size=128, hidden_size=64, inter
 
 
 OVERHEAD_METHODS = ("frozen", "lora", "paca")  # few, many and some module entries per op
+OVERHEAD_WARMUP = 2  # untimed rounds
+OVERHEAD_ROUNDS = 15  # timed rounds of the three methods (5 when the time budget is spent)
+OVERHEAD_ROUNDS_SHORT = 5
 
 
 def _overhead_fit(timer: _Timer, device: str) -> dict:
     """The host cost of eager training code, as two numbers: per op and per module entered.
 
-    Each of OVERHEAD_METHODS runs a training step of a small llama at 16 tokens (its compute is
+    Each of OVERHEAD_METHODS runs training steps of a small llama at 16 tokens (its compute is
     negligible), timed in a Capture session as engines/measure.py times it (module hooks
-    included: the projection is checked against such measurements). Its ops and module
-    entries are counted on the simulated step, as the projection counts them (len(ops) and
-    engines.project.scope_entries). Least squares, both costs >= 0:
+    included: the projection is checked against such measurements), the methods taking turns
+    in OVERHEAD_ROUNDS rounds (a load that changes during the fit moves all three medians
+    alike instead of one method's: the two costs come from differences between methods). Its
+    ops and module entries are counted on the simulated step, as the projection counts them
+    (len(ops) and engines.project.scope_entries). Least squares, both costs >= 0:
         measured step = per_op_us * ops + module_call_us * entries.
     Adapters enter about twice as many modules per op as a plain model, which is what tells
     the two apart. Limits: three methods, one size; the optimizer phase is left out (AdamW's
@@ -185,27 +190,28 @@ def _overhead_fit(timer: _Timer, device: str) -> dict:
     from paca_prof.spec import RunSpec
 
     clock = _Clock(device.startswith("cuda"))
-    rows = []
+    prepared, counts = {}, {}
     for method in OVERHEAD_METHODS:
         def spec_on(where: str) -> RunSpec:
             return RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
                            device=where, methods=(method,))
 
-        spec = spec_on(device)
         ops = simulate_method(spec_on("meta"), method).ops
         ops = ops[ops["phase"] != "optimizer"].sort_values("seq_no")
-        run = prepare(spec, method, device)
-        ids = make_batch(spec, device)
-        for _ in range(2):
-            timed_step(run, ids, clock)
-        times = []
-        for _ in range(3 if time.perf_counter() > timer.deadline else 9):
+        counts[method] = (len(ops), float(scope_entries(ops).sum()))
+        prepared[method] = (prepare(spec_on(device), method, device),
+                            make_batch(spec_on(device), device))
+    times: dict[str, list[float]] = {method: [] for method in OVERHEAD_METHODS}
+    rounds = OVERHEAD_ROUNDS_SHORT if time.perf_counter() > timer.deadline else OVERHEAD_ROUNDS
+    for round_no in range(OVERHEAD_WARMUP + rounds):
+        for method, (run, ids) in prepared.items():  # interleaved: a drift hits all three
             totals = timed_step(run, ids, clock)
-            times.append(sum(v for (path, _), v in totals.items()
-                             if path in ("phase:forward", "phase:backward")))
-        rows.append({"method": method, "ops": len(ops),
-                     "entries": float(scope_entries(ops).sum()),
-                     "measured_us": statistics.median(times) * 1e3})
+            if round_no >= OVERHEAD_WARMUP:
+                times[method].append(sum(v for (path, _), v in totals.items()
+                                         if path in ("phase:forward", "phase:backward")))
+    rows = [{"method": method, "ops": counts[method][0], "entries": counts[method][1],
+             "measured_us": statistics.median(times[method]) * 1e3}
+            for method in OVERHEAD_METHODS]
     per_op, per_call = _fit_two(rows)
     return {"per_op_us": per_op, "module_call_us": per_call, "steps": rows}
 
