@@ -31,12 +31,17 @@ def number(value, what: str, *, minimum: float | None = None, maximum: float | N
     if integer:
         value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{what} must be at least {minimum:g}, got {_show(value)}")
+        raise ValueError(f"{what} must be at least {_limit(minimum)}, got {_show(value)}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"{what} must be at most {maximum:g}, got {_show(value)}")
+        raise ValueError(f"{what} must be at most {_limit(maximum)}, got {_show(value)}")
     if above is not None and value <= above:
-        raise ValueError(f"{what} must be above {above:g}, got {_show(value)}")
+        raise ValueError(f"{what} must be above {_limit(above)}, got {_show(value)}")
     return value
+
+
+def _limit(bound: float | int) -> str:
+    """A limit as people write it: an int in full (2**63-1, not 9.22337e+18), a float short."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def text(value, what: str, max_len: int = MAX_TEXT) -> str:
