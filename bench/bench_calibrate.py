@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             s = result.spec
             print(f"calibrated in {result.seconds:.0f} s (measured): fp32 peak "
                   f"{s.fp32_tflops * 1e3:.1f} GFLOP/s x efficiency {s.matmul_efficiency:.2f}, "
-                  f"{s.hbm_gbps:.1f} GB/s, per-op {s.launch_us:.1f} us, per module entered "
+                  f"{s.hbm_gbps:.1f} GB/s, per-op {s.launch_us:.1f} us (+{s.forward_op_us:.1f} "
+                  f"forward), per module entered "
                   f"{s.module_call_us:.1f} us, foreach "
                   f"{s.foreach_tensor_us:.1f} us/tensor, attention efficiency "
                   f"{s.attention_efficiency:.2f}")

@@ -19,9 +19,9 @@ and writes a GpuSpec (gpus.py) that `paca-prof run --device meta --gpu SPEC.yaml
 
 On the CPU the host runs every op itself, one after another: the spec then has dispatch_us 0
 and the per-op cost in launch_us, so that the schedule (engines/project.py) adds it to every op
-instead of overlapping it with the previous kernel as a GPU would (module_call_us likewise). On
-CUDA the fitted per-op host time is dispatch_us and launch_us 0 (the tiny op's host time,
-`tiny_op_us`, is kept beside it for comparison).
+instead of overlapping it with the previous kernel as a GPU would (module_call_us and
+forward_op_us likewise). On CUDA the fitted per-op host time is dispatch_us and launch_us 0
+(the tiny op's host time, `tiny_op_us`, is kept beside it for comparison).
 
 Limits: about 20-60 s on a small CPU; every number is measured on this machine under its
 current load (run it on a quiet machine; the load average is recorded in `source`); one
@@ -167,21 +167,27 @@ OVERHEAD_METHODS = ("frozen", "lora", "paca")  # few, many and some module entri
 OVERHEAD_WARMUP = 2  # untimed rounds
 OVERHEAD_ROUNDS = 15  # timed rounds of the three methods (5 when the time budget is spent)
 OVERHEAD_ROUNDS_SHORT = 5
+OVERHEAD_PHASES = ("forward", "backward")  # the optimizer's foreach cost is fitted on its own
 
 
 def _overhead_fit(timer: _Timer, device: str) -> dict:
-    """The host cost of eager training code, as two numbers: per op and per module entered.
+    """The host cost of eager training code, as three numbers: per op, more per forward op, and
+    per module entered.
 
     Each of OVERHEAD_METHODS runs training steps of a small llama at 16 tokens (its compute is
     negligible), timed in a Capture session as engines/measure.py times it (module hooks
     included: the projection is checked against such measurements), the methods taking turns
     in OVERHEAD_ROUNDS rounds (a load that changes during the fit moves all three medians
-    alike instead of one method's: the two costs come from differences between methods). Its
-    ops and module entries are counted on the simulated step, as the projection counts them
-    (len(ops) and engines.project.scope_entries). Least squares, both costs >= 0:
-        measured step = per_op_us * ops + module_call_us * entries.
-    Adapters enter about twice as many modules per op as a plain model, which is what tells
-    the two apart. Limits: three methods, one size; the optimizer phase is left out (AdamW's
+    alike instead of one method's: the costs come from differences between methods and
+    phases). Its ops and module entries are counted per phase on the simulated step, as the
+    projection counts them (len(ops) and engines.project.scope_entries). Non-negative least
+    squares over the (method, phase) medians:
+        measured = per_op_us * ops + forward_op_us * forward ops + module_call_us * entries.
+    Forward ops cost the host about three times what backward ones do (Python issues them;
+    autograd's C++ engine issues backward's), and adapters enter about twice as many modules
+    per op as a plain model: what tells the three apart. Limits: three methods, one size; an
+    adapter's Python per module differs by library (PEFT's LoRA layer costs more than a
+    PaCA one), which one module cost averages; the optimizer phase is left out (AdamW's
     foreach cost is fitted on its own)."""
     from paca_prof.engines.measure import _Clock, timed_step
     from paca_prof.engines.project import scope_entries
@@ -196,40 +202,56 @@ def _overhead_fit(timer: _Timer, device: str) -> dict:
             return RunSpec(model=dict(_OVERHEAD_MODEL), seq=16, batch=1, dtype="fp32",
                            device=where, methods=(method,))
 
-        ops = simulate_method(spec_on("meta"), method).ops
-        ops = ops[ops["phase"] != "optimizer"].sort_values("seq_no")
-        counts[method] = (len(ops), float(scope_entries(ops).sum()))
+        ops = simulate_method(spec_on("meta"), method).ops.sort_values("seq_no")
+        counts[method] = {}
+        for phase in OVERHEAD_PHASES:
+            in_phase = ops[ops["phase"] == phase]
+            counts[method][phase] = (len(in_phase), float(scope_entries(in_phase).sum()))
         prepared[method] = (prepare(spec_on(device), method, device),
                             make_batch(spec_on(device), device))
-    times: dict[str, list[float]] = {method: [] for method in OVERHEAD_METHODS}
+    times = {method: {phase: [] for phase in OVERHEAD_PHASES} for method in OVERHEAD_METHODS}
     rounds = OVERHEAD_ROUNDS_SHORT if time.perf_counter() > timer.deadline else OVERHEAD_ROUNDS
     for round_no in range(OVERHEAD_WARMUP + rounds):
         for method, (run, ids) in prepared.items():  # interleaved: a drift hits all three
             totals = timed_step(run, ids, clock)
             if round_no >= OVERHEAD_WARMUP:
-                times[method].append(sum(v for (path, _), v in totals.items()
-                                         if path in ("phase:forward", "phase:backward")))
-    rows = [{"method": method, "ops": counts[method][0], "entries": counts[method][1],
-             "measured_us": statistics.median(times[method]) * 1e3}
-            for method in OVERHEAD_METHODS]
-    per_op, per_call = _fit_two(rows)
-    return {"per_op_us": per_op, "module_call_us": per_call, "steps": rows}
+                for phase in OVERHEAD_PHASES:
+                    times[method][phase].append(sum(v for (path, _), v in totals.items()
+                                                    if path == f"phase:{phase}"))
+    rows = [{"method": method, "phase": phase, "ops": counts[method][phase][0],
+             "forward_ops": counts[method][phase][0] if phase == "forward" else 0,
+             "entries": counts[method][phase][1],
+             "measured_us": statistics.median(times[method][phase]) * 1e3}
+            for method in OVERHEAD_METHODS for phase in OVERHEAD_PHASES]
+    costs = fit_nonnegative(rows, ("ops", "forward_ops", "entries"))
+    return {"per_op_us": costs["ops"], "forward_op_us": costs["forward_ops"],
+            "module_call_us": costs["entries"], "steps": rows}
 
 
-def _fit_two(rows: list[dict]) -> tuple[float, float]:
-    """measured_us = a * ops + b * entries by least squares on relative error, a, b >= 0
-    (with one of them 0, the other is fitted alone)."""
-    xs = [(r["ops"] / r["measured_us"], r["entries"] / r["measured_us"]) for r in rows]
-    sxx = sum(x * x for x, _ in xs)
-    syy = sum(y * y for _, y in xs)
-    sxy = sum(x * y for x, y in xs)
-    sx, sy = sum(x for x, _ in xs), sum(y for _, y in xs)  # targets are all 1
-    det = sxx * syy - sxy * sxy
-    if det > 0:
-        a, b = (sx * syy - sy * sxy) / det, (sy * sxx - sx * sxy) / det
-        if a >= 0 and b >= 0:
-            return a, b
-    return (sx / sxx, 0.0) if sx / sxx * sx >= sy / syy * sy else (0.0, sy / syy)
+def fit_nonnegative(rows: list[dict], columns: tuple[str, ...]) -> dict[str, float]:
+    """measured_us = sum of cost[c] * row[c] over `columns`, every cost >= 0, by least squares
+    on the relative error (each row weighs alike whatever its size). Every subset of the
+    columns is fitted (the others held at 0) and the best fit whose costs are all >= 0 is kept:
+    exact non-negative least squares for the two or three columns used here, and a handful of
+    small solves. (scipy.optimize.nnls does the same for any size; scipy is no dependency.)"""
+    import itertools
+
+    import numpy as np
+
+    design = np.array([[row[c] / row["measured_us"] for c in columns] for row in rows])
+    target = np.ones(len(rows))
+    best, best_residual = dict.fromkeys(columns, 0.0), float(len(rows))  # all 0: residual n
+    for size in range(1, len(columns) + 1):
+        for subset in itertools.combinations(range(len(columns)), size):
+            solution, *_ = np.linalg.lstsq(design[:, subset], target, rcond=None)
+            if (solution < 0).any():
+                continue
+            residual = float(((design[:, subset] @ solution - target) ** 2).sum())
+            if residual < best_residual - 1e-12:
+                best = dict.fromkeys(columns, 0.0)
+                best.update({columns[i]: float(v) for i, v in zip(subset, solution)})
+                best_residual = residual
+    return best
 
 
 def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
@@ -363,11 +385,13 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         bandwidth_efficiency=1.0,
         foreach_tensor_us=round(foreach, 4),
         module_call_us=round(overhead["module_call_us"], 3),
+        forward_op_us=round(overhead["forward_op_us"], 3),
         source=(f"paca-prof calibrate on {label}, {torch.get_num_threads()} torch thread(s), "
                 f"load average {load:.2f} at start; peaks: best GEMM rate measured; "
                 f"efficiencies fitted on model-shaped GEMMs and SDPA; "
                 f"{'per-op cost in launch_us (the CPU runs ops one after another)' if not cuda else 'dispatch: per-op host time'}"
-                f", and per module entered in module_call_us, fitted on small steps of "
+                f", more per forward op in forward_op_us and per module entered in "
+                f"module_call_us, fitted on small steps of "
                 f"{', '.join(OVERHEAD_METHODS)}"),
     )
     return Calibration(spec, gemm, bandwidth, dispatch, tiny_op, overhead, foreach, attention,

@@ -621,10 +621,12 @@ def _cmd_calibrate(args) -> int:
             print(f"  GEMM {dtype} (measured GFLOP/s): {cells}")
     print(f"  bandwidth (measured, fitted over {len(result.bandwidth)} sizes): "
           f"{spec.hbm_gbps:.2f} GB/s")
-    steps = ", ".join(f"{r['method']} {r['measured_us'] / 1e3:.2f} ms ({r['ops']} ops, "
-                      f"{r['entries']:.0f} module entries)" for r in result.overhead["steps"])
+    steps = ", ".join(f"{r['method']} {r['phase']} {r['measured_us'] / 1e3:.2f} ms "
+                      f"({r['ops']} ops, {r['entries']:.0f} module entries)"
+                      for r in result.overhead["steps"])
     print(f"  small llama steps (measured): {steps}")
     print(f"  fitted on them: {result.dispatch_us:.1f} us per op, "
+          f"{result.overhead['forward_op_us']:.1f} us more per forward op, "
           f"{result.overhead['module_call_us']:.1f} us per module entered; a tiny op with "
           f"autograd alone: {result.tiny_op_us:.1f} us (measured)")
     print(f"  attention (SDPA {result.attention['shape']}, measured): "
@@ -637,7 +639,8 @@ def _cmd_calibrate(args) -> int:
           f"{spec.bf16_tflops * 1e3:.1f} GFLOP/s peak, matmul efficiency "
           f"{spec.matmul_efficiency:.2f}, attention efficiency {spec.attention_efficiency:.2f}, "
           f"{spec.hbm_gbps:.2f} GB/s, launch {spec.launch_us:.1f} us, dispatch "
-          f"{spec.dispatch_us:.1f} us, module call {spec.module_call_us:.1f} us, foreach "
+          f"{spec.dispatch_us:.1f} us, forward op {spec.forward_op_us:.1f} us more, module "
+          f"call {spec.module_call_us:.1f} us, foreach "
           f"{spec.foreach_tensor_us:.2f} us per tensor")
     if args.out is not None:
         print(f"spec: {args.out}  (paca-prof run --device meta --gpu {args.out} ... projects "

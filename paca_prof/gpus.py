@@ -21,6 +21,7 @@ A device spec is one GpuSpec. Built-in specs come from datasheets (each names it
     bandwidth_efficiency: 0.80
     foreach_tensor_us: 0.0     # a foreach op's extra cost per input tensor (CPU: a loop)
     module_call_us: 0.0        # host time per module scope entered (calibrate fits it)
+    forward_op_us: 0.0         # more host time per forward op (calibrate fits it)
     source: "where these numbers come from"
 """
 
@@ -69,6 +70,11 @@ class GpuSpec:
     # costs the host this much beyond the ops' own dispatch (engines/project.py counts the
     # entries). The GPU table's 0: its dispatch_us estimates fold it in; calibrate fits it.
     module_call_us: float = 0.0
+    # A forward op costs the host this much more than a backward one: forward ops are issued
+    # by the model's Python code, backward ops by autograd's C++ engine (on a CPU about 40 us
+    # against 13). The GPU table's 0: dispatch_us is the forward issue cost there, and a
+    # GPU's backward is rarely host-bound; calibrate fits it.
+    forward_op_us: float = 0.0
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -97,7 +103,7 @@ class GpuSpec:
             "interconnect_gbps": (0, 1e5, False),
             "matmul_efficiency": (0, 1, False), "attention_efficiency": (0, 1, False),
             "bandwidth_efficiency": (0, 1, False), "foreach_tensor_us": (-1e-12, 1e4, False),
-            "module_call_us": (-1e-12, 1e4, False),
+            "module_call_us": (-1e-12, 1e4, False), "forward_op_us": (-1e-12, 1e4, False),
         }
         for name, (above, maximum, integer) in bounds.items():
             if name in values:

@@ -37,10 +37,13 @@ def test_the_spec_loads_and_its_numbers_are_measured(calibrated):
     assert spec.fp32_tflops == pytest.approx(max(r["tflops"] for r in result.gemm
                                                  if r["dtype"] == "fp32"), rel=1e-4)
     assert 0 < spec.matmul_efficiency <= 1 and 0 < spec.attention_efficiency <= 1
-    assert spec.hbm_gbps > 0 and spec.launch_us > 0 and spec.dispatch_us == 0
-    assert spec.foreach_tensor_us >= 0
+    assert spec.hbm_gbps > 0 and spec.dispatch_us == 0
+    assert spec.foreach_tensor_us >= 0 and spec.launch_us >= 0 and spec.forward_op_us >= 0
+    assert spec.launch_us + spec.forward_op_us + spec.module_call_us > 0  # eager costs time
     assert spec.module_call_us == pytest.approx(result.overhead["module_call_us"], abs=1e-3)
-    assert [r["method"] for r in result.overhead["steps"]] == ["frozen", "lora", "paca"]
+    assert spec.forward_op_us == pytest.approx(result.overhead["forward_op_us"], abs=1e-3)
+    assert [(r["method"], r["phase"]) for r in result.overhead["steps"]] == [
+        (m, p) for m in ("frozen", "lora", "paca") for p in ("forward", "backward")]
     assert {r["dtype"] for r in result.gemm} == {"fp32", "bf16"}
     assert "calibrate" in spec.source and "1 torch thread" in spec.source
 
@@ -104,16 +107,22 @@ def test_foreach_ops_pay_per_tensor_and_in_place_writes_count():
     assert _written_in_place("aten::_foreach_mul", (xs, 2.0), xs) == 0
 
 
-def test_the_overhead_fit_recovers_per_op_and_per_module_costs():
-    """Steps made from known costs (10 us per op, 30 per module entered) give them back; where
-    the data would make one cost negative, it is 0 and the other is fitted alone."""
-    from paca_prof.calibrate import _fit_two
+def test_the_overhead_fit_recovers_per_op_forward_and_per_module_costs():
+    """Steps made from known costs (10 us per op, 40 more per forward op, 30 per module
+    entered) give them back; where the data would make one cost negative, it is 0 and the
+    others are fitted alone."""
+    from paca_prof.calibrate import fit_nonnegative
 
-    counts = [(224, 59), (340, 199), (234, 58)]
-    rows = [{"ops": n, "entries": e, "measured_us": 10.0 * n + 30.0 * e} for n, e in counts]
-    assert _fit_two(rows) == pytest.approx((10.0, 30.0))
+    columns = ("ops", "forward_ops", "entries")
+    counts = [(93, 35, "forward"), (131, 30, "backward"), (149, 105, "forward"),
+              (191, 96, "backward"), (107, 35, "forward"), (127, 29, "backward")]
+    rows = [{"ops": n, "forward_ops": n if phase == "forward" else 0, "entries": e,
+             "measured_us": 10.0 * n + (40.0 * n if phase == "forward" else 0) + 30.0 * e}
+            for n, e, phase in counts]
+    assert fit_nonnegative(rows, columns) == pytest.approx(
+        {"ops": 10.0, "forward_ops": 40.0, "entries": 30.0})
     # more entries made the steps faster: no per-module cost, only a per-op one
     rows = [{"ops": 100, "entries": 10, "measured_us": 1000.0},
             {"ops": 100, "entries": 50, "measured_us": 900.0}]
-    per_op, per_call = _fit_two(rows)
-    assert per_call == 0.0 and 9.0 < per_op < 10.0
+    costs = fit_nonnegative(rows, ("ops", "entries"))
+    assert costs["entries"] == 0.0 and 9.0 < costs["ops"] < 10.0

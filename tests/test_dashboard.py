@@ -39,6 +39,7 @@ SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = Path(os.environ.get("PACA_PROF_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("PACA_PROF_CHROMEDRIVER", "/usr/bin/chromedriver"))
 WAIT_S = 60  # generous: CI machines are slow and shared; no test asserts wall-clock time
+POLL_S = 0.02  # how often a wait looks: fine enough for the printed render times
 LLAMA = "llama3-8b-capacity"  # the simulated llama3-8b run with a capacity sweep
 LLAMA_70B = "llama3.1-70b"
 PLAN_SAMPLE = ROOT / "traces" / "sample-plan-llama3-8b-a100-80gb"
@@ -179,7 +180,7 @@ def driver():
 def wait(driver, condition, message: str, timeout: float = WAIT_S):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+    return WebDriverWait(driver, timeout, poll_frequency=POLL_S).until(
         lambda d: condition(d) or None, message)
 
 

@@ -126,3 +126,22 @@ def test_module_calls_are_paid_in_line_where_the_host_is_the_device():
     assert projected["dur_us"].tolist() == pytest.approx([60.0, 12.0, 417.0, 25.0, 42.0, 5.0])
     assert projected["start_us"].tolist() == pytest.approx([0.0, 60.0, 72.0, 489.0, 514.0,
                                                             556.0])
+
+
+def test_forward_ops_pay_their_extra_host_cost_in_line_on_a_cpu_spec():
+    # dispatch 0, forward_op_us 10: the two forward ops (op0, op1) cost 10 us more each, the
+    # backward and optimizer ops nothing more: 52, 22, 402, 22, 42, 2, one after another.
+    cpu_like = replace(DEVICE, dispatch_us=0.0, forward_op_us=10.0)
+    projected = project.project_ops(OPS, cpu_like)
+    assert projected["dur_us"].tolist() == pytest.approx([52.0, 22.0, 402.0, 22.0, 42.0, 2.0])
+    assert projected["start_us"].tolist() == pytest.approx([0.0, 52.0, 74.0, 476.0, 498.0,
+                                                            540.0])
+
+
+def test_forward_ops_delay_the_host_on_a_device_with_its_own_host():
+    # dispatch 5 plus 10 per forward op: issued at 15, 30, 35, 40, 45, 50. op0 15-57, op1
+    # 57-69, then the device is the bound: 69-471, 471-493, 493-535, 535-537.
+    projected = project.project_ops(OPS, replace(DEVICE, forward_op_us=10.0))
+    assert projected["start_us"].tolist() == pytest.approx([15.0, 57.0, 69.0, 471.0, 493.0,
+                                                            535.0])
+    assert projected["dur_us"].tolist() == pytest.approx(KERNEL_US)

@@ -12,9 +12,10 @@ The cost model, in full:
     in-place one reads and writes its first list: simulate.py counts both) and pays
     foreach_tensor_us per input tensor beside (a CPU loops over them; 0 for the GPU table);
   - every module scope the op stream enters (scope_entries: nn.Module's __call__, its hooks,
-    an adapter layer's Python) costs the host module_call_us more before that op is issued;
-    on a device whose host issues nothing ahead (dispatch_us 0: a CPU, which runs its ops
-    itself) it is paid in line, in the op's time, as launch_us is there.
+    an adapter layer's Python) costs the host module_call_us more before that op is issued,
+    and every forward op forward_op_us more (the model's Python issues forward ops, autograd's
+    C++ engine backward ones); on a device whose host issues nothing ahead (dispatch_us 0: a
+    CPU, which runs its ops itself) both are paid in line, in the op's time, as launch_us is.
 Limits: one kernel per op (fused ops launch several, attention backward launches a few); no
 overlap of kernels; efficiencies (GpuSpec.*_efficiency) and the launch and dispatch
 costs are uncalibrated estimates (GpuSpec.source says so) until a measured GPU trace calibrates
@@ -72,10 +73,21 @@ def scope_entries(ops: pd.DataFrame) -> np.ndarray:
     return entries
 
 
+def host_extra_us(ops: pd.DataFrame, gpu: GpuSpec) -> np.ndarray | None:
+    """The host's time before each op beyond dispatch_us: module_call_us per module scope
+    entered, and forward_op_us more for a forward op (None when the spec has neither)."""
+    if not gpu.module_call_us and not gpu.forward_op_us:
+        return None
+    extra = scope_entries(ops) * gpu.module_call_us
+    if gpu.forward_op_us:
+        extra = extra + (ops["phase"] == "forward").to_numpy() * gpu.forward_op_us
+    return extra
+
+
 def schedule(kernel_us: np.ndarray, dispatch_us: float,
              host_us: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Start and end of each kernel when the host issues one op every dispatch_us, plus
-    host_us[i] (its module calls) before op i."""
+    host_us[i] (its module calls, host_extra_us) before op i."""
     starts = np.empty_like(kernel_us)
     ends = np.empty_like(kernel_us)
     device_free = issued = 0.0
@@ -92,7 +104,7 @@ def project_ops(ops: pd.DataFrame, gpu: GpuSpec) -> pd.DataFrame:
     if ops.empty:
         return ops.assign(start_us=[], dur_us=[])
     durations = kernel_times_us(ops, gpu)
-    calls_us = scope_entries(ops) * gpu.module_call_us if gpu.module_call_us else None
+    calls_us = host_extra_us(ops, gpu)
     if calls_us is not None and gpu.dispatch_us == 0:  # the host is the device: in line
         durations, calls_us = durations + calls_us, None
     starts, _ = schedule(durations, gpu.dispatch_us, calls_us)
