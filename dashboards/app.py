@@ -845,6 +845,8 @@ def create_app(traces_dir: str | Path, preload: bool = True) -> dash.Dash:
     app = dash.Dash(__name__, title="paca-prof", update_title=None, serve_locally=True,
                     external_stylesheets=[], external_scripts=[],
                     assets_folder=str(Path(__file__).with_name("assets")),
+                    # only the listing fires on page load; the rest follow the chain it starts
+                    # (otherwise every view's callback ran twice per load: 20 requests)
                     prevent_initial_callbacks=True)
     app.layout = lambda: _layout(GPUS)  # a function: rebuilt on every page load
     _register(app, root, GPUS)
