@@ -434,7 +434,7 @@ class Simulator:
             allocator_peak_bytes=reserved.allocated_bytes,
             reserved_bytes=reserved.reserved_bytes,
             **({"paged_bytes": paged} if paged else {}))
-        memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
+        memory = pd.DataFrame(timeline.columns).assign(method=self.method.name)
         return MethodResult(summary, layers, all_ops, memory, memory_events=events,
                             start_bytes=static, segment_cuts=self._segment_cuts(sharding))
 
