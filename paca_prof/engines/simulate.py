@@ -302,16 +302,20 @@ class Simulator:
         self._prepare(self.spec)
 
     def step(self, seq: int, batch: int, gpu: GpuSpec | None = None,
-             budget=None) -> MethodResult:
+             budget=None, tables: bool = True) -> MethodResult:
         """Simulate one training step on a batch x seq input. With `gpu`, times are projected
         onto it (engines/project.py); without, every time column is NaN. A peak above
         `budget` (a budget.Budget) gives status oom. The result's `memory_events` are the
-        step's events (at full depth, with fresh storage keys where replicated)."""
+        step's events (at full depth, with fresh storage keys where replicated). With
+        `tables` False (the planner's steps, which read only the memory) the layers and ops
+        tables are left empty, and so are the times: no `gpu` then (ValueError)."""
+        if not tables and gpu is not None:
+            raise ValueError("a step without its tables has no times to project onto a gpu")
         if self.spec.distributed.fsdp:
             recording, sharding = self._record(seq, batch, journal=False, fsdp=True)
-            return self._result(recording, gpu, budget, sharding)
+            return self._result(recording, gpu, budget, sharding, tables)
         recording = self.record(seq, batch)
-        return self._result(recording, gpu, budget)
+        return self._result(recording, gpu, budget, tables=tables)
 
     def record(self, seq: int, batch: int) -> replication.Recording:
         """The step's Recording at the model's full depth (replicated where it can be)."""
@@ -396,7 +400,7 @@ class Simulator:
             paged=paged_storages(run.optimizer, names), journal=recorder.journal or []), sharding
 
     def _result(self, rec: replication.Recording, gpu: GpuSpec | None, budget,
-                sharding: dict | None = None) -> MethodResult:
+                sharding: dict | None = None, tables: bool = True) -> MethodResult:
         events, gradients, saved_events = rec.events, rec.gradients, rec.saved_events
         static_list = [s[:3] for s in rec.static]
         static = {c: 0 for c in MEMORY_CATEGORIES}
@@ -411,7 +415,7 @@ class Simulator:
                 distributed, self.rank, distributed.backend, self.trainable_shard_sizes)
             saved_events = _saved_events(events, sharding["forwards"])
         timeline = memory_timeline(events, static, {}, gradients, saved_events=saved_events)
-        ops = pd.DataFrame(rec.ops)
+        ops = pd.DataFrame(rec.ops) if tables else pd.DataFrame()
         latencies, times, all_ops = {}, {}, ops
         if gpu is not None:
             ops = all_ops = project.project_ops(ops, gpu)
@@ -423,12 +427,12 @@ class Simulator:
             latencies = project.module_latencies_ms(ops, ancestors)
             times = project.phase_times_ms(all_ops)
         layers = layer_table(self.method.name, rec.kinds, latencies, ops, rec.by_module,
-                             rec.containers)
+                             rec.containers) if tables else pd.DataFrame()
         reserved = self._reserved(static_list, events, budget)
         paged = sum(nbytes for _, nbytes in rec.paged)
         summary = summary_row(
             self.method.name, "oom" if reserved.oom else "ok", times_ms=times,
-            peak_breakdown=timeline.breakdown, n_kernels=len(ops),
+            peak_breakdown=timeline.breakdown, n_kernels=len(rec.ops),
             activation_bytes=sum(rec.by_module.values()),
             trainable_params=sum(n for _, n in rec.trainable),
             allocator_peak_bytes=reserved.allocated_bytes,
