@@ -19,7 +19,7 @@ MEMORY_CATEGORIES = ("weights", "trainable", "gradients", "optimizer", "activati
                      "logits_loss", "rest")
 
 
-@dataclass
+@dataclass(slots=True)  # a step makes tens of thousands: slots make them cheaper
 class MemoryEvent:
     """One allocation (nbytes > 0) or free (nbytes < 0) of a storage identified by `key`
     (an address when measured, a storage key when simulated), at time t, in a phase.
@@ -34,10 +34,11 @@ class MemoryEvent:
 
 @dataclass
 class Timeline:
-    """A replayed step: rows (trace.MEMORY_COLUMNS; the first rows hold each category at the
-    start), the peak of the total, and each category at the peak."""
+    """A replayed step: its table by column (trace.MEMORY_COLUMNS but the method; the first
+    rows hold each category at the start), the peak of the total, and each category at the
+    peak."""
 
-    rows: list[dict]
+    columns: dict[str, list]
     peak_bytes: int
     breakdown: dict[str, int]
 
@@ -80,8 +81,8 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
             category_of[made[before][1]] = "gradients"
 
     totals = {c: static.get(c, 0) for c in MEMORY_CATEGORIES}
-    rows = [{"t": 0.0, "category": c, "allocated_bytes": b, "phase": None,
-             "logits_scope": False, "delta_bytes": b} for c, b in totals.items()]
+    start = list(totals.values())
+    categories, allocated = list(totals), list(start)
     live: dict[int, str] = dict(start_keys or {})
     peak, breakdown = sum(totals.values()), dict(totals)
     total = peak
@@ -93,11 +94,16 @@ def memory_timeline(events: list[MemoryEvent], static: dict[str, int],
             category = live.pop(e.key, "rest")
         totals[category] += e.nbytes
         total += e.nbytes
-        rows.append({"t": e.t, "category": category, "allocated_bytes": totals[category],
-                     "phase": e.phase, "logits_scope": e.logits_scope, "delta_bytes": e.nbytes})
+        categories.append(category)
+        allocated.append(totals[category])
         if total > peak:
             peak, breakdown = total, dict(totals)
-    return Timeline(rows, peak, breakdown)
+    columns = {"t": [0.0] * len(start) + [e.t for e in events], "category": categories,
+               "allocated_bytes": allocated,
+               "phase": [None] * len(start) + [e.phase for e in events],
+               "logits_scope": [False] * len(start) + [e.logits_scope for e in events],
+               "delta_bytes": start + [e.nbytes for e in events]}
+    return Timeline(columns, peak, breakdown)
 
 
 def with_collective_frees(events: list[MemoryEvent],

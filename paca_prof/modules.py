@@ -68,8 +68,33 @@ def ancestors(path: str) -> list[str]:
     optimizer scopes are their own only ancestors)."""
     if path.startswith("["):
         return [path]
-    parts = path.split(".")
-    return [ROOT] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    found = [ROOT]
+    dot = path.find(".")
+    while dot != -1:  # each prefix that ends before a dot
+        found.append(path[:dot])
+        dot = path.find(".", dot + 1)
+    found.append(path)
+    return found
+
+
+def ancestor_keys(paths: list[str], phases: list[str],
+                  of=ancestors) -> list[list[tuple[str, str]]]:
+    """For each op, given its module's path and its phase: (ancestor, phase) for every path of
+    of(path) (by default ancestors(path)), in that order. Ops of one (path, phase) share one
+    list, made once: a step's ops have a few hundred distinct ones."""
+    chains: dict[str, list[str]] = {}
+    cache: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    found = []
+    for pair in zip(paths, phases):
+        keys = cache.get(pair)
+        if keys is None:
+            path, phase = pair
+            chain = chains.get(path)
+            if chain is None:
+                chain = chains[path] = of(path)
+            keys = cache[pair] = [(ancestor, phase) for ancestor in chain]
+        found.append(keys)
+    return found
 
 
 def is_logits_owner(path: str) -> bool:

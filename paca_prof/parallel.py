@@ -75,7 +75,11 @@ def run_methods(job: Callable[[str], object], methods: Sequence[str],
     global _JOB
     _JOB = job  # the workers are forked from here and find it; nothing else needs to pickle
     # What the workers inherit stays out of their garbage collections, which would otherwise
-    # touch, and so copy, every page of it (gc.freeze's documented use before fork).
+    # touch, and so copy, every page of it (gc.freeze's documented use before fork). A caller
+    # that had frozen objects of its own (the command's set-up, cli._setting_up) keeps them,
+    # and what it made since, frozen: unfreezing would put them all back in its next full
+    # collection.
+    unfreeze = gc.get_freeze_count() == 0
     gc.freeze()
     try:
         with multiprocessing.get_context("fork").Pool(jobs, initializer=_quiet_worker) as pool:
@@ -89,7 +93,8 @@ def run_methods(job: Callable[[str], object], methods: Sequence[str],
                 yield outcome
     finally:
         _JOB = None
-        gc.unfreeze()
+        if unfreeze:
+            gc.unfreeze()
 
 
 _JOB: Callable[[str], object] | None = None

@@ -488,7 +488,7 @@ class _DepthSimulator:
 
     def step(self, seq: int, batch: int) -> Point:
         started = time.perf_counter()
-        result = self.sim.step(seq, batch, budget=self.budget)
+        result = self.sim.step(seq, batch, budget=self.budget, tables=False)
         point = replace(_point(seq, batch, segment_peaks(result.memory, result.segment_cuts),
                                self.depth, extrapolated=False),
                         reserved_bytes=int(result.summary["reserved_bytes"]))

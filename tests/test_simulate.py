@@ -313,3 +313,34 @@ def test_llama3_8b_seq4096_cli_simulates_every_default_method(tmp_path):
     assert lora["activation_bytes"] > 1.5 * paca["activation_bytes"]
     assert paca["step_ms"] < lora["step_ms"] and paca["n_kernels"] < lora["n_kernels"]
     assert (layers["module"] == "model.layers.31.mlp.down_proj").any()
+
+
+def test_tensors_in_finds_the_tensors_tree_flatten_finds_in_its_order():
+    from collections import namedtuple
+
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    from paca_prof.engines.simulate import tensors_in
+
+    t = [torch.empty(i, device="meta") for i in range(8)]
+    pair = namedtuple("pair", "a b")
+    cases = [t[0], (t[1], 2.0, None, torch.Size([3])), ([t[2], t[3]], {"b": t[4], "a": [t[5]]}),
+             (pair(t[6], (t[7],)),), torch.max(torch.zeros(2, 3), 1), ((), [], {})]
+    for value in cases:
+        expected = [x for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor)]
+        found = tensors_in(value, [])
+        assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected))
+
+
+def test_a_step_without_its_tables_has_the_same_memory_and_summary():
+    from paca_prof.engines.simulate import Simulator
+
+    spec = RunSpec(model="tiny", seq=64, batch=1, dtype="bf16", device="meta", attention="flash")
+    simulator = Simulator(spec, "lora")
+    full, lean = simulator.step(64, 1), simulator.step(64, 1, tables=False)
+    assert lean.layers.empty and lean.ops.empty and not full.layers.empty
+    assert lean.memory.equals(full.memory)
+    assert pd.Series(lean.summary).equals(pd.Series(full.summary))  # NaN times alike
+    with pytest.raises(ValueError, match="gpu"):
+        simulator.step(64, 1, gpu_spec("l4"), tables=False)

@@ -8,7 +8,7 @@ from collections import defaultdict
 import pandas as pd
 from torch import nn
 
-from paca_prof.modules import ancestors, module_depth, module_kind
+from paca_prof.modules import ancestor_keys, ancestors, module_depth, module_kind
 from paca_prof.trace import PHASES
 
 
@@ -42,11 +42,11 @@ def layer_table(method: str, kinds: dict[str, str], latencies: dict, ops: pd.Dat
     side by side in every view."""
     counts: dict[tuple[str, str], int] = defaultdict(int)
     flops: dict[tuple[str, str], float] = defaultdict(float)
-    for module, phase, op_flops in zip(ops.get("module", []), ops.get("phase", []),
-                                       ops.get("flops", [])):
-        for ancestor in ancestors(module):
-            counts[(ancestor, phase)] += 1
-            flops[(ancestor, phase)] += op_flops
+    for keys, op_flops in zip(ancestor_keys(_column(ops, "module"), _column(ops, "phase")),
+                              _column(ops, "flops")):
+        for key in keys:
+            counts[key] += 1
+            flops[key] += op_flops
     latencies = {**_container_latencies(set(containers), latencies), **latencies}
     rows = []
     for path, kind in kinds.items():
@@ -62,6 +62,13 @@ def layer_table(method: str, kinds: dict[str, str], latencies: dict, ops: pd.Dat
                 "n_kernels": counts.get(key, 0), "flops": flops.get(key, 0.0),
             })
     return pd.DataFrame(rows)
+
+
+def _column(ops: pd.DataFrame, name: str) -> list:
+    """A column of `ops` as a list (empty where there is none): iterating a list is much
+    faster than iterating a Series, an arrow-backed one above all."""
+    column = ops.get(name)
+    return [] if column is None else column.tolist()
 
 
 def _container_latencies(containers: set[str], latencies: dict) -> dict:

@@ -468,7 +468,7 @@ class ProfiledStep:
             device_peaks = {"allocator_peak_bytes": replayed.allocated_bytes,
                             "reserved_bytes": replayed.reserved_bytes}
         return {"ops": ops, "ledger": self.ledger, "peak_breakdown": timeline.breakdown,
-                "memory": pd.DataFrame(timeline.rows).assign(method=method_name),
+                "memory": pd.DataFrame(timeline.columns).assign(method=method_name),
                 "device_peaks": device_peaks}
 
 

@@ -126,27 +126,38 @@ def layer_prefix(named_modules: Iterable[tuple[str, object]], n_layers: int) -> 
 
 
 class _Layers:
-    """Layer indices in paths under one prefix, and renaming them."""
+    """Layer indices in paths under one prefix, and renaming them. Both are cached by path
+    (a step has a few hundred distinct paths and tens of thousands of ops and events), so that
+    each path is matched once and each renamed path made once."""
 
     def __init__(self, prefix: str):
         self.pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)(?=\.|$)")
         self.prefix = prefix
-        self._cache: dict[str, int | None] = {}
+        self._index: dict[str, int | None] = {}
+        self._renamed: dict[tuple[str, int], str] = {}
 
     def of(self, path: str | None) -> int | None:
         if path is None:
             return None
-        if path not in self._cache:
+        try:
+            return self._index[path]
+        except KeyError:
             match = self.pattern.match(path)
-            self._cache[path] = int(match.group(1)) if match else None
-        return self._cache[path]
+            index = self._index[path] = int(match.group(1)) if match else None
+            return index
 
     def rename(self, path: str, shift: int) -> str:
         """`path` with its layer index moved by `shift` (unchanged outside the layers)."""
-        index = self.of(path)
-        if index is None or shift == 0:
+        if shift == 0:
             return path
-        return f"{self.prefix}.{index + shift}{path[self.pattern.match(path).end():]}"
+        try:
+            return self._renamed[(path, shift)]
+        except KeyError:
+            index = self.of(path)
+            renamed = path if index is None else \
+                f"{self.prefix}.{index + shift}{path[self.pattern.match(path).end():]}"
+            self._renamed[(path, shift)] = renamed
+            return renamed
 
 
 class _Plan:

@@ -88,38 +88,42 @@ class OpRecorder(TorchDispatchMode):
         name = func._schema.name
         phase = self.capture.phase
         module = self.capture.current
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outputs = tensors_in(out, [])
+        inputs = tensors_in(kwargs, tensors_in(args, []))
         input_keys = [storage_key(t) for t in inputs]
+        output_keys = [storage_key(t) for t in outputs]
         input_storages = set(input_keys)
-        made = [t for t in outputs if storage_key(t) not in input_storages]  # else a view
+        # an output sharing an input's storage is a view or in place
+        made = [(t, key) for t, key in zip(outputs, output_keys) if key not in input_storages]
         counted = counts_as_op(name) and phase != "idle"
+        nbytes = (tuple(_nbytes(t) for t in inputs), tuple(_nbytes(t) for t in outputs))
         if self.journal is not None:
             self.journal.append(_dispatch_entry(module, len(self.ops) if counted else -1,
-                                                inputs, input_keys, made, outputs, out,
+                                                input_keys, made, output_keys, nbytes, out,
                                                 args, kwargs))
-        for tensor in made:  # an output sharing an input's storage is a view or in place
-            self._track(tensor, phase, module)
+        for tensor, key in made:
+            self._track(tensor, key, phase, module)
         if counted:
+            shapes = [list(t.shape) for t in inputs]
             self.ops.append({
                 "method": self.method.name, "module": module, "phase": phase, "name": name,
-                "shapes": json.dumps([list(t.shape) for t in inputs]),
+                "shapes": json.dumps(shapes),
                 "dtype": str(inputs[0].dtype).removeprefix("torch.") if inputs else "",
                 "flops": op_flops(func, args, kwargs, out),
-                "bytes": float(sum(_nbytes(t) for t in inputs + outputs)
+                "bytes": float(sum(nbytes[0]) + sum(nbytes[1])
                                + _written_in_place(name, args, out)),
                 "adapter_branch": self.method.is_branch_op(
-                    module, name, phase, self.wrappers, [list(t.shape) for t in inputs], self.r),
+                    module, name, phase, self.wrappers, shapes, self.r),
                 "device": "meta", "seq_no": len(self.ops), "step": self.capture.step_index,
             })
         self.tick += 1
         return out
 
-    def _track(self, tensor: torch.Tensor, phase: str, module: str) -> None:
-        storage = tensor.untyped_storage()
-        key = storage._cdata
+    def _track(self, tensor: torch.Tensor, key: int, phase: str, module: str) -> None:
+        """Follow a storage the op made (`key`: its storage_key) until it is freed."""
         if key in self._live:
             return
+        storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
         self._live[key] = weakref.ref(storage, lambda _, key=key, n=nbytes: self._free(key, n))
         if self.journal is not None:
@@ -136,17 +140,36 @@ class OpRecorder(TorchDispatchMode):
                                            phase=_phase_or_none(self.capture.phase)))
 
 
-def _dispatch_entry(module, op, inputs, input_keys, made, outputs, out, args, kwargs) -> tuple:
+def _dispatch_entry(module, op, input_keys, made, output_keys, nbytes, out, args,
+                    kwargs) -> tuple:
     """A journal entry of one dispatch: ("d", scope, op index or -1, input storage keys, keys of
     the storages it made (in output order, each once), the keys of each list argument, (bytes
     of each input, of each output), whether the output is a list, each output's storage key)
-    (see replicate.py)."""
-    made_keys = tuple(dict.fromkeys(storage_key(t) for t in made))
+    (see replicate.py). `made` holds (tensor, storage key) of the outputs it made."""
+    made_keys = tuple(dict.fromkeys(key for _, key in made))
     lists = tuple(tuple(storage_key(t) for t in a) for a in (*args, *kwargs.values())
                   if isinstance(a, list | tuple) and a and isinstance(a[0], torch.Tensor))
-    return ("d", module, op, tuple(input_keys), made_keys, lists,
-            (tuple(_nbytes(t) for t in inputs), tuple(_nbytes(t) for t in outputs)),
-            isinstance(out, list | tuple), tuple(storage_key(t) for t in outputs))
+    return ("d", module, op, tuple(input_keys), made_keys, lists, nbytes,
+            isinstance(out, list | tuple), tuple(output_keys))
+
+
+def tensors_in(value, found: list) -> list:
+    """`found` with the tensors in `value` appended, in the order torch's pytree flattens them
+    (tree_flatten): lists, tuples (named ones and torch.return_types included) and dicts (in
+    their order) walked, anything else a leaf. Aten ops' arguments and outputs hold tensors in
+    nothing else; this is the dispatch mode's faster tree_flatten for them."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, list | tuple | dict):
+                tensors_in(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            tensors_in(item, found)
+    return found
 
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
@@ -279,16 +302,20 @@ class Simulator:
         self._prepare(self.spec)
 
     def step(self, seq: int, batch: int, gpu: GpuSpec | None = None,
-             budget=None) -> MethodResult:
+             budget=None, tables: bool = True) -> MethodResult:
         """Simulate one training step on a batch x seq input. With `gpu`, times are projected
         onto it (engines/project.py); without, every time column is NaN. A peak above
         `budget` (a budget.Budget) gives status oom. The result's `memory_events` are the
-        step's events (at full depth, with fresh storage keys where replicated)."""
+        step's events (at full depth, with fresh storage keys where replicated). With
+        `tables` False (the planner's steps, which read only the memory) the layers and ops
+        tables are left empty, and so are the times: no `gpu` then (ValueError)."""
+        if not tables and gpu is not None:
+            raise ValueError("a step without its tables has no times to project onto a gpu")
         if self.spec.distributed.fsdp:
             recording, sharding = self._record(seq, batch, journal=False, fsdp=True)
-            return self._result(recording, gpu, budget, sharding)
+            return self._result(recording, gpu, budget, sharding, tables)
         recording = self.record(seq, batch)
-        return self._result(recording, gpu, budget)
+        return self._result(recording, gpu, budget, tables=tables)
 
     def record(self, seq: int, batch: int) -> replication.Recording:
         """The step's Recording at the model's full depth (replicated where it can be)."""
@@ -373,7 +400,7 @@ class Simulator:
             paged=paged_storages(run.optimizer, names), journal=recorder.journal or []), sharding
 
     def _result(self, rec: replication.Recording, gpu: GpuSpec | None, budget,
-                sharding: dict | None = None) -> MethodResult:
+                sharding: dict | None = None, tables: bool = True) -> MethodResult:
         events, gradients, saved_events = rec.events, rec.gradients, rec.saved_events
         static_list = [s[:3] for s in rec.static]
         static = {c: 0 for c in MEMORY_CATEGORIES}
@@ -388,7 +415,7 @@ class Simulator:
                 distributed, self.rank, distributed.backend, self.trainable_shard_sizes)
             saved_events = _saved_events(events, sharding["forwards"])
         timeline = memory_timeline(events, static, {}, gradients, saved_events=saved_events)
-        ops = pd.DataFrame(rec.ops)
+        ops = pd.DataFrame(rec.ops) if tables else pd.DataFrame()
         latencies, times, all_ops = {}, {}, ops
         if gpu is not None:
             ops = all_ops = project.project_ops(ops, gpu)
@@ -400,18 +427,18 @@ class Simulator:
             latencies = project.module_latencies_ms(ops, ancestors)
             times = project.phase_times_ms(all_ops)
         layers = layer_table(self.method.name, rec.kinds, latencies, ops, rec.by_module,
-                             rec.containers)
+                             rec.containers) if tables else pd.DataFrame()
         reserved = self._reserved(static_list, events, budget)
         paged = sum(nbytes for _, nbytes in rec.paged)
         summary = summary_row(
             self.method.name, "oom" if reserved.oom else "ok", times_ms=times,
-            peak_breakdown=timeline.breakdown, n_kernels=len(ops),
+            peak_breakdown=timeline.breakdown, n_kernels=len(rec.ops),
             activation_bytes=sum(rec.by_module.values()),
             trainable_params=sum(n for _, n in rec.trainable),
             allocator_peak_bytes=reserved.allocated_bytes,
             reserved_bytes=reserved.reserved_bytes,
             **({"paged_bytes": paged} if paged else {}))
-        memory = pd.DataFrame(timeline.rows).assign(method=self.method.name)
+        memory = pd.DataFrame(timeline.columns).assign(method=self.method.name)
         return MethodResult(summary, layers, all_ops, memory, memory_events=events,
                             start_bytes=static, segment_cuts=self._segment_cuts(sharding))
 
