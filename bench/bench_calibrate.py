@@ -1,8 +1,11 @@
 """Benchmark: does the cost model, calibrated on this CPU, project what this CPU measures?
 
-Calibrates the CPU (paca_prof/calibrate.py; or reads --spec), then for each config measures a
-run on the CPU (engines.run, interleaved rounds) and projects the same config from a simulated
-run on the meta device onto the calibrated spec, and prints:
+For each config: calibrates the CPU (paca_prof/calibrate.py), measures a run on the CPU
+(engines.run, interleaved rounds), calibrates again, and projects the same config from a
+simulated run on the meta device onto the first calibration with its host costs (per op, per
+forward op, per module entered, per foreach tensor) averaged with the second's. Bracketing the
+measurement so: the host costs of this shared machine drift by tens of percent within a minute,
+and a calibration taken only before would see one end of that. Prints the drift, and:
   - per method: measured and projected step time and the projection's error (target: within
     20%);
   - the paca/lora step ratio, measured (with its 95% interval) and projected (target: within
@@ -15,7 +18,7 @@ and the runs'). Every time printed says measured or projected.
 
     python bench/bench_calibrate.py                  # calibrate, tiny and mid (~4-8 min)
     python bench/bench_calibrate.py --configs tiny   # tiny only
-    python bench/bench_calibrate.py --spec cpu.yaml  # a spec calibrated before
+    python bench/bench_calibrate.py --spec cpu.yaml  # a spec calibrated before (no bracketing)
     python bench/bench_calibrate.py --quick          # quick calibration, 5 rounds
 
 Verdicts by bench/verdicts.py, from the far ends of intervals: a step's |error| from the 95%
@@ -34,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -45,7 +49,7 @@ import verdicts  # noqa: E402  (bench/verdicts.py: this script's folder is on sy
 
 from paca_prof import engines, trace  # noqa: E402
 from paca_prof.calibrate import calibrate  # noqa: E402
-from paca_prof.gpus import load_spec, write_spec  # noqa: E402
+from paca_prof.gpus import GpuSpec, load_spec, write_spec  # noqa: E402
 from paca_prof.spec import RunSpec  # noqa: E402
 
 METHODS = ("frozen", "lora", "dora", "paca", "full")
@@ -57,18 +61,36 @@ CONFIGS = {
                 seq=256, batch=1),
 }
 STEP_TARGET, RATIO_TARGET, LAYER_TARGET = 0.20, 0.05, 0.25
+HOST_COSTS = ("launch_us", "forward_op_us", "module_call_us", "foreach_tensor_us")
 
 
-def _runs(name: str, spec_yaml: Path, steps: int, workdir: Path):
-    config = CONFIGS[name]
-    gpu = load_spec(spec_yaml)
+def _measure(name: str, steps: int, workdir: Path) -> trace.Trace:
     measured = engines.run(
-        RunSpec(**config, dtype="fp32", device="cpu", methods=METHODS, steps=steps, warmup=2),
-        workdir / f"{name}-measured", "bench_calibrate")
+        RunSpec(**CONFIGS[name], dtype="fp32", device="cpu", methods=METHODS, steps=steps,
+                warmup=2), workdir / f"{name}-measured", "bench_calibrate")
+    return trace.load(measured)
+
+
+def _project(name: str, spec_yaml: Path, workdir: Path) -> trace.Trace:
     projected = engines.run(
-        RunSpec(**config, dtype="fp32", device="meta", methods=METHODS),
-        workdir / f"{name}-projected", "bench_calibrate", gpu=gpu)
-    return trace.load(measured), trace.load(projected)
+        RunSpec(**CONFIGS[name], dtype="fp32", device="meta", methods=METHODS),
+        workdir / f"{name}-projected", "bench_calibrate", gpu=load_spec(spec_yaml))
+    return trace.load(projected)
+
+
+def _bracketed(before: GpuSpec, after: GpuSpec) -> GpuSpec:
+    """`before` with the host costs (per op, per forward op, per module entered, per foreach
+    tensor) averaged with `after`'s: the calibrations taken just before and just after the
+    measured run, so that a machine whose speed drifts meanwhile (shared, or throttled) is
+    seen at both ends of the measurement, not at one."""
+    return replace(before, **{name: round((getattr(before, name) + getattr(after, name)) / 2, 4)
+                              for name in HOST_COSTS})
+
+
+def _describe(spec: GpuSpec) -> str:
+    return (f"per-op {spec.launch_us:.1f} us (+{spec.forward_op_us:.1f} forward), per module "
+            f"entered {spec.module_call_us:.1f} us, foreach {spec.foreach_tensor_us:.1f} "
+            f"us/tensor")
 
 
 def _layer_errors(measured: trace.Trace, projected: trace.Trace) -> dict[str, list[float]]:
@@ -139,6 +161,20 @@ def report(name: str, measured: trace.Trace, projected: trace.Trace,
     return judged
 
 
+def _calibrated(quick: bool, when: str) -> GpuSpec:
+    result = calibrate("cpu", quick=quick)
+    s = result.spec
+    print(f"calibrated {when} the measured run, in {result.seconds:.0f} s (measured): fp32 peak "
+          f"{s.fp32_tflops * 1e3:.1f} GFLOP/s x efficiency {s.matmul_efficiency:.2f}, "
+          f"{s.hbm_gbps:.1f} GB/s, {_describe(s)}, attention efficiency "
+          f"{s.attention_efficiency:.2f}")
+    return s
+
+
+def _ratio(new: float, old: float) -> str:
+    return f"{new / old - 1:+.0%}" if old else "-"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=None, help="a spec calibrated before")
@@ -155,23 +191,22 @@ def main(argv=None) -> int:
           "at start (a loaded machine moves every measured number)")
     with tempfile.TemporaryDirectory(prefix="paca-prof-bench-calibrate-") as tmp:
         workdir = Path(tmp)
-        spec_yaml = args.spec
-        if spec_yaml is None:
-            result = calibrate("cpu", quick=args.quick)
-            spec_yaml = write_spec(result.spec, workdir / "cpu.yaml")
-            s = result.spec
-            print(f"calibrated in {result.seconds:.0f} s (measured): fp32 peak "
-                  f"{s.fp32_tflops * 1e3:.1f} GFLOP/s x efficiency {s.matmul_efficiency:.2f}, "
-                  f"{s.hbm_gbps:.1f} GB/s, per-op {s.launch_us:.1f} us (+{s.forward_op_us:.1f} "
-                  f"forward), per module entered "
-                  f"{s.module_call_us:.1f} us, foreach "
-                  f"{s.foreach_tensor_us:.1f} us/tensor, attention efficiency "
-                  f"{s.attention_efficiency:.2f}")
+        fixed = load_spec(args.spec) if args.spec is not None else None
         judged: dict[str, verdicts.Judgement] = {}
         for name in names:
-            measured, projected = _runs(name, spec_yaml, 5 if args.quick else args.steps,
-                                        workdir)
-            judged.update(report(name, measured, projected, args.quick))
+            before = fixed or _calibrated(args.quick, "before")
+            measured = _measure(name, 5 if args.quick else args.steps, workdir)
+            spec = before
+            if fixed is None:
+                after = _calibrated(args.quick, "after")
+                spec = _bracketed(before, after)
+                print(f"host costs drifted by {_ratio(after.launch_us, before.launch_us)} "
+                      f"per op, {_ratio(after.forward_op_us, before.forward_op_us)} per "
+                      f"forward op during the measurement; projected with their mean: "
+                      f"{_describe(spec)}")
+            spec_yaml = write_spec(spec, workdir / f"{name}-cpu.yaml")
+            judged.update(report(name, measured, _project(name, spec_yaml, workdir),
+                                 args.quick))
     print(verdicts.legend(verdicts.MIN_REPEATS, "timed steps"))
     print(verdicts.summary(judged))
     return verdicts.exit_status(judged.values())
