@@ -14,17 +14,23 @@ that profiling adds.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+# bitsandbytes (which PEFT imports when it is installed) warns on CPUs with AVX512-BF16 that
+# an optional kernel from the Hugging Face Hub is missing, then runs its own: not our concern.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from paca_prof.cli import main as paca_prof
-from paca_prof.integrations.transformers import ProfilerCallback
+import torch  # noqa: E402  (after the line above, so that it holds when PEFT imports it)
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments)
+
+from paca_prof.cli import main as paca_prof  # noqa: E402
+from paca_prof.integrations.transformers import ProfilerCallback  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 PAD = 0

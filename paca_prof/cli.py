@@ -11,6 +11,7 @@ import argparse
 import gc
 import os
 import json
+import logging
 import shlex
 import sys
 import warnings
@@ -996,6 +997,10 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     # No network at run time: nothing this command loads may reach the Hugging Face Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # bitsandbytes' CPU backend, on CPUs with AVX512-BF16, would fetch a 4-bit GEMM kernel from
+    # the Hub through the optional `kernels` package; without it, it warns at import and runs
+    # its own kernel: nothing a user of this command can act on (and no download is wanted).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import threading
 
     previous = {}
