@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ def checkout_env(**extra: str) -> dict[str, str]:
 
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def measure_in_temp(spec, method: str):
+    """measure_method(spec, method) in a work folder of its own under the temp dir, removed
+    when it returns (the result's tables are in memory)."""
+    from paca_prof.engines.measure import measure_method
+
+    with tempfile.TemporaryDirectory(prefix="paca-prof-test-") as workdir:
+        return measure_method(spec, method, Path(workdir))
 
 
 def run_spec(**kwargs):

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_spec as RunSpec
+from conftest import measure_in_temp, run_spec as RunSpec
 
 from paca_prof import trace
 from paca_prof.methods import MethodSettings
-from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import simulate_method
 
 QWEN3_MOE = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -52,8 +49,7 @@ def _spec(family: str, method: str, device: str = "cpu", **recipe):
 
 def _pair(family: str, method: str, **recipe):
     spec = _spec(family, method, **recipe)
-    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-test-"))
-    return measure_method(spec, method, workdir).summary, simulate_method(spec, method).summary
+    return measure_in_temp(spec, method).summary, simulate_method(spec, method).summary
 
 
 def _assert_equal_bytes(measured: dict, simulated: dict) -> None:
@@ -131,10 +127,9 @@ def test_what_each_method_trains_in_the_experts(family):
 def test_bytes_do_not_depend_on_the_routing():
     """Other weights (another seed) route the tokens to other experts: with transformers'
     grouped matmuls every tensor keeps its size, so the measured bytes are the same."""
-    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-test-"))
-    first, second = (measure_method(RunSpec(model=dict(QWEN3_MOE), device="cpu", dtype="fp32",
-                                            methods=("paca",), seed=seed, experts="adapt",
-                                            **SHAPE), "paca", workdir).summary
+    first, second = (measure_in_temp(RunSpec(model=dict(QWEN3_MOE), device="cpu", dtype="fp32",
+                                             methods=("paca",), seed=seed, experts="adapt",
+                                             **SHAPE), "paca").summary
                      for seed in (0, 1))
     for column in BYTE_COLUMNS:
         assert abs(int(first[column]) - int(second[column])) <= BYTE_TOLERANCE, column
@@ -345,8 +340,7 @@ def test_a_users_peft_config_with_target_parameters_simulated_equals_measured():
                     "target_modules": ["q_proj", "v_proj"],
                     "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]})
     spec = _spec("qwen3_moe", "lora", targets=("q_proj", "v_proj"), peft_config=config)
-    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-test-"))
-    measured = measure_method(spec, "lora", workdir).summary
+    measured = measure_in_temp(spec, "lora").summary
     simulated = simulate_method(replace(spec, device="meta"), "lora").summary
     _assert_equal_bytes(measured, simulated)
     ours = simulate_method(replace(_spec("qwen3_moe", "lora", device="meta",

@@ -5,8 +5,6 @@ simulation and measurement, the JSON object, and one-line usage errors."""
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +15,7 @@ from paca_prof.budget import DEFAULT_HEADROOM, make_budget, parse_headroom
 from paca_prof.units import parse_bytes
 from paca_prof.gpus import gpu_spec
 from paca_prof.analyze.capacity import max_seq_from_curve
-from conftest import run_spec as RunSpec
-from paca_prof.engines.measure import measure_method
+from conftest import measure_in_temp, run_spec as RunSpec
 from paca_prof.engines.simulate import Simulator
 from paca_prof.trace import MEMORY_CATEGORIES
 
@@ -265,8 +262,7 @@ def test_predicted_peak_equals_the_measured_cpu_peak_to_256_bytes(seq):
     spec = planner.make_spec("tiny", ("lora",), dtype="fp32", recipe=Recipe(attention="eager"))
     predicted = planner._MethodModel(spec, "lora", (2,)).probe(seq, 1).peak_bytes
     measured_spec = RunSpec(model="tiny", seq=seq, device="cpu", steps=1, warmup=0, **TINY)
-    measured = measure_method(measured_spec, "lora",
-                              Path(tempfile.mkdtemp(prefix="paca-prof-")))
+    measured = measure_in_temp(measured_spec, "lora")
     assert abs(predicted - measured.summary["peak_bytes"]) <= 256
 
 

@@ -4,15 +4,12 @@ simulated on meta = measured on the CPU, and the memory each of them is known to
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from conftest import run_spec as RunSpec
+from conftest import measure_in_temp, run_spec as RunSpec
 
 from paca_prof import trace
-from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import simulate_method
 
 TINY = dict(model="tiny", seq=64, batch=2, steps=1, warmup=1, attention="eager")
@@ -26,8 +23,7 @@ CPU_LOG_SOFTMAX_SCRATCH = 1024
 
 def _pair(method: str, dtype: str = "fp32", **recipe):
     spec = RunSpec(device="cpu", dtype=dtype, methods=(method,), **TINY, **recipe)
-    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-test-"))
-    return measure_method(spec, method, workdir).summary, simulate_method(spec, method).summary
+    return measure_in_temp(spec, method).summary, simulate_method(spec, method).summary
 
 
 def _assert_equal_bytes(measured: dict, simulated: dict, tolerance: int = BYTE_TOLERANCE,
@@ -184,8 +180,7 @@ def test_gradient_accumulation_keeps_gradients_across_micro_batches():
 
 def test_every_micro_batch_saves_activations_measured_and_simulated():
     spec = RunSpec(device="cpu", dtype="fp32", methods=("lora",), grad_accum=2, **TINY)
-    workdir = Path(tempfile.mkdtemp(prefix="paca-prof-test-"))
-    for source, result in (("measured", measure_method(spec, "lora", workdir)),
+    for source, result in (("measured", measure_in_temp(spec, "lora")),
                            ("simulated", simulate_method(spec, "lora"))):
         memory = result.memory.reset_index(drop=True)
         first_backward = memory.index[memory["phase"] == "backward"][0]

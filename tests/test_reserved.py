@@ -5,8 +5,6 @@ the measured CPU step replayed the same way as the simulated one."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -126,13 +124,11 @@ def test_measured_cpu_step_replays_to_the_simulated_reserved_bytes(method):
     """A steady CPU step's own allocations (the profiler's memory events, by address) replayed
     through the same model give what the simulated step's give: same tensors, same order. (The
     very first step makes the optimizer state and the gradients among its events: warm-up 1.)"""
-    from conftest import run_spec as RunSpec
-    from paca_prof.engines.measure import measure_method
+    from conftest import measure_in_temp, run_spec as RunSpec
     from paca_prof.engines.simulate import simulate_method
 
     shape = dict(model="tiny", seq=64, batch=1, dtype="fp32", attention="eager")
-    measured = measure_method(RunSpec(**shape, device="cpu", steps=1, warmup=1), method,
-                              Path(tempfile.mkdtemp(prefix="paca-prof-")))
+    measured = measure_in_temp(RunSpec(**shape, device="cpu", steps=1, warmup=1), method)
     simulated = simulate_method(RunSpec(**shape, device="meta"), method)
     assert measured.summary["reserved_bytes"] == simulated.summary["reserved_bytes"] > 0
     assert simulated.summary["reserved_bytes"] >= simulated.summary["peak_bytes"]

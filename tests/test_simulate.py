@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from conftest import checkout_env
-from conftest import run_spec as RunSpec
+from conftest import measure_in_temp, run_spec as RunSpec
 
 from paca_prof import trace
-from paca_prof.engines.measure import measure_method
 from paca_prof.engines.simulate import simulate_method
 from paca_prof.methods import DEFAULT_METHODS
 from paca_prof.budget import make_budget
@@ -44,7 +41,7 @@ def measured_and_simulated(request):
     spec = RunSpec(device="cpu", **{**TINY, "dtype": request.param})
     pairs = {}
     for method in DEFAULT_METHODS:
-        measured = measure_method(spec, method, Path(tempfile.mkdtemp(prefix="paca-prof-")))
+        measured = measure_in_temp(spec, method)
         pairs[method] = (measured, simulate_method(spec, method))
     return request.param, pairs
 
