@@ -429,7 +429,9 @@ def _cmd_run(args) -> int:
             raise UsageError(str(error)) from None
         if args.own_process:
             keep_out_bitsandbytes(spec.methods, spec.recipe.optimizer)
-            _import_libraries(spec.methods)
+            from paca_prof.methods.registry import import_libraries
+
+            import_libraries(spec.methods)  # within the set-up: frozen with it
         from paca_prof import engines
 
     out = args.out or engines.default_out(spec)
@@ -686,7 +688,9 @@ def _cmd_plan(args) -> int:
             raise UsageError(str(error)) from None
         if args.own_process:
             keep_out_bitsandbytes(spec.methods, spec.recipe.optimizer)
-            _import_libraries(spec.methods)
+            from paca_prof.methods.registry import import_libraries
+
+            import_libraries(spec.methods)  # within the set-up: frozen with it
     bar, progress = _progress_bar("paca-prof plan", len(spec.methods), finished="searched")
     try:
         result = planner.plan(spec, budget, seq=args.seq, granularity=args.granularity,
@@ -963,14 +967,6 @@ def _setting_up(own_process: bool):
         gc.freeze()
         if was_enabled:
             gc.enable()
-
-
-def _import_libraries(methods) -> None:
-    """What preparing `methods` imports on first use (methods.registry.import_libraries),
-    imported now, within the set-up (_setting_up)."""
-    from paca_prof.methods.registry import import_libraries
-
-    import_libraries(methods)
 
 
 def command() -> int:
