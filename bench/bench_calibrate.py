@@ -3,9 +3,10 @@
 For each config: calibrates the CPU (paca_prof/calibrate.py), measures a run on the CPU
 (engines.run, interleaved rounds), calibrates again, and projects the same config from a
 simulated run on the meta device onto the first calibration with its host costs (per op, per
-forward op, per module entered, per foreach tensor) averaged with the second's. Bracketing the
-measurement so: the host costs of this shared machine drift by tens of percent within a minute,
-and a calibration taken only before would see one end of that. Prints the drift, and:
+forward op, per module entered, per foreach tensor), peaks, bandwidth and rate curves
+averaged with the second's. Bracketing the measurement so: the host costs of this shared
+machine drift by tens of percent within a minute, and a calibration taken only before would
+see one end of that. Prints the drift, and:
   - per method: measured and projected step time and the projection's error (target: within
     20%);
   - the paca/lora step ratio, measured (with its 95% interval) and projected (target: within
@@ -62,6 +63,8 @@ CONFIGS = {
 }
 STEP_TARGET, RATIO_TARGET, LAYER_TARGET = 0.20, 0.05, 0.25
 HOST_COSTS = ("launch_us", "forward_op_us", "module_call_us", "foreach_tensor_us")
+RATES = ("fp32_tflops", "bf16_tflops", "fp16_tflops", "hbm_gbps")
+CURVES = ("matmul_curve", "bandwidth_curve")
 
 
 def _measure(name: str, steps: int, workdir: Path) -> trace.Trace:
@@ -79,12 +82,19 @@ def _project(name: str, spec_yaml: Path, workdir: Path) -> trace.Trace:
 
 
 def _bracketed(before: GpuSpec, after: GpuSpec) -> GpuSpec:
-    """`before` with the host costs (per op, per forward op, per module entered, per foreach
-    tensor) averaged with `after`'s: the calibrations taken just before and just after the
-    measured run, so that a machine whose speed drifts meanwhile (shared, or throttled) is
-    seen at both ends of the measurement, not at one."""
-    return replace(before, **{name: round((getattr(before, name) + getattr(after, name)) / 2, 4)
-                              for name in HOST_COSTS})
+    """`before` with its host costs (per op, per forward op, per module entered, per foreach
+    tensor), peaks, bandwidth and curves averaged with `after`'s: the calibrations taken just
+    before and just after the measured run, so that a machine whose speed drifts meanwhile
+    (shared, or throttled) is seen at both ends of the measurement, not at one. A curve is
+    averaged point by point where both calibrations timed the same sizes."""
+    mean = {name: round((getattr(before, name) + getattr(after, name)) / 2, 6)
+            for name in HOST_COSTS + RATES}
+    for name in CURVES:
+        first, second = getattr(before, name), getattr(after, name)
+        if [x for x, _ in first] == [x for x, _ in second]:
+            mean[name] = tuple((x, round((y + z) / 2, 6))
+                               for (x, y), (_, z) in zip(first, second))
+    return replace(before, **mean)
 
 
 def _describe(spec: GpuSpec) -> str:
@@ -202,8 +212,10 @@ def main(argv=None) -> int:
                 spec = _bracketed(before, after)
                 print(f"host costs drifted by {_ratio(after.launch_us, before.launch_us)} "
                       f"per op, {_ratio(after.forward_op_us, before.forward_op_us)} per "
-                      f"forward op during the measurement; projected with their mean: "
-                      f"{_describe(spec)}")
+                      f"forward op, the fp32 GEMM peak by "
+                      f"{_ratio(after.fp32_tflops, before.fp32_tflops)} and the DRAM "
+                      f"bandwidth by {_ratio(after.hbm_gbps, before.hbm_gbps)} during the "
+                      f"measurement; projected with their mean: {_describe(spec)}")
             spec_yaml = write_spec(spec, workdir / f"{name}-cpu.yaml")
             judged.update(report(name, measured, _project(name, spec_yaml, workdir),
                                  args.quick))

@@ -1,11 +1,18 @@
 """Calibrate the cost model on a real device: microbenchmarks, fitted into a device spec.
 
 `paca-prof calibrate --device cpu|cuda [--out SPEC.yaml]` times, on the device at hand:
-  GEMM        square and model-shaped matmuls in fp32, bf16 and fp16: the best rate per dtype
-              is the spec's peak (bf16_tflops, ...); matmul_efficiency is the median of the
-              model-shaped ones' rate over that peak, after the per-op cost is taken off;
-  bandwidth   element-wise adds over several sizes, fitted as time = bytes / bandwidth + c
-              (hbm_gbps, with bandwidth_efficiency 1: the fit is already what ops reach);
+  GEMM        square and model-shaped matmuls in fp32, bf16 and fp16 (a small llama's, a
+              mid-size one's at 256 and 1024 tokens, a rank-16 adapter's; larger ones on
+              CUDA): the best rate per dtype is the spec's peak (bf16_tflops, ...); the fp32
+              rates over that peak by GEMM size are matmul_curve, and matmul_efficiency is
+              the median of the model-shaped ones (for a spec read without its curve);
+  bandwidth   element-wise adds from 64 KiB to 64 MiB a tensor (to 4 MiB under quick): the
+              rate by bytes moved is bandwidth_curve (a CPU core reads its L2 five times
+              faster than DRAM), the largest size's rate hbm_gbps (with bandwidth_efficiency
+              1: these are what ops reach);
+              both after the bare call's own cost is taken off each timing (a 1x1 matmul's,
+              a one-element add's): the projection adds the per-op cost of training code on
+              top (launch_us or dispatch_us);
   per-op      the host cost of eager training code, per op and per module entered
               (module_call_us): small llama steps (all overhead, no compute to speak of) of
               frozen, lora and paca under the timing pass's instrument, fitted on their ops
@@ -24,8 +31,9 @@ forward_op_us likewise). On CUDA the fitted per-op host time is dispatch_us and 
 (the tiny op's host time, `tiny_op_us`, is kept beside it for comparison).
 
 Limits: about 20-60 s on a small CPU; every number is measured on this machine under its
-current load (run it on a quiet machine; the load average is recorded in `source`); one
-efficiency per kind of kernel, so shapes far from those timed here project less well; the peak
+current load (run it on a quiet machine; the load average is recorded in `source`); rates
+depend on size alone (a GEMM's FLOPs, an op's bytes), so shapes far from those timed here
+project less well, and sizes beyond the ends read the end values; the peak
 is the best rate measured, not the datasheet's, so an MFU against it reads "of what this
 device's GEMMs reach". memory_bytes is the device's (CPU: physical memory).
 """
@@ -37,10 +45,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from paca_prof.engines.project import curve_at
 from paca_prof.gpus import GpuSpec
 
 DEVICES = ("cpu", "cuda")
@@ -60,6 +70,7 @@ class Calibration:
     foreach_tensor_us: float = 0.0
     attention: dict = field(default_factory=dict)
     optimizer: dict = field(default_factory=dict)
+    bare_us: dict = field(default_factory=dict)  # a 1x1 matmul's and a one-element add's
     seconds: float = 0.0
 
 
@@ -94,11 +105,19 @@ class _Timer:
         return statistics.median(samples)
 
 
+# (tokens, in, out) of model projections: a small llama's (hidden 128), a mid-size one's
+# (hidden 512) at 256 and 1024 tokens, and a rank-16 adapter's two GEMMs beside it; CUDA adds
+# an 8B-size layer's, whose GEMMs are the ones a GPU runs.
+MODEL_GEMMS = [(256, 128, 128), (256, 128, 352), (256, 352, 128), (256, 128, 1024),
+               (256, 512, 16), (256, 16, 512), (256, 512, 512), (256, 512, 1376),
+               (256, 1376, 512), (1024, 512, 512), (1024, 512, 1536)]
+CUDA_GEMMS = [(4096, 4096, 1024), (4096, 4096, 4096), (4096, 4096, 14336),
+              (4096, 14336, 4096)]
+
+
 def _gemm(timer: _Timer, device: str, dtypes: list[str], quick: bool) -> list[dict]:
     square = [256, 512] if quick else [256, 512, 1024]
-    # model-shaped: (tokens, in, out) of a small llama's projections and of a mid-size one's
-    shaped = [(256, 128, 128), (256, 128, 352), (256, 352, 128), (256, 128, 1024),
-              (1024, 512, 512), (1024, 512, 1536)]
+    shaped = MODEL_GEMMS + (CUDA_GEMMS if device.startswith("cuda") else [])
     rows = []
     for name in dtypes:
         dtype = DTYPES[name]
@@ -109,10 +128,43 @@ def _gemm(timer: _Timer, device: str, dtypes: list[str], quick: bool) -> list[di
             a = torch.randn(m, k, device=device, dtype=dtype)
             b = torch.randn(k, n, device=device, dtype=dtype)
             us = timer.median_us(lambda: torch.mm(a, b))
-            flops = 2.0 * m * k * n
             rows.append({"dtype": name, "m": m, "k": k, "n": n, "kind": kind, "us": us,
-                         "tflops": flops / us / 1e6})
+                         "flops": 2.0 * m * k * n})
     return rows
+
+
+def _bare_us(timer: _Timer, device: str) -> dict[str, float]:
+    """What a GEMM and an element-wise op cost when they have (almost) nothing to compute or
+    move: the bare call, taken off the microbenchmarks' timings before their rates are read."""
+    one = torch.ones(1, 1, device=device)
+    out = torch.empty(1, 1, device=device)
+    return {"mm": timer.median_us(lambda: torch.mm(one, one, out=out)),
+            "add": timer.median_us(lambda: torch.add(one, one, out=out))}
+
+
+def rate_curve(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """(size, rate) measurements as a GpuSpec curve: sorted by size, the rates of equal sizes
+    merged by their median."""
+    by_size: dict[float, list[float]] = {}
+    for size, rate in points:
+        by_size.setdefault(float(size), []).append(float(rate))
+    return tuple((size, round(statistics.median(rates), 6))
+                 for size, rates in sorted(by_size.items()))
+
+
+def _gemm_fit(gemm: list[dict], bare_us: float, dtypes: list[str]) -> dict:
+    """Each GEMM's rate with the bare call's cost taken off (TFLOP/s, in gemm's rows), the peak
+    per dtype (the best rate), and the fp32 efficiency by size (matmul_curve) with its median
+    over the model-shaped GEMMs (matmul_efficiency)."""
+    for row in gemm:
+        row["tflops"] = row["flops"] / max(row["us"] - bare_us, row["us"] / 10) / 1e6
+    peaks = {d: max(r["tflops"] for r in gemm if r["dtype"] == d) for d in dtypes}
+    peaks.setdefault("fp16", peaks["bf16"])
+    fp32 = [r for r in gemm if r["dtype"] == "fp32"]
+    curve = rate_curve([(r["flops"], r["tflops"] / peaks["fp32"]) for r in fp32])
+    efficiency = statistics.median(r["tflops"] / peaks["fp32"] for r in fp32
+                                   if r["kind"] == "model")
+    return {"peaks": peaks, "curve": curve, "efficiency": efficiency}
 
 
 class _CountOps(TorchDispatchMode):
@@ -255,8 +307,9 @@ def fit_nonnegative(rows: list[dict], columns: tuple[str, ...]) -> dict[str, flo
 
 
 def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
-    # float32 elements: the sizes of a small model's activations up to a mid-size one's
-    sizes = [2**14, 2**16, 2**18, 2**20] + ([] if quick else [2**22])
+    # float32 elements a tensor: 64 KiB (a small model's activations, in any cache) to 64 MiB
+    # (an 8B model's optimizer pass, from memory)
+    sizes = [2**14, 2**16, 2**18, 2**20] + ([] if quick else [2**22, 2**24])
     rows = []
     for numel in sizes:
         x = torch.ones(numel, device=device)
@@ -267,25 +320,22 @@ def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
     return rows
 
 
-def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """y = a x + b (a > 0, b >= 0) by least squares on relative error (weights 1 / y^2), so
-    that small sizes, which model ops are, weigh as much as large ones."""
-    w = [1.0 / (y * y) for y in ys]
-    sw = sum(w)
-    mx = sum(wi * x for wi, x in zip(w, xs)) / sw
-    my = sum(wi * y for wi, y in zip(w, ys)) / sw
-    var = sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs))
-    a = sum(wi * (x - mx) * (y - my) for wi, x, y in zip(w, xs, ys)) / var if var else 0.0
-    a = max(a, 1e-12)
-    return a, max(my - a * mx, 0.0)
+def _bandwidth_fit(rows: list[dict], bare_us: float) -> tuple[tuple[float, float], ...]:
+    """The rate by bytes moved (GB/s), from the sizes whose bytes, not the bare call, set
+    their time (at least twice the bare cost); the smallest size's rate when none does."""
+    points = [(r["bytes"], r["bytes"] / (r["us"] - bare_us) / 1e3) for r in rows
+              if r["us"] >= 2 * bare_us]
+    return rate_curve(points or [(rows[0]["bytes"], rows[0]["bytes"] / rows[0]["us"] / 1e3)])
 
 
-def _optimizer(timer: _Timer, device: str, launch_us: float, gbps: float) -> dict:
+def _optimizer(timer: _Timer, device: str, launch_us: float,
+               bandwidth_curve: tuple[tuple[float, float], ...]) -> dict:
     """AdamW as this device runs it by default (CPU: torch's for-loop; CUDA: foreach), timed
     over a LoRA-like and a full-like set of tensors, against the foreach step the simulation
     records (its ops counted here): foreach_tensor_us is the cost per foreach input tensor
     that makes the projection of that foreach step match the measured one (the per-op cost and
-    the bytes taken off first). Clipping's foreach norm and scale pay the same."""
+    each op's bytes at the bandwidth curve's rate taken off first). Clipping's foreach norm
+    and scale pay the same."""
     sets = {"lora-like": [(8, 128), (128, 8)] * 14,
             "full-like": [(128, 128)] * 8 + [(352, 128), (128, 352)] * 6 + [(1024, 128)] * 2}
     out, per_tensor = {}, []
@@ -301,8 +351,10 @@ def _optimizer(timer: _Timer, device: str, launch_us: float, gbps: float) -> dic
         with _CountOps() as counter:
             foreach.step()
         inputs = sum(n for op, n, _ in counter.ops if "_foreach_" in op)
-        nbytes = sum(b for _, _, b in counter.ops)
-        rest = us - len(counter.ops) * launch_us - nbytes / (gbps * 1e3)
+        op_bytes = np.array([b for _, _, b in counter.ops], dtype=float)
+        nbytes = int(op_bytes.sum())
+        memory_us = float((op_bytes / (curve_at(bandwidth_curve, op_bytes, 1.0) * 1e3)).sum())
+        rest = us - len(counter.ops) * launch_us - memory_us
         per_tensor.append(max(rest, 0.0) / max(inputs, 1))
         out[name] = {"tensors": len(params), "params": sum(p.numel() for p in params),
                      "measured_us": us, "simulated_ops": len(counter.ops),
@@ -350,22 +402,16 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
     tiny_op = _dispatch_us(timer, device)
     overhead = _overhead_fit(timer, device)
     dispatch = overhead["per_op_us"]
-    per_byte, _ = _fit_line([r["bytes"] for r in bandwidth], [r["us"] for r in bandwidth])
-    gbps = 1.0 / per_byte / 1e3  # bytes per us -> GB/s
-    peaks = {d: max(r["tflops"] for r in gemm if r["dtype"] == d) for d in dtypes}
-    peaks.setdefault("fp16", peaks["bf16"])
-    model_rates = []
-    for row in gemm:
-        if row["kind"] == "model" and row["dtype"] == "fp32":
-            compute_us = max(row["us"] - dispatch, 1e-3)
-            model_rates.append(2.0 * row["m"] * row["k"] * row["n"] / compute_us / 1e6
-                               / peaks["fp32"])
-    efficiency = min(1.0, statistics.median(model_rates))
+    bare = _bare_us(timer, device)
+    fit = _gemm_fit(gemm, bare["mm"], dtypes)
+    peaks, efficiency = fit["peaks"], min(1.0, fit["efficiency"])
+    bandwidth_curve = _bandwidth_fit(bandwidth, bare["add"])
+    gbps = bandwidth_curve[-1][1]  # the largest size's: what streams from device memory
     with torch.no_grad():
         progress("attention")
         attention = _attention(timer, device, peaks["fp32"])
     progress("optimizer")
-    optimizer = _optimizer(timer, device, dispatch, gbps)
+    optimizer = _optimizer(timer, device, dispatch, bandwidth_curve)
     foreach = optimizer["foreach_tensor_us"]
     cuda = device.startswith("cuda")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -384,18 +430,20 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         attention_efficiency=round(max(attention["efficiency"], 1e-3), 4),
         bandwidth_efficiency=1.0,
         foreach_tensor_us=round(foreach, 4),
+        matmul_curve=fit["curve"], bandwidth_curve=bandwidth_curve,
         module_call_us=round(overhead["module_call_us"], 3),
         forward_op_us=round(overhead["forward_op_us"], 3),
         source=(f"paca-prof calibrate on {label}, {torch.get_num_threads()} torch thread(s), "
                 f"load average {load:.2f} at start; peaks: best GEMM rate measured; "
-                f"efficiencies fitted on model-shaped GEMMs and SDPA; "
+                f"GEMM efficiency and bandwidth by size (the curves) from "
+                f"microbenchmarks, the bare call's cost taken off; attention's from SDPA; "
                 f"{'per-op cost in launch_us (the CPU runs ops one after another)' if not cuda else 'dispatch: per-op host time'}"
                 f", more per forward op in forward_op_us and per module entered in "
                 f"module_call_us, fitted on small steps of "
                 f"{', '.join(OVERHEAD_METHODS)}"),
     )
     return Calibration(spec, gemm, bandwidth, dispatch, tiny_op, overhead, foreach, attention,
-                       optimizer, time.perf_counter() - started)
+                       optimizer, bare, time.perf_counter() - started)
 
 
 def _cpu_label() -> str:

@@ -614,7 +614,7 @@ def _cmd_calibrate(args) -> int:
                           "bandwidth": result.bandwidth, "dispatch_us": result.dispatch_us,
                           "tiny_op_us": result.tiny_op_us, "overhead": result.overhead,
                           "attention": result.attention, "optimizer": result.optimizer,
-                          "seconds": result.seconds,
+                          "bare_us": result.bare_us, "seconds": result.seconds,
                           "out": str(args.out) if args.out else None}, indent=2))
         return 0
     spec = result.spec
@@ -625,9 +625,11 @@ def _cmd_calibrate(args) -> int:
         if rows:
             cells = ", ".join(f"{r['m']}x{r['k']}x{r['n']} {r['tflops'] * 1e3:.1f}"
                               for r in rows)
-            print(f"  GEMM {dtype} (measured GFLOP/s): {cells}")
-    print(f"  bandwidth (measured, fitted over {len(result.bandwidth)} sizes): "
-          f"{spec.hbm_gbps:.2f} GB/s")
+            print(f"  GEMM {dtype} (measured GFLOP/s, the bare call's "
+                  f"{result.bare_us['mm']:.1f} us taken off): {cells}")
+    cells = ", ".join(f"{size / 2**20:.2g} MiB {gbps:.1f}" for size, gbps in spec.bandwidth_curve)
+    print(f"  bandwidth by bytes an op moves (measured GB/s, the bare add's "
+          f"{result.bare_us['add']:.1f} us taken off): {cells}")
     steps = ", ".join(f"{r['method']} {r['phase']} {r['measured_us'] / 1e3:.2f} ms "
                       f"({r['ops']} ops, {r['entries']:.0f} module entries)"
                       for r in result.overhead["steps"])
@@ -644,8 +646,10 @@ def _cmd_calibrate(args) -> int:
               f"{row['measured_us'] / 1e3:.2f} ms")
     print(f"fitted spec {spec.name}: fp32 {spec.fp32_tflops * 1e3:.1f} / bf16 "
           f"{spec.bf16_tflops * 1e3:.1f} GFLOP/s peak, matmul efficiency "
-          f"{spec.matmul_efficiency:.2f}, attention efficiency {spec.attention_efficiency:.2f}, "
-          f"{spec.hbm_gbps:.2f} GB/s, launch {spec.launch_us:.1f} us, dispatch "
+          f"{spec.matmul_efficiency:.2f} (median; by size in matmul_curve, "
+          f"{len(spec.matmul_curve)} points), attention efficiency "
+          f"{spec.attention_efficiency:.2f}, {spec.hbm_gbps:.2f} GB/s (the largest size's; by "
+          f"size in bandwidth_curve, {len(spec.bandwidth_curve)} points), launch {spec.launch_us:.1f} us, dispatch "
           f"{spec.dispatch_us:.1f} us, forward op {spec.forward_op_us:.1f} us more, module "
           f"call {spec.module_call_us:.1f} us, foreach "
           f"{spec.foreach_tensor_us:.2f} us per tensor")

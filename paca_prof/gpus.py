@@ -22,7 +22,12 @@ A device spec is one GpuSpec. Built-in specs come from datasheets (each names it
     foreach_tensor_us: 0.0     # a foreach op's extra cost per input tensor (CPU: a loop)
     module_call_us: 0.0        # host time per module scope entered (calibrate fits it)
     forward_op_us: 0.0         # more host time per forward op (calibrate fits it)
+    matmul_curve: []           # [[GEMM FLOPs, efficiency], ...]: efficiency by size (calibrate)
+    bandwidth_curve: []        # [[bytes an op moves, GB/s], ...]: bandwidth by size (calibrate)
     source: "where these numbers come from"
+
+A curve, when given, replaces its single number by size: the projection interpolates it in the
+logarithm of the size and holds its end values beyond its ends (engines/project.py).
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ _OVERHEAD_SOURCE = ("launch/dispatch/efficiencies: uncalibrated estimates (typic
 class GpuSpec:
     """One device for projection and planning (see the module docstring for every field).
 
-    Limits: one number per peak and per efficiency; a kernel's real throughput depends on its
-    shape, which `paca-prof calibrate` folds into the efficiencies it fits."""
+    Limits: a GEMM's efficiency and an op's bandwidth depend on its size alone (the curves,
+    which calibrate measures) or on nothing (the single numbers of the GPU table); a kernel's
+    real throughput depends on its shape too, which calibrate folds into the points it fits."""
 
     name: str
     memory_bytes: int
@@ -75,10 +81,19 @@ class GpuSpec:
     # against 13). The GPU table's 0: dispatch_us is the forward issue cost there, and a
     # GPU's backward is rarely host-bound; calibrate fits it.
     forward_op_us: float = 0.0
+    # Measured rates by size (calibrate): a small GEMM reaches less of the peak than a large
+    # one, and an op whose bytes fit a cache moves them faster than one that streams from
+    # memory (a CPU core: about 50 GB/s from its L2, 10 from DRAM). Pairs (size, rate), sizes
+    # increasing; empty: matmul_efficiency and hbm_gbps x bandwidth_efficiency at every size.
+    matmul_curve: tuple[tuple[float, float], ...] = ()  # (GEMM FLOPs, efficiency)
+    bandwidth_curve: tuple[tuple[float, float], ...] = ()  # (bytes an op moves, GB/s)
     source: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        for name in CURVES:  # YAML and JSON have lists, not tuples
+            values[name] = [list(point) for point in values[name]]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict, what: str = "GPU spec") -> GpuSpec:
@@ -114,9 +129,34 @@ class GpuSpec:
                 raise ValueError(f"{what}: interconnect must be one of "
                                  f"{', '.join(INTERCONNECTS)}, got {values['interconnect']!r}")
             checked["interconnect"] = values["interconnect"]
+        for name, maximum in CURVES.items():
+            if name in values:
+                checked[name] = _curve(values[name], f"{what}: {name}", maximum)
         if "source" in values:
             checked["source"] = validate.text(values["source"], f"{what}: source")
         return cls(**checked)
+
+
+CURVES = {"matmul_curve": 1.0, "bandwidth_curve": 1e6}  # field: its rate's maximum
+MAX_CURVE_POINTS = 64
+
+
+def _curve(value, what: str, maximum: float) -> tuple[tuple[float, float], ...]:
+    """A rate curve: a list of at most MAX_CURVE_POINTS [size, rate] pairs, sizes positive
+    and increasing, rates in (0, maximum]; ValueError in one line otherwise."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CURVE_POINTS:
+        raise ValueError(f"{what} must be a list of at most {MAX_CURVE_POINTS} [size, rate] "
+                         "pairs")
+    points = []
+    for i, point in enumerate(value):
+        if not isinstance(point, (list, tuple)) or len(point) != 2:
+            raise ValueError(f"{what}[{i}] must be a [size, rate] pair")
+        size = validate.number(point[0], f"{what}[{i}] size", above=0, maximum=1e18)
+        rate = validate.number(point[1], f"{what}[{i}] rate", above=0, maximum=maximum)
+        if points and size <= points[-1][0]:
+            raise ValueError(f"{what}: sizes must increase ({size} after {points[-1][0]})")
+        points.append((float(size), float(rate)))
+    return tuple(points)
 
 
 # memory_bytes: the total nvidia-smi (rocm-smi for the MI300X) shows for the card, in MiB as

@@ -6,6 +6,7 @@ that accuracy against its targets (20%, 0.05, 25%)."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -46,6 +47,25 @@ def test_the_spec_loads_and_its_numbers_are_measured(calibrated):
         (m, p) for m in ("frozen", "lora", "paca") for p in ("forward", "backward")]
     assert {r["dtype"] for r in result.gemm} == {"fp32", "bf16"}
     assert "calibrate" in spec.source and "1 torch thread" in spec.source
+
+
+def test_the_spec_has_rate_curves_by_size(calibrated):
+    """matmul_curve: one point per fp32 GEMM size timed, efficiencies over the fp32 peak (the
+    equal sizes merged by their median); bandwidth_curve: bytes moved increasing, the largest size's rate
+    is hbm_gbps; both after the bare calls' costs were taken off."""
+    result, _ = calibrated
+    spec = result.spec
+    fp32_sizes = {r["flops"] for r in result.gemm if r["dtype"] == "fp32"}
+    assert [size for size, _ in spec.matmul_curve] == sorted(fp32_sizes)
+    assert all(0 < rate <= 1 for _, rate in spec.matmul_curve)
+    for size, rate in spec.matmul_curve:  # the median of that size's GEMMs, over the peak
+        rates = [r["tflops"] for r in result.gemm if r["dtype"] == "fp32" and r["flops"] == size]
+        assert rate == pytest.approx(statistics.median(rates) / spec.fp32_tflops, rel=1e-3)
+    assert 1 <= len(spec.bandwidth_curve) <= len(result.bandwidth)
+    assert spec.hbm_gbps > 0
+    assert spec.hbm_gbps == pytest.approx(spec.bandwidth_curve[-1][1], rel=1e-3)
+    assert {r["bytes"] for r in result.bandwidth} >= {size for size, _ in spec.bandwidth_curve}
+    assert result.bare_us["mm"] > 0 and result.bare_us["add"] > 0
 
 
 def test_the_measured_run_projects_onto_the_calibrated_cpu(calibrated, measured_trace):

@@ -188,6 +188,10 @@ def test_bad_output_folders(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "file.txt"]
 
 
+BASE_SPEC = ("name: x\nmemory_bytes: 1\nbf16_tflops: 1\nfp16_tflops: 1\nfp32_tflops: 1\n"
+             "hbm_gbps: 1\n")
+
+
 @pytest.mark.parametrize("content, expected", [
     ("name: x\n", "missing field"),
     ("- a list\n", "mapping"),
@@ -207,6 +211,15 @@ def test_bad_output_folders(capsys, tmp_path):
      "fp32_tflops: 1\nhbm_gbps: 1\n", "memory_bytes must be at most"),
     ("name: x\nmemory_bytes: 1\nbf16_tflops: 1" + "0" * 5000 + "\nfp16_tflops: 1\n"
      "fp32_tflops: 1\nhbm_gbps: 1\n", "integer string conversion"),
+    # rate curves: pairs, sizes positive and increasing, efficiencies at most 1, bounded length
+    (BASE_SPEC + "matmul_curve: 3\n", "matmul_curve must be a list"),
+    (BASE_SPEC + "matmul_curve: [[1, 0.5, 2]]\n", "matmul_curve[0] must be a [size, rate]"),
+    (BASE_SPEC + "matmul_curve: [[1, 1.5]]\n", "matmul_curve[0] rate"),
+    (BASE_SPEC + "bandwidth_curve: [[0, 10]]\n", "bandwidth_curve[0] size"),
+    (BASE_SPEC + "bandwidth_curve: [[2, 10], [1, 20]]\n", "sizes must increase"),
+    (BASE_SPEC + "bandwidth_curve: [[1, .nan]]\n", "finite"),
+    (BASE_SPEC + "bandwidth_curve: [" + ", ".join(f"[{i}, 1]" for i in range(1, 100))
+     + "]\n", "at most 64"),
 ])
 def test_bad_gpu_spec_files(capsys, tmp_path, content, expected):
     spec = tmp_path / "gpu.yaml"

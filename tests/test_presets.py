@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig
 
 from paca_prof import presets
@@ -173,6 +174,18 @@ def test_gpu_round_trips(name, tmp_path):
     assert spec.name == name
     assert GpuSpec.from_dict(spec.to_dict()) == spec
     assert load_spec(write_spec(spec, tmp_path / f"{name}.yaml")) == spec
+
+
+def test_a_spec_with_rate_curves_round_trips(tmp_path):
+    """Curves are tuples in a GpuSpec and lists in its YAML; both ways give the same spec."""
+    from dataclasses import replace
+
+    spec = replace(GPUS["l4"], matmul_curve=((1e6, 0.1), (1e9, 0.8)),
+                   bandwidth_curve=((65536.0, 50.0), (6.7e7, 10.5)))
+    assert GpuSpec.from_dict(spec.to_dict()) == spec
+    assert load_spec(write_spec(spec, tmp_path / "curved.yaml")) == spec
+    assert yaml.safe_load((tmp_path / "curved.yaml").read_text())["matmul_curve"] == [
+        [1e6, 0.1], [1e9, 0.8]]
 
 
 @pytest.mark.parametrize("name", sorted(GPUS))

@@ -145,3 +145,32 @@ def test_forward_ops_delay_the_host_on_a_device_with_its_own_host():
     assert projected["start_us"].tolist() == pytest.approx([15.0, 57.0, 69.0, 471.0, 493.0,
                                                             535.0])
     assert projected["dur_us"].tolist() == pytest.approx(KERNEL_US)
+
+
+def test_a_curve_interpolates_in_log_size_and_holds_its_ends():
+    # points at 10 and 1000: 100 is halfway in log size, so halfway in rate
+    curve = ((10.0, 0.2), (1000.0, 0.6))
+    rates = project.curve_at(curve, pd.Series([1.0, 10.0, 100.0, 1000.0, 1e6]).to_numpy(), 0.9)
+    assert rates.tolist() == pytest.approx([0.2, 0.2, 0.4, 0.6, 0.6])
+    assert project.curve_at((), pd.Series([1.0, 5.0]).to_numpy(), 0.9).tolist() == [0.9, 0.9]
+
+
+def test_kernel_times_follow_the_spec_curves_by_size():
+    # matmul efficiency 0.25 at 1e8 FLOPs and 1.0 at 1e10 (so 0.625 at 1e9); bandwidth 100 GB/s
+    # at 1 MB, 400 at 100 MB (so 250 at 10 MB); attention keeps its own efficiency
+    curved = replace(DEVICE, matmul_curve=((1e8, 0.25), (1e10, 1.0)),
+                     bandwidth_curve=((1e6, 100.0), (1e8, 400.0)))
+    ops = _ops([
+        # 1e9 bf16 FLOPs at 0.625 of 100 TFLOP/s: 16 us; 1 MB at 100 GB/s: 10 us; + 2 = 18 us
+        (Q, "forward", "aten::mm", "bfloat16", 1e9, 1e6),
+        # 10 MB at 250 GB/s = 40 us, + 2 = 42 us (the flat spec: 10e6 / 800e9 = 12.5 us)
+        (ATTN, "forward", "aten::add", "bfloat16", 0.0, 1e7),
+        # attention: 1e10 / (100e12 * 0.25) = 400 us, its bytes 1 MB: 10 us; + 2 = 402 us
+        (ATTN, "backward", "aten::_scaled_dot_product_flash_attention_backward", "bfloat16",
+         1e10, 1e6),
+        # 1e7 fp32 FLOPs, below the curve: efficiency 0.25, 1e7 / (10e12 * 0.25) = 4 us;
+        # 1 kB below the curve: 100 GB/s, 0.01 us; + 2 = 6 us
+        (Q, "backward", "aten::mm", "float32", 1e7, 1e3),
+    ])
+    assert project.kernel_times_us(ops, curved).tolist() == pytest.approx([18.0, 42.0, 402.0,
+                                                                           6.0])

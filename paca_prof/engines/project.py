@@ -4,6 +4,8 @@ The cost model, in full:
   - every op is one kernel; its device time is its roofline bound plus the launch cost:
         max(flops / (peak * efficiency), bytes / (bandwidth * efficiency)) + launch_us
     with the bf16 or fp16 tensor-core peak for half-precision ops, the fp32 peak otherwise;
+    a GEMM's efficiency and an op's bandwidth follow the spec's curves by size where it has
+    them (GpuSpec.matmul_curve, .bandwidth_curve: calibrated ones), one number otherwise;
   - the host issues ops one after another, dispatch_us apart (Python, the dispatcher and the
     launch call); a kernel starts when both the host has issued it and the previous kernel has
     finished. So a run of small kernels, such as an adapter branch beside each big GEMM, is
@@ -43,10 +45,13 @@ def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec) -> np.ndarray:
     peak_tflops = np.where(dtype.isin(BF16_DTYPES).to_numpy(), gpu.bf16_tflops,
                            np.where(dtype.isin(FP16_DTYPES).to_numpy(), gpu.fp16_tflops,
                                     gpu.fp32_tflops))
-    efficiency = np.where(attention, gpu.attention_efficiency, gpu.matmul_efficiency)
-    compute_us = ops["flops"].to_numpy(dtype=float) / (peak_tflops * 1e6 * efficiency)
-    memory_us = ops["bytes"].to_numpy(dtype=float) / (gpu.hbm_gbps * 1e3
-                                                      * gpu.bandwidth_efficiency)
+    flops = ops["flops"].to_numpy(dtype=float)
+    nbytes = ops["bytes"].to_numpy(dtype=float)
+    matmul = curve_at(gpu.matmul_curve, flops, gpu.matmul_efficiency)
+    efficiency = np.where(attention, gpu.attention_efficiency, matmul)
+    compute_us = flops / (peak_tflops * 1e6 * efficiency)
+    memory_us = nbytes / (curve_at(gpu.bandwidth_curve, nbytes,
+                                   gpu.hbm_gbps * gpu.bandwidth_efficiency) * 1e3)
     per_tensor = 0.0
     if gpu.foreach_tensor_us:
         foreach = ops["name"].str.contains("_foreach_", regex=False).to_numpy()
@@ -55,6 +60,17 @@ def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec) -> np.ndarray:
         per_tensor = tensors * gpu.foreach_tensor_us
     return (np.maximum(np.nan_to_num(compute_us), np.nan_to_num(memory_us)) + gpu.launch_us
             + per_tensor)
+
+
+def curve_at(curve, sizes: np.ndarray, flat: float) -> np.ndarray:
+    """A rate curve's value at each size: linear in log(size) between its points, its end
+    values beyond them; `flat` everywhere when the curve is empty. (NaN or non-positive sizes
+    read the first point: the callers' roofline drops their NaN times.)"""
+    if not curve:
+        return np.full(len(sizes), float(flat))
+    xs, ys = zip(*curve)
+    logs = np.log(np.where(np.nan_to_num(sizes) > 0, np.nan_to_num(sizes), xs[0]))
+    return np.interp(logs, np.log(xs), ys)
 
 
 def scope_entries(ops: pd.DataFrame) -> np.ndarray:
