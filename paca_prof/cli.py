@@ -649,7 +649,8 @@ def _cmd_calibrate(args) -> int:
           f"{spec.matmul_efficiency:.2f} (median; by size in matmul_curve, "
           f"{len(spec.matmul_curve)} points), attention efficiency "
           f"{spec.attention_efficiency:.2f}, {spec.hbm_gbps:.2f} GB/s (the largest size's; by "
-          f"size in bandwidth_curve, {len(spec.bandwidth_curve)} points), launch {spec.launch_us:.1f} us, dispatch "
+          f"size in bandwidth_curve, {len(spec.bandwidth_curve)} points), launch "
+          f"{spec.launch_us:.1f} us, dispatch "
           f"{spec.dispatch_us:.1f} us, forward op {spec.forward_op_us:.1f} us more, module "
           f"call {spec.module_call_us:.1f} us, foreach "
           f"{spec.foreach_tensor_us:.2f} us per tensor")

@@ -85,6 +85,8 @@ class GpuSpec:
     # one, and an op whose bytes fit a cache moves them faster than one that streams from
     # memory (a CPU core: about 50 GB/s from its L2, 10 from DRAM). Pairs (size, rate), sizes
     # increasing; empty: matmul_efficiency and hbm_gbps x bandwidth_efficiency at every size.
+    # calibrate fits matmul_curve on fp32 GEMMs; the projection applies it to every dtype's
+    # peak, as it does matmul_efficiency.
     matmul_curve: tuple[tuple[float, float], ...] = ()  # (GEMM FLOPs, efficiency)
     bandwidth_curve: tuple[tuple[float, float], ...] = ()  # (bytes an op moves, GB/s)
     source: str = ""

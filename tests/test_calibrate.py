@@ -50,9 +50,9 @@ def test_the_spec_loads_and_its_numbers_are_measured(calibrated):
 
 
 def test_the_spec_has_rate_curves_by_size(calibrated):
-    """matmul_curve: one point per fp32 GEMM size timed, efficiencies over the fp32 peak (the
-    equal sizes merged by their median); bandwidth_curve: bytes moved increasing, the largest size's rate
-    is hbm_gbps; both after the bare calls' costs were taken off."""
+    """matmul_curve: one point per fp32 GEMM size timed, its efficiency over the fp32 peak
+    (GEMMs of equal size merged by their median); bandwidth_curve: sizes among those timed,
+    the largest one's rate is hbm_gbps; both after the bare calls' costs were taken off."""
     result, _ = calibrated
     spec = result.spec
     fp32_sizes = {r["flops"] for r in result.gemm if r["dtype"] == "fp32"}
