@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from paca_prof import methods
 from paca_prof.capture import Capture
-from paca_prof.engines import comm, fsdp_sim, project
+from paca_prof.engines import comm, fsdp_sim, meta_kernels, project
 from paca_prof.engines import replicate as replication
 from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import prepare
@@ -84,7 +84,7 @@ class OpRecorder(TorchDispatchMode):
             return meta_scalar(args[0])  # no op, no tick: what a device would not dispatch
         out = meta_grouped_mm(func, args, kwargs)
         if out is None:
-            out = func(*args, **kwargs)
+            out = meta_kernels.call(func, args, kwargs)
         name = func._schema.name
         phase = self.capture.phase
         module = self.capture.current
@@ -219,7 +219,7 @@ class MetaScalars(TorchDispatchMode):
         if func is _LOCAL_SCALAR and args[0].is_meta:
             return meta_scalar(args[0])
         out = meta_grouped_mm(func, args, kwargs)
-        return func(*args, **kwargs) if out is None else out
+        return meta_kernels.call(func, args, kwargs) if out is None else out
 
 
 def _phase_or_none(phase: str) -> str | None:
