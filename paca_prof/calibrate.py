@@ -7,12 +7,14 @@
               rates over that peak by GEMM size are matmul_curve, and matmul_efficiency is
               the median of the model-shaped ones (for a spec read without its curve);
   bandwidth   element-wise adds from 64 KiB to 64 MiB a tensor (to 4 MiB under quick): the
-              rate by bytes moved is bandwidth_curve (a CPU core reads its L2 five times
-              faster than DRAM), the largest size's rate hbm_gbps (with bandwidth_efficiency
-              1: these are what ops reach);
-              both after the bare call's own cost is taken off each timing (a 1x1 matmul's,
-              a one-element add's): the projection adds the per-op cost of training code on
-              top (launch_us or dispatch_us);
+              rate by bytes moved is bandwidth_curve, the largest size's rate hbm_gbps (with
+              bandwidth_efficiency 1: these are what ops reach);
+              both with their operands out of the caches (_Timer.cold_us), as a training step
+              touches each weight and saved activation once per pass: timed on operands a
+              core's L2 holds, the adds ran 5x faster than a step's ops, and the projection of
+              a step was 15-40% low on this CPU; and both after the bare call's own cost is
+              taken off each timing (a 1x1 matmul's, a one-element add's): the projection adds
+              the per-op cost of training code on top (launch_us or dispatch_us);
   per-op      the host cost of eager training code, per op and per module entered
               (module_call_us): small llama steps (all overhead, no compute to speak of) of
               frozen, lora and paca under the timing pass's instrument, fitted on their ops
@@ -40,6 +42,7 @@ device's GEMMs reach". memory_bytes is the device's (CPU: physical memory).
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -104,6 +107,24 @@ class _Timer:
             samples.append((time.perf_counter() - start) / inner * 1e6)
         return statistics.median(samples)
 
+    def cold_us(self, make_operands, fn, min_reps: int = 3, target_s: float = 0.05) -> float:
+        """Median time of fn(*operands) with its operands out of the caches, as in a training
+        step, where each weight and each saved activation is touched once per pass: averaged
+        the calls take turns over distinct operand sets (make_operands() each) that fill at
+        least COLD_POOL_BYTES, more than a last-level cache holds (triton's do_bench flushes
+        256 MB for the same reason), so a set comes back only after the others have evicted
+        it. An output among the operands is written cold too; allocating it is the per-op
+        cost's (fitted on whole steps), not the op's."""
+        first = make_operands()
+        set_bytes = sum(t.numel() * t.element_size() for t in first)
+        count = max(2, min(COLD_MAX_SETS, -(-COLD_POOL_BYTES // max(set_bytes, 1))))
+        pool = itertools.cycle([first] + [make_operands() for _ in range(count - 1)])
+        return self.median_us(lambda: fn(*next(pool)), min_reps, target_s)
+
+
+# Operands timed cold fill this much memory (see _Timer.cold_us), in sets of at most this many.
+COLD_POOL_BYTES = 256 * 2**20
+COLD_MAX_SETS = 4096
 
 # (tokens, in, out) of model projections: a small llama's (hidden 128), a mid-size one's
 # (hidden 512) at 256 and 1024 tokens, and a rank-16 adapter's two GEMMs beside it; CUDA adds
@@ -125,9 +146,10 @@ def _gemm(timer: _Timer, device: str, dtypes: list[str], quick: bool) -> list[di
         if name != "fp32" and device == "cpu":  # CPU half precision is slow: small ones
             shapes = [s for s in shapes if s[0] * s[1] * s[2] <= 256 * 256 * 256]
         for m, k, n, kind in shapes:
-            a = torch.randn(m, k, device=device, dtype=dtype)
-            b = torch.randn(k, n, device=device, dtype=dtype)
-            us = timer.median_us(lambda: torch.mm(a, b))
+            us = timer.cold_us(lambda: (torch.ones(m, k, device=device, dtype=dtype),
+                                        torch.ones(k, n, device=device, dtype=dtype),
+                                        torch.empty(m, n, device=device, dtype=dtype)),
+                               lambda a, b, out: torch.mm(a, b, out=out))
             rows.append({"dtype": name, "m": m, "k": k, "n": n, "kind": kind, "us": us,
                          "flops": 2.0 * m * k * n})
     return rows
@@ -307,15 +329,15 @@ def fit_nonnegative(rows: list[dict], columns: tuple[str, ...]) -> dict[str, flo
 
 
 def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
-    # float32 elements a tensor: 64 KiB (a small model's activations, in any cache) to 64 MiB
-    # (an 8B model's optimizer pass, from memory)
+    # float32 elements a tensor: 64 KiB (a small model's activations) to 64 MiB (an 8B model's
+    # optimizer pass)
     sizes = [2**14, 2**16, 2**18, 2**20] + ([] if quick else [2**22, 2**24])
     rows = []
     for numel in sizes:
-        x = torch.ones(numel, device=device)
-        y = torch.ones(numel, device=device)
-        out = torch.empty(numel, device=device)
-        us = timer.median_us(lambda: torch.add(x, y, out=out))
+        us = timer.cold_us(lambda: (torch.ones(numel, device=device),
+                                    torch.ones(numel, device=device),
+                                    torch.empty(numel, device=device)),
+                           lambda x, y, out: torch.add(x, y, out=out))
         rows.append({"bytes": 3 * 4 * numel, "us": us})
     return rows
 

@@ -81,9 +81,9 @@ class GpuSpec:
     # against 13). The GPU table's 0: dispatch_us is the forward issue cost there, and a
     # GPU's backward is rarely host-bound; calibrate fits it.
     forward_op_us: float = 0.0
-    # Measured rates by size (calibrate): a small GEMM reaches less of the peak than a large
-    # one, and an op whose bytes fit a cache moves them faster than one that streams from
-    # memory (a CPU core: about 50 GB/s from its L2, 10 from DRAM). Pairs (size, rate), sizes
+    # Measured rates by size (calibrate, on operands out of the caches, as a step's are): a
+    # small GEMM reaches less of the peak than a large one, and a small op pays more per
+    # byte. Pairs (size, rate), sizes
     # increasing; empty: matmul_efficiency and hbm_gbps x bandwidth_efficiency at every size.
     # calibrate fits matmul_curve on fp32 GEMMs; the projection applies it to every dtype's
     # peak, as it does matmul_efficiency.

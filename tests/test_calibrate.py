@@ -146,3 +146,24 @@ def test_the_overhead_fit_recovers_per_op_forward_and_per_module_costs():
             {"ops": 100, "entries": 50, "measured_us": 900.0}]
     costs = fit_nonnegative(rows, ("ops", "entries"))
     assert costs["entries"] == 0.0 and 9.0 < costs["ops"] < 10.0
+
+@pytest.mark.parametrize("element_bytes, sets", [(256, 16), (2**20, 2), (1, 64)])
+def test_cold_timing_takes_turns_over_operand_sets_that_fill_the_pool(monkeypatch,
+                                                                       element_bytes, sets):
+    """Each timed call gets the next of `sets` distinct operand sets (COLD_POOL_BYTES of them,
+    at least two, at most COLD_MAX_SETS), so no set is reused before all the others were."""
+    from paca_prof import calibrate
+
+    monkeypatch.setattr(calibrate, "COLD_POOL_BYTES", 4096)
+    monkeypatch.setattr(calibrate, "COLD_MAX_SETS", 64)
+    made, used = [], []
+
+    def make():
+        made.append(torch.empty(element_bytes, dtype=torch.uint8))
+        return (made[-1],)
+
+    us = calibrate._Timer("cpu", budget_s=1).cold_us(make, lambda t: used.append(id(t)),
+                                                       target_s=0.001)
+    assert us > 0 and len(made) == sets and len(used) > sets
+    order = {id(t): i for i, t in enumerate(made)}
+    assert [order[u] for u in used] == [i % sets for i in range(len(used))]
