@@ -110,6 +110,15 @@ def test_views_share_their_inputs_storage_and_real_tensors_are_computed():
     assert real.tolist() == [3.0, 3.0, 3.0]
 
 
+def test_the_cache_is_bounded_and_starts_over_when_full(monkeypatch):
+    monkeypatch.setattr(meta_kernels, "_MAX_ENTRIES", 3)
+    for width in range(1, 8):
+        meta_kernels.call(OPS.scaled.default, (meta(2, width), 1.0), {})
+        assert 1 <= len(meta_kernels._entries) <= 3
+    meta_kernels.call(OPS.scaled.default, (meta(2, 7), 1.0), {})  # the newest stays
+    assert kernel_calls["scaled"] == 7
+
+
 def _uncached(func, args, kwargs):
     return func(*args, **kwargs)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-_MAX_ENTRIES = 200_000  # a bound on memory (an entry is ~1 KB); a full cache starts over
+_MAX_ENTRIES = 20_000  # ~40 MB (an entry ~2 KB, a step at a new shape ~100); full: starts over
 
 _NEVER_TAGS = {torch.Tag.inplace_view, torch.Tag.dynamic_output_shape,
                torch.Tag.data_dependent_output}
