@@ -109,12 +109,13 @@ class _Timer:
 
     def cold_us(self, make_operands, fn, min_reps: int = 3, target_s: float = 0.05) -> float:
         """Median time of fn(*operands) with its operands out of the caches, as in a training
-        step, where each weight and each saved activation is touched once per pass: averaged
-        the calls take turns over distinct operand sets (make_operands() each) that fill at
-        least COLD_POOL_BYTES, more than a last-level cache holds (triton's do_bench flushes
-        256 MB for the same reason), so a set comes back only after the others have evicted
-        it. An output among the operands is written cold too; allocating it is the per-op
-        cost's (fitted on whole steps), not the op's."""
+        step, where each weight and each saved activation is touched once per pass. The calls
+        take turns over distinct operand sets (make_operands() each) that fill at least
+        COLD_POOL_BYTES, more than a last-level cache holds (triton's do_bench flushes 256 MB
+        for the same reason), so a set comes back only after the others have evicted it. An
+        output among the operands is written cold too; allocating it is the per-op cost's
+        (fitted on whole steps), not the op's. Limits: memory for the pool (256 MiB, or two
+        sets where one is larger)."""
         first = make_operands()
         set_bytes = sum(t.numel() * t.element_size() for t in first)
         count = max(2, min(COLD_MAX_SETS, -(-COLD_POOL_BYTES // max(set_bytes, 1))))

@@ -83,8 +83,8 @@ class GpuSpec:
     forward_op_us: float = 0.0
     # Measured rates by size (calibrate, on operands out of the caches, as a step's are): a
     # small GEMM reaches less of the peak than a large one, and a small op pays more per
-    # byte. Pairs (size, rate), sizes
-    # increasing; empty: matmul_efficiency and hbm_gbps x bandwidth_efficiency at every size.
+    # byte. Pairs (size, rate), sizes increasing; empty: matmul_efficiency and hbm_gbps x
+    # bandwidth_efficiency at every size.
     # calibrate fits matmul_curve on fp32 GEMMs; the projection applies it to every dtype's
     # peak, as it does matmul_efficiency.
     matmul_curve: tuple[tuple[float, float], ...] = ()  # (GEMM FLOPs, efficiency)

@@ -147,6 +147,7 @@ def test_the_overhead_fit_recovers_per_op_forward_and_per_module_costs():
     costs = fit_nonnegative(rows, ("ops", "entries"))
     assert costs["entries"] == 0.0 and 9.0 < costs["ops"] < 10.0
 
+
 @pytest.mark.parametrize("element_bytes, sets", [(256, 16), (2**20, 2), (1, 64)])
 def test_cold_timing_takes_turns_over_operand_sets_that_fill_the_pool(monkeypatch,
                                                                        element_bytes, sets):

@@ -16,7 +16,7 @@ from paca_prof.engines.simulate import Simulator
 from paca_prof.methods import DEFAULT_METHODS
 
 kernel_calls = collections.Counter()
-_lib = torch.library.Library("paca_prof_test", "DEF")  # ops of a namespace of the tests own
+_lib = torch.library.Library("paca_prof_test", "DEF")  # a namespace of the tests' own
 _lib.define("scaled(Tensor x, float alpha) -> Tensor")
 _lib.define("scale_(Tensor(a!) x, float alpha) -> Tensor(a!)")
 _lib.define("halves(Tensor x) -> (Tensor, Tensor)")

@@ -15,7 +15,7 @@ What is remembered, and what is not:
   output is what empty_strided gives (storage offset 0, the same storage size).
 - an op that writes into its arguments (add_, the optimizer's _foreach_*_ ops): that its
   checks passed; it returns the arguments its schema says it returns. Nothing changes on meta
-  (autograd's version counter is bumped above the dispatch mode, before the op reaches it).
+  (autograd's version counter is bumped above the dispatch mode, whatever the kernel does).
 - never: views and ops that return an alias (they must share the input's storage), ops that
   change an argument's metadata (resize_, set_, the inplace_view ops), out= overloads, ops
   whose output shape depends on values, and calls with an argument it cannot key (a Generator,
