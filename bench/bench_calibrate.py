@@ -64,7 +64,7 @@ CONFIGS = {
 STEP_TARGET, RATIO_TARGET, LAYER_TARGET = 0.20, 0.05, 0.25
 HOST_COSTS = ("launch_us", "forward_op_us", "module_call_us", "foreach_tensor_us")
 RATES = ("fp32_tflops", "bf16_tflops", "fp16_tflops", "hbm_gbps")
-CURVES = ("matmul_curve", "bandwidth_curve")
+CURVES = ("matmul_curve", "bandwidth_curve", "mixed_layout_bandwidth_curve")
 
 
 def _measure(name: str, steps: int, workdir: Path) -> trace.Trace:

@@ -15,6 +15,9 @@
               a step was 15-40% low on this CPU; and both after the bare call's own cost is
               taken off each timing (a 1x1 matmul's, a one-element add's): the projection adds
               the per-op cost of training code on top (launch_us or dispatch_us);
+  mixed layout  the same adds with the second operand read transposed (2-D, each shape both
+              ways), cold: mixed_layout_bandwidth_curve, the rate of an element-wise op
+              whose operands disagree in layout (DoRA's weight plus its low-rank product);
   per-op      the host cost of eager training code, per op and per module entered
               (module_call_us): small llama steps (all overhead, no compute to speak of) of
               frozen, lora and paca under the timing pass's instrument, fitted on their ops
@@ -75,6 +78,7 @@ class Calibration:
     optimizer: dict = field(default_factory=dict)
     bare_us: dict = field(default_factory=dict)  # a 1x1 matmul's and a one-element add's
     seconds: float = 0.0
+    mixed_layout: list[dict] = field(default_factory=list)  # adds with a transposed operand
 
 
 class _Timer:
@@ -343,6 +347,25 @@ def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
     return rows
 
 
+# (rows, columns) of 2-D adds whose second operand is read transposed, each shape both ways:
+# a core walks the transposed one across its strides, the cost growing with its rows' length
+MIXED_LAYOUT_SHAPES = [(128, 128), (256, 512), (512, 256), (512, 1376), (1376, 512),
+                       (1024, 1024), (2048, 2048)]
+
+
+def _mixed_layout_bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
+    """Adds of a contiguous operand and a transposed one into a contiguous output, cold: the
+    rate of an element-wise op whose operands disagree in layout (simulate.mixed_layout)."""
+    rows = []
+    for m, n in MIXED_LAYOUT_SHAPES[:4] if quick else MIXED_LAYOUT_SHAPES:
+        us = timer.cold_us(lambda: (torch.ones(m, n, device=device),
+                                    torch.ones(n, m, device=device).t(),
+                                    torch.empty(m, n, device=device)),
+                           lambda x, y, out: torch.add(x, y, out=out))
+        rows.append({"bytes": 3 * 4 * m * n, "us": us, "shape": [m, n]})
+    return rows
+
+
 def _bandwidth_fit(rows: list[dict], bare_us: float) -> tuple[tuple[float, float], ...]:
     """The rate by bytes moved (GB/s), from the sizes whose bytes, not the bare call, set
     their time (at least twice the bare cost); the smallest size's rate when none does."""
@@ -421,6 +444,7 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         gemm = _gemm(timer, device, dtypes, quick)
         progress("bandwidth")
         bandwidth = _bandwidth(timer, device, quick)
+        mixed_layout = _mixed_layout_bandwidth(timer, device, quick)
     progress("per-op cost")
     tiny_op = _dispatch_us(timer, device)
     overhead = _overhead_fit(timer, device)
@@ -429,6 +453,7 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
     fit = _gemm_fit(gemm, bare["mm"], dtypes)
     peaks, efficiency = fit["peaks"], min(1.0, fit["efficiency"])
     bandwidth_curve = _bandwidth_fit(bandwidth, bare["add"])
+    mixed_layout_curve = _bandwidth_fit(mixed_layout, bare["add"])
     gbps = bandwidth_curve[-1][1]  # the largest size's: what streams from device memory
     with torch.no_grad():
         progress("attention")
@@ -454,6 +479,7 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         bandwidth_efficiency=1.0,
         foreach_tensor_us=round(foreach, 4),
         matmul_curve=fit["curve"], bandwidth_curve=bandwidth_curve,
+        mixed_layout_bandwidth_curve=mixed_layout_curve,
         module_call_us=round(overhead["module_call_us"], 3),
         forward_op_us=round(overhead["forward_op_us"], 3),
         source=(f"paca-prof calibrate on {label}, {torch.get_num_threads()} torch thread(s), "
@@ -466,7 +492,7 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
                 f"{', '.join(OVERHEAD_METHODS)}"),
     )
     return Calibration(spec, gemm, bandwidth, dispatch, tiny_op, overhead, foreach, attention,
-                       optimizer, bare, time.perf_counter() - started)
+                       optimizer, bare, time.perf_counter() - started, mixed_layout)
 
 
 def _cpu_label() -> str:

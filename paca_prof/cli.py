@@ -611,7 +611,8 @@ def _cmd_calibrate(args) -> int:
         write_spec(result.spec, args.out)
     if args.json:
         print(json.dumps({"spec": result.spec.to_dict(), "gemm": result.gemm,
-                          "bandwidth": result.bandwidth, "dispatch_us": result.dispatch_us,
+                          "bandwidth": result.bandwidth, "mixed_layout": result.mixed_layout,
+                          "dispatch_us": result.dispatch_us,
                           "tiny_op_us": result.tiny_op_us, "overhead": result.overhead,
                           "attention": result.attention, "optimizer": result.optimizer,
                           "bare_us": result.bare_us, "seconds": result.seconds,
@@ -630,6 +631,9 @@ def _cmd_calibrate(args) -> int:
     cells = ", ".join(f"{size / 2**20:.2g} MiB {gbps:.1f}" for size, gbps in spec.bandwidth_curve)
     print(f"  bandwidth by bytes an op moves (measured GB/s, the bare add's "
           f"{result.bare_us['add']:.1f} us taken off): {cells}")
+    cells = ", ".join(f"{size / 2**20:.2g} MiB {gbps:.1f}"
+                      for size, gbps in spec.mixed_layout_bandwidth_curve)
+    print(f"  the same, an operand read transposed (measured GB/s): {cells}")
     steps = ", ".join(f"{r['method']} {r['phase']} {r['measured_us'] / 1e3:.2f} ms "
                       f"({r['ops']} ops, {r['entries']:.0f} module entries)"
                       for r in result.overhead["steps"])

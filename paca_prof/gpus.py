@@ -24,6 +24,7 @@ A device spec is one GpuSpec. Built-in specs come from datasheets (each names it
     forward_op_us: 0.0         # more host time per forward op (calibrate fits it)
     matmul_curve: []           # [[GEMM FLOPs, efficiency], ...]: efficiency by size (calibrate)
     bandwidth_curve: []        # [[bytes an op moves, GB/s], ...]: bandwidth by size (calibrate)
+    mixed_layout_bandwidth_curve: []  # the same, for ops whose operands disagree in layout
     source: "where these numbers come from"
 
 A curve, when given, replaces its single number by size: the projection interpolates it in the
@@ -89,6 +90,10 @@ class GpuSpec:
     # peak, as it does matmul_efficiency.
     matmul_curve: tuple[tuple[float, float], ...] = ()  # (GEMM FLOPs, efficiency)
     bandwidth_curve: tuple[tuple[float, float], ...] = ()  # (bytes an op moves, GB/s)
+    # An element-wise op whose operands are laid out in different dimension orders (a weight
+    # plus a product read transposed, as DoRA's) walks one of them across its strides: on a
+    # CPU core 2-12x slower than its bytes at bandwidth_curve. Empty: bandwidth_curve's rate.
+    mixed_layout_bandwidth_curve: tuple[tuple[float, float], ...] = ()  # (bytes, GB/s)
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -139,7 +144,8 @@ class GpuSpec:
         return cls(**checked)
 
 
-CURVES = {"matmul_curve": 1.0, "bandwidth_curve": 1e6}  # field: its rate's maximum
+CURVES = {"matmul_curve": 1.0, "bandwidth_curve": 1e6,  # field: its rate's maximum
+          "mixed_layout_bandwidth_curve": 1e6}
 MAX_CURVE_POINTS = 64
 
 

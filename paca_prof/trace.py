@@ -98,6 +98,9 @@ OP_COLUMNS = {
     "phase": "string", "name": "string", "shapes": "string", "dtype": "string",
     "start_us": "float64", "dur_us": "float64", "flops": "float64", "bytes": "float64",
     "adapter_branch": "bool", "device": "string",
+    # simulated ops: an element-wise op whose operands disagree in layout (engines/simulate.py
+    # mixed_layout); NA where not known (measured ops: the profiler records no strides)
+    "mixed_layout": "boolean",
 }
 # Long format: each row gives one category's bytes alive from time t (us from the step's start)
 # on; the other categories keep their last value. t = 0 rows hold the state at the start.

@@ -66,6 +66,12 @@ def test_the_spec_has_rate_curves_by_size(calibrated):
     assert spec.hbm_gbps == pytest.approx(spec.bandwidth_curve[-1][1], rel=1e-3)
     assert {r["bytes"] for r in result.bandwidth} >= {size for size, _ in spec.bandwidth_curve}
     assert result.bare_us["mm"] > 0 and result.bare_us["add"] > 0
+    # adds with an operand read transposed: sizes among those timed, both orientations of a
+    # shape merged into one point
+    sizes = [size for size, _ in spec.mixed_layout_bandwidth_curve]
+    assert set(sizes) <= {r["bytes"] for r in result.mixed_layout}
+    assert len(result.mixed_layout) > len(sizes) >= 2
+    assert all(rate > 0 for _, rate in spec.mixed_layout_bandwidth_curve)
 
 
 def test_the_measured_run_projects_onto_the_calibrated_cpu(calibrated, measured_trace):

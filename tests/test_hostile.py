@@ -220,6 +220,8 @@ BASE_SPEC = ("name: x\nmemory_bytes: 1\nbf16_tflops: 1\nfp16_tflops: 1\nfp32_tfl
     (BASE_SPEC + "bandwidth_curve: [[1, .nan]]\n", "finite"),
     (BASE_SPEC + "bandwidth_curve: [" + ", ".join(f"[{i}, 1]" for i in range(1, 100))
      + "]\n", "at most 64"),
+    (BASE_SPEC + "mixed_layout_bandwidth_curve: [[1, -2]]\n",
+     "mixed_layout_bandwidth_curve[0] rate"),
 ])
 def test_bad_gpu_spec_files(capsys, tmp_path, content, expected):
     spec = tmp_path / "gpu.yaml"

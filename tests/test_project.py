@@ -174,3 +174,24 @@ def test_kernel_times_follow_the_spec_curves_by_size():
     ])
     assert project.kernel_times_us(ops, curved).tolist() == pytest.approx([18.0, 42.0, 402.0,
                                                                            6.0])
+
+
+def test_an_op_whose_operands_disagree_in_layout_moves_its_bytes_at_the_mixed_rate():
+    # bandwidth 400 GB/s at every size; mixed layout: 100 GB/s at 1 MB, 20 at 100 MB (so 60 at
+    # 10 MB: halfway in log size, so halfway in rate)
+    spec = replace(DEVICE, bandwidth_curve=((1e6, 400.0), (1e8, 400.0)),
+                   mixed_layout_bandwidth_curve=((1e6, 100.0), (1e8, 20.0)))
+    ops = _ops([(ATTN, "forward", "aten::add", "float32", 0.0, 1e6),
+                (ATTN, "forward", "aten::add", "float32", 0.0, 1e6),
+                (ATTN, "forward", "aten::add", "float32", 0.0, 1e7),
+                (ATTN, "backward", "aten::add", "float32", 0.0, 1e7)])
+    ops["mixed_layout"] = pd.array([False, True, True, pd.NA], dtype="boolean")
+    # 1 MB at 400 GB/s: 2.5 us; at 100: 10 us; 10 MB at 60 GB/s: 166.7 us; NA: not mixed,
+    # 25 us; + 2 us launch each
+    assert project.kernel_times_us(ops, spec).tolist() == pytest.approx(
+        [4.5, 12.0, 2 + 1e7 / 60e3, 27.0])
+    # a spec without the curve, or ops without the column: the ordinary rate
+    plain = replace(spec, mixed_layout_bandwidth_curve=())
+    assert project.kernel_times_us(ops, plain).tolist() == pytest.approx([4.5, 4.5, 27.0, 27.0])
+    assert project.kernel_times_us(ops.drop(columns="mixed_layout"), spec).tolist() == \
+        pytest.approx([4.5, 4.5, 27.0, 27.0])

@@ -167,6 +167,36 @@ def test_backward_ops_are_attributed_to_the_same_module_measured_and_simulated(
     pd.testing.assert_series_equal(*backward, check_names=False)
 
 
+def test_mixed_layout_is_operands_that_disagree_on_their_innermost_dimension():
+    import torch
+
+    from paca_prof.engines.simulate import mixed_layout
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    # DoRA's weight plus its low-rank product read transposed, into a contiguous output
+    assert mixed_layout([meta(512, 1376), meta(512, 1376), meta(1376, 512).t()])
+    assert mixed_layout([meta(64, 8), meta(8, 64).t()])  # a 2-D transpose made contiguous
+    heads = meta(1, 256, 8, 64).transpose(1, 2)  # attention's heads: rows move whole
+    assert not mixed_layout([meta(1, 8, 256, 64), heads])
+    assert not mixed_layout([torch.empty_like(heads), heads, meta(1, 1, 256, 64)])
+    assert not mixed_layout([meta(3, 4), meta(3, 4), meta(4).expand(3, 4)])  # a broadcast
+
+
+def test_only_doras_weight_plus_product_reads_an_operand_transposed():
+    spec = RunSpec(device="meta", **{**TINY, "attention": "flash"})
+    flagged = {}
+    for method in DEFAULT_METHODS:
+        ops = simulate_method(spec, method).ops
+        flagged[method] = ops[ops["mixed_layout"].fillna(False)]
+    assert all(flagged[m].empty for m in DEFAULT_METHODS if m != "dora")
+    dora = flagged["dora"]
+    # one add per adapted projection per forward (7 per layer), of the weight's shape
+    assert set(dora["name"]) == {"aten::add"} and set(dora["phase"]) == {"forward"}
+    assert len(dora) == 7 * spec.config.num_hidden_layers and (dora["flops"] == 0).all()
+
+
 def test_simulated_paca_linear_saves_exactly_the_partial_input():
     spec = RunSpec(device="meta", **{**TINY, "dtype": "bf16", "attention": "flash"})
     result = simulate_method(spec, "paca")

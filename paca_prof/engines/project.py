@@ -6,6 +6,8 @@ The cost model, in full:
     with the bf16 or fp16 tensor-core peak for half-precision ops, the fp32 peak otherwise;
     a GEMM's efficiency and an op's bandwidth follow the spec's curves by size where it has
     them (GpuSpec.matmul_curve, .bandwidth_curve: calibrated ones), one number otherwise;
+    an element-wise op whose operands disagree in layout (ops.mixed_layout: one read
+    transposed) moves its bytes at .mixed_layout_bandwidth_curve's rate where the spec has it;
   - the host issues ops one after another, dispatch_us apart (Python, the dispatcher and the
     launch call); a kernel starts when both the host has issued it and the previous kernel has
     finished. So a run of small kernels, such as an adapter branch beside each big GEMM, is
@@ -50,8 +52,12 @@ def kernel_times_us(ops: pd.DataFrame, gpu: GpuSpec) -> np.ndarray:
     matmul = curve_at(gpu.matmul_curve, flops, gpu.matmul_efficiency)
     efficiency = np.where(attention, gpu.attention_efficiency, matmul)
     compute_us = flops / (peak_tflops * 1e6 * efficiency)
-    memory_us = nbytes / (curve_at(gpu.bandwidth_curve, nbytes,
-                                   gpu.hbm_gbps * gpu.bandwidth_efficiency) * 1e3)
+    bandwidth = curve_at(gpu.bandwidth_curve, nbytes, gpu.hbm_gbps * gpu.bandwidth_efficiency)
+    if gpu.mixed_layout_bandwidth_curve and "mixed_layout" in ops:
+        mixed = ops["mixed_layout"].fillna(False).to_numpy(dtype=bool)
+        bandwidth = np.where(mixed, curve_at(gpu.mixed_layout_bandwidth_curve, nbytes, 1.0),
+                             bandwidth)
+    memory_us = nbytes / (bandwidth * 1e3)
     per_tensor = 0.0
     if gpu.foreach_tensor_us:
         foreach = ops["name"].str.contains("_foreach_", regex=False).to_numpy()

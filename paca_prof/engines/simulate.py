@@ -105,16 +105,19 @@ class OpRecorder(TorchDispatchMode):
             self._track(tensor, key, phase, module)
         if counted:
             shapes = [list(t.shape) for t in inputs]
+            flops = op_flops(func, args, kwargs, out)
             self.ops.append({
                 "method": self.method.name, "module": module, "phase": phase, "name": name,
                 "shapes": json.dumps(shapes),
                 "dtype": str(inputs[0].dtype).removeprefix("torch.") if inputs else "",
-                "flops": op_flops(func, args, kwargs, out),
+                "flops": flops,
                 "bytes": float(sum(nbytes[0]) + sum(nbytes[1])
                                + _written_in_place(name, args, out)),
                 "adapter_branch": self.method.is_branch_op(
                     module, name, phase, self.wrappers, shapes, self.r),
                 "device": "meta", "seq_no": len(self.ops), "step": self.capture.step_index,
+                # a GEMM takes transposed operands as they are (BLAS's transpose flags)
+                "mixed_layout": not flops and mixed_layout(outputs + inputs),
             })
         self.tick += 1
         return out
@@ -170,6 +173,28 @@ def tensors_in(value, found: list) -> list:
         for item in value.values():
             tensors_in(item, found)
     return found
+
+
+def mixed_layout(tensors: list[torch.Tensor]) -> bool:
+    """Whether the tensors of an op that have the first one's shape (its output's, outputs
+    first) disagree on their innermost dimension (the one of the smallest stride), so that
+    the op walks one of them across its strides: DoRA's weight plus its low-rank product read
+    transposed, or a 2-D transpose made contiguous. Permutations that keep the innermost
+    dimension ([b, s, h, d] read as [b, h, s, d], as attention's heads are) move whole rows and
+    are not mixed. Broadcast tensors (a zero stride) and dimensions of size 1 are left out."""
+    if all(t.is_contiguous() for t in tensors):
+        return False
+    shape = tensors[0].shape
+    innermost = {_innermost(t) for t in tensors
+                 if t.shape == shape and t.numel() > 1 and 0 not in t.stride()}
+    return len(innermost) > 1
+
+
+def _innermost(tensor: torch.Tensor) -> int:
+    """The dimension of size > 1 with the smallest stride (the last of them on a tie)."""
+    stride = tensor.stride()
+    return min((d for d, size in enumerate(tensor.shape) if size > 1),
+               key=lambda d: (stride[d], -d))
 
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
