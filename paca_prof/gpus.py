@@ -90,9 +90,9 @@ class GpuSpec:
     # peak, as it does matmul_efficiency.
     matmul_curve: tuple[tuple[float, float], ...] = ()  # (GEMM FLOPs, efficiency)
     bandwidth_curve: tuple[tuple[float, float], ...] = ()  # (bytes an op moves, GB/s)
-    # An element-wise op whose operands are laid out in different dimension orders (a weight
-    # plus a product read transposed, as DoRA's) walks one of them across its strides: on a
-    # CPU core 2-12x slower than its bytes at bandwidth_curve. Empty: bandwidth_curve's rate.
+    # An element-wise op whose operands disagree on their innermost dimension (a weight plus a
+    # product read transposed, as DoRA's) walks one of them across its strides: on a CPU core
+    # 2-12x slower than its bytes at bandwidth_curve. Empty: bandwidth_curve's rate.
     mixed_layout_bandwidth_curve: tuple[tuple[float, float], ...] = ()  # (bytes, GB/s)
     source: str = ""
 
