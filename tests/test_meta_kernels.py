@@ -110,6 +110,16 @@ def test_views_share_their_inputs_storage_and_real_tensors_are_computed():
     assert real.tolist() == [3.0, 3.0, 3.0]
 
 
+def test_ops_that_change_an_arguments_metadata_always_run():
+    for _ in range(2):
+        x = meta(2, 3)
+        meta_kernels.call(torch.ops.aten._resize_output_.default, (x, [4, 5], x.device), {})
+        assert x.shape == (4, 5)
+        y = meta(6)
+        meta_kernels.call(torch.ops.aten.unsqueeze_.default, (y, 0), {})
+        assert y.shape == (1, 6)
+
+
 def test_the_cache_is_bounded_and_starts_over_when_full(monkeypatch):
     monkeypatch.setattr(meta_kernels, "_MAX_ENTRIES", 3)
     for width in range(1, 8):

@@ -17,7 +17,8 @@ What is remembered, and what is not:
   checks passed; it returns the arguments its schema says it returns. Nothing changes on meta
   (autograd's version counter is bumped above the dispatch mode, whatever the kernel does).
 - never: views and ops that return an alias (they must share the input's storage), ops that
-  change an argument's metadata (resize_, set_, the inplace_view ops), out= overloads, ops
+  change an argument's metadata (the inplace_view ops: resize_, set_, unsqueeze_, ...; and
+  _resize_output_, which is not tagged so), out= overloads, ops
   whose output shape depends on values, and calls with an argument it cannot key (a Generator,
   a tensor subclass). Those run their kernel every time.
 """
@@ -77,7 +78,8 @@ def _plan(func) -> tuple | None:
     it returns (an in-place op's `self`), as ("arg", index) or ("kwarg", name); None if `func`
     is never cached."""
     if not isinstance(func, torch._ops.OpOverload) or func.is_view \
-            or _NEVER_TAGS.intersection(func.tags) or func._overloadname.startswith("out"):
+            or _NEVER_TAGS.intersection(func.tags) or func._overloadname.startswith("out") \
+            or "resize" in func._schema.name:  # _resize_output_ resizes, untagged
         return None
     schema = func._schema
     if any(a.is_out for a in schema.arguments):
