@@ -69,7 +69,8 @@ class Calibration:
 
     spec: GpuSpec
     gemm: list[dict] = field(default_factory=list)  # one row per timed matmul
-    bandwidth: list[dict] = field(default_factory=list)
+    bandwidth: list[dict] = field(default_factory=list)  # one row per timed add
+    mixed_layout: list[dict] = field(default_factory=list)  # adds with a transposed operand
     dispatch_us: float = 0.0
     tiny_op_us: float = 0.0
     overhead: dict = field(default_factory=dict)
@@ -78,7 +79,6 @@ class Calibration:
     optimizer: dict = field(default_factory=dict)
     bare_us: dict = field(default_factory=dict)  # a 1x1 matmul's and a one-element add's
     seconds: float = 0.0
-    mixed_layout: list[dict] = field(default_factory=list)  # adds with a transposed operand
 
 
 class _Timer:
@@ -333,33 +333,24 @@ def fit_nonnegative(rows: list[dict], columns: tuple[str, ...]) -> dict[str, flo
     return best
 
 
-def _bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
-    # float32 elements a tensor: 64 KiB (a small model's activations) to 64 MiB (an 8B model's
-    # optimizer pass)
-    sizes = [2**14, 2**16, 2**18, 2**20] + ([] if quick else [2**22, 2**24])
-    rows = []
-    for numel in sizes:
-        us = timer.cold_us(lambda: (torch.ones(numel, device=device),
-                                    torch.ones(numel, device=device),
-                                    torch.empty(numel, device=device)),
-                           lambda x, y, out: torch.add(x, y, out=out))
-        rows.append({"bytes": 3 * 4 * numel, "us": us})
-    return rows
-
-
+# float32 elements a tensor: 64 KiB (a small model's activations) to 64 MiB (an 8B model's
+# optimizer pass), as 1-row shapes
+BANDWIDTH_SHAPES = [(1, 2**14), (1, 2**16), (1, 2**18), (1, 2**20), (1, 2**22), (1, 2**24)]
 # (rows, columns) of 2-D adds whose second operand is read transposed, each shape both ways:
 # a core walks the transposed one across its strides, the cost growing with its rows' length
 MIXED_LAYOUT_SHAPES = [(128, 128), (256, 512), (512, 256), (512, 1376), (1376, 512),
                        (1024, 1024), (2048, 2048)]
 
 
-def _mixed_layout_bandwidth(timer: _Timer, device: str, quick: bool) -> list[dict]:
-    """Adds of a contiguous operand and a transposed one into a contiguous output, cold: the
-    rate of an element-wise op whose operands disagree in layout (simulate.mixed_layout)."""
+def _adds(timer: _Timer, device: str, shapes, transposed: bool = False) -> list[dict]:
+    """Cold float32 adds of each (rows, columns) shape into a contiguous output, the second
+    operand read transposed with `transposed` (an op whose operands disagree in layout,
+    simulate.mixed_layout): one row of bytes moved and time each."""
     rows = []
-    for m, n in MIXED_LAYOUT_SHAPES[:4] if quick else MIXED_LAYOUT_SHAPES:
+    for m, n in shapes:
         us = timer.cold_us(lambda: (torch.ones(m, n, device=device),
-                                    torch.ones(n, m, device=device).t(),
+                                    torch.ones(n, m, device=device).t() if transposed
+                                    else torch.ones(m, n, device=device),
                                     torch.empty(m, n, device=device)),
                            lambda x, y, out: torch.add(x, y, out=out))
         rows.append({"bytes": 3 * 4 * m * n, "us": us, "shape": [m, n]})
@@ -443,8 +434,10 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
         dtypes = ["fp32", "bf16"] + ([] if quick or device == "cpu" else ["fp16"])
         gemm = _gemm(timer, device, dtypes, quick)
         progress("bandwidth")
-        bandwidth = _bandwidth(timer, device, quick)
-        mixed_layout = _mixed_layout_bandwidth(timer, device, quick)
+        bandwidth = _adds(timer, device, BANDWIDTH_SHAPES[:4] if quick else BANDWIDTH_SHAPES)
+        mixed_layout = _adds(timer, device,
+                             MIXED_LAYOUT_SHAPES[:4] if quick else MIXED_LAYOUT_SHAPES,
+                             transposed=True)
     progress("per-op cost")
     tiny_op = _dispatch_us(timer, device)
     overhead = _overhead_fit(timer, device)
@@ -491,8 +484,10 @@ def calibrate(device: str = "cpu", name: str | None = None, budget_s: float = 45
                 f"module_call_us, fitted on small steps of "
                 f"{', '.join(OVERHEAD_METHODS)}"),
     )
-    return Calibration(spec, gemm, bandwidth, dispatch, tiny_op, overhead, foreach, attention,
-                       optimizer, bare, time.perf_counter() - started, mixed_layout)
+    return Calibration(spec, gemm=gemm, bandwidth=bandwidth, mixed_layout=mixed_layout,
+                       dispatch_us=dispatch, tiny_op_us=tiny_op, overhead=overhead,
+                       foreach_tensor_us=foreach, attention=attention, optimizer=optimizer,
+                       bare_us=bare, seconds=time.perf_counter() - started)
 
 
 def _cpu_label() -> str:

@@ -628,12 +628,10 @@ def _cmd_calibrate(args) -> int:
                               for r in rows)
             print(f"  GEMM {dtype} (measured GFLOP/s, the bare call's "
                   f"{result.bare_us['mm']:.1f} us taken off): {cells}")
-    cells = ", ".join(f"{size / 2**20:.2g} MiB {gbps:.1f}" for size, gbps in spec.bandwidth_curve)
     print(f"  bandwidth by bytes an op moves (measured GB/s, the bare add's "
-          f"{result.bare_us['add']:.1f} us taken off): {cells}")
-    cells = ", ".join(f"{size / 2**20:.2g} MiB {gbps:.1f}"
-                      for size, gbps in spec.mixed_layout_bandwidth_curve)
-    print(f"  the same, an operand read transposed (measured GB/s): {cells}")
+          f"{result.bare_us['add']:.1f} us taken off): {_curve_cells(spec.bandwidth_curve)}")
+    print(f"  the same, an operand read transposed (measured GB/s): "
+          f"{_curve_cells(spec.mixed_layout_bandwidth_curve)}")
     steps = ", ".join(f"{r['method']} {r['phase']} {r['measured_us'] / 1e3:.2f} ms "
                       f"({r['ops']} ops, {r['entries']:.0f} module entries)"
                       for r in result.overhead["steps"])
@@ -662,6 +660,11 @@ def _cmd_calibrate(args) -> int:
         print(f"spec: {args.out}  (paca-prof run --device meta --gpu {args.out} ... projects "
               "onto it)")
     return 0
+
+
+def _curve_cells(curve) -> str:
+    """A bandwidth curve as "0.19 MiB 11.0, ..." (bytes an op moves, GB/s)."""
+    return ", ".join(f"{size / 2**20:.2g} MiB {gbps:.1f}" for size, gbps in curve)
 
 
 def _cmd_dash(args) -> int:

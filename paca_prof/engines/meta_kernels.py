@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from paca_prof.ledger import storage_key
+
 _MAX_ENTRIES = 20_000  # ~40 MB (an entry ~2 KB, a step at a new shape ~100); full: starts over
 
 _NEVER_TAGS = {torch.Tag.inplace_view, torch.Tag.dynamic_output_shape,
@@ -121,9 +123,9 @@ def _key(value):
 
 
 def _storages(value, found: set) -> set:
-    """`found` with the ids of the storages of the tensors in `value` (lists and dicts walked)."""
+    """`found` with the storage keys of the tensors in `value` (lists and dicts walked)."""
     if isinstance(value, torch.Tensor):
-        found.add(value.untyped_storage()._cdata)
+        found.add(storage_key(value))
     elif isinstance(value, list | tuple):
         for item in value:
             _storages(item, found)
@@ -164,7 +166,7 @@ def _fresh(value, inputs: set):
     immutable value as it is; _NOT_FRESH where empty_strided would not remake it."""
     if isinstance(value, torch.Tensor):
         if not value.is_meta or type(value) is not torch.Tensor or value.requires_grad \
-                or value.storage_offset() != 0 or value.untyped_storage()._cdata in inputs:
+                or value.storage_offset() != 0 or storage_key(value) in inputs:
             return _NOT_FRESH
         shape, stride = tuple(value.shape), value.stride()
         remade = torch.empty_strided(shape, stride, dtype=value.dtype, device="meta")
