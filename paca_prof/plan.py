@@ -42,6 +42,8 @@ Search. Peak memory grows with the sequence: affine with fused attention (flash,
 quadratic with eager attention, affine in the batch always, per segment. Two probes (1024 and
 4096 tokens, or batch 1 and 4) are fitted per segment to jump to the predicted crossing; the
 answer is then bracketed by real probes, one grid step apart: max fits, max + step does not.
+Reserved memory, which decides, need not grow with the size (full fine-tuning's cached blocks
+fit each length differently): a probe that fits above one that does not is never the answer.
 The grid is `granularity` tokens (default 64) for sequences and 1 for batches. When the time
 budget allows, both ends are then simulated at full depth ("confirmed"); were they to disagree,
 the search continues at full depth. A full-depth simulation of a model with alike layers costs
@@ -601,19 +603,26 @@ def _depths(config, fsdp: bool = False) -> tuple[int, ...]:
 
 @dataclass
 class Bracket:
-    """What a search knows: the largest size known to fit and the smallest known not to (None
-    while none is known), on a grid up to a limit."""
+    """What a search knows: the smallest size known not to fit (None while none is known) and
+    the largest size known to fit below it, on a grid up to a limit.
+
+    Reserved memory need not grow with the size (full fine-tuning's blocks fragment otherwise
+    at each length), so a probe may fit above one that does not. Such a fit is never the
+    answer: a run whose batches vary in length reaches every size below its longest."""
 
     grid: int
     limit: int
     fits: int = 0
     fails: int | None = None
+    fitted: set[int] = field(default_factory=set)
 
     def record(self, size: int, fitted: bool) -> None:
         if fitted:
-            self.fits = max(self.fits, size)
+            self.fitted.add(size)
         else:
             self.fails = size if self.fails is None else min(self.fails, size)
+        self.fits = max((x for x in self.fitted if self.fails is None or x < self.fails),
+                        default=0)
 
     @property
     def done(self) -> bool:

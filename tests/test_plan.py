@@ -226,6 +226,34 @@ def test_nothing_fits_gives_zero_and_the_smallest_size_needed():
     assert mp.smallest.seq == planner.DEFAULT_GRANULARITY
     assert mp.smallest.peak_bytes > budget.budget_bytes
 
+def _point(seq: int, reserved: int) -> planner.Point:
+    return planner.Point(seq=seq, batch=1, peak_bytes=reserved, breakdown={},
+                         segments={"step": {"peak": reserved}}, depth=2, extrapolated=False,
+                         reserved_bytes=reserved)
+
+
+def test_a_fit_above_a_failing_size_is_never_the_answer():
+    # Reserved memory one byte per 64 tokens, within 40 bytes up to 2560 tokens, but 2048
+    # tokens fail and 3008 fit (full fine-tuning's reserved memory is not monotonic in the
+    # length): the answer is the longest size below the shortest failure.
+    bracket = planner.Bracket(grid=64, limit=4096)
+    bracket.record(3008, True)
+    assert (bracket.fits, bracket.fails) == (3008, None)
+    bracket.record(2048, False)
+    assert (bracket.fits, bracket.fails, bracket.done) == (0, 2048, False)
+    bracket.record(1984, True)
+    assert (bracket.fits, bracket.done) == (1984, True)
+
+    reserved = lambda seq: 1000 if seq == 2048 else 0 if seq == 3008 else seq // 64  # noqa: E731
+    search = planner._Search(vary="seq", grid=64, budget=40, limit=4096, degree=1,
+                             sized=lambda x: (x, 1))
+    answer, probes = search.run(lambda seq, batch: _point(seq, reserved(seq)),
+                                start=planner.SEQ_START,
+                                seed=[_point(3008, 0), _point(2048, 1000)])
+    assert answer == 1984
+    assert probes[answer].reserved_bytes <= 40 and 2048 in probes
+
+
 
 def test_confirmation_at_full_depth_and_search_again_when_extrapolation_is_off(tmp_path,
                                                                                monkeypatch):
