@@ -170,6 +170,10 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--amp", action="store_true",
                        help="fp32 parameters, autocast compute in --dtype (HF Trainer's bf16=True "
                             "on an fp32 model); default: parameters in --dtype")
+    group.add_argument("--keep-outputs", action="store_true",
+                       help="the loop holds the model's output (logits, KV cache) until the "
+                            "next step's forward, as `outputs = model(**batch)` loops do; "
+                            "default: dropped before backward, as HF Trainer does")
     group.add_argument("--quantize", choices=QUANTIZE_SCOPES, default=None,
                        help="qlora/qpaca: which linears are 4-bit: all-linear (default, as "
                             "load_in_4bit does) or targets")
@@ -396,7 +400,8 @@ def _recipe(args, methods, dtype):
                   loss=args.loss, loss_chunks=args.loss_chunks, optimizer=args.optimizer,
                   grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, amp=args.amp,
                   quantize=args.quantize or "all-linear", kbit_prep=args.kbit_prep,
-                  allocator=args.allocator, experts=args.experts)
+                  allocator=args.allocator, experts=args.experts,
+                  keep_outputs=args.keep_outputs)
 
 
 def _cmd_run(args) -> int:

@@ -63,6 +63,11 @@ class Recipe:
         columns of every expert (paca/experts.py); dora keeps them frozen (PEFT has no DoRA
         for target_parameters). methods/experts.py says what each method got; full trains
         them either way.
+    keep_outputs: the loop holds the model's output (its logits, and the KV cache that
+        transformers builds in training while use_cache is on) through backward and the
+        optimizer step, until the next step's forward and loss have run, as `outputs =
+        model(**batch); loss = outputs.loss` loops do (PEFT's MetaMathQA benchmark, accelerate's
+        examples); False: it is dropped before backward, as HF Trainer and torchtune do.
     kbit_prep: PEFT's prepare_model_for_kbit_training for the quantized methods: every
         parameter that is not 4-bit (embeddings, norms, head) cast to fp32. Its gradient
         checkpointing, on by default in PEFT, is grad_ckpt here: QLoRA recipes pass both.
@@ -82,6 +87,7 @@ class Recipe:
     kbit_prep: bool = True
     allocator: str = "caching"
     experts: str = "frozen"
+    keep_outputs: bool = False
 
     def __post_init__(self):
         if self.targets is not None and self.targets != ALL_LINEAR:
@@ -99,6 +105,8 @@ class Recipe:
         _choice(self.quantize, QUANTIZE_SCOPES, "quantize")
         _choice(self.allocator, ALLOCATORS, "allocator")
         _choice(self.experts, EXPERTS, "--experts")
+        if not isinstance(self.keep_outputs, bool):
+            raise ValueError(f"keep_outputs must be true or false, got {self.keep_outputs!r:.40}")
         validate.number(self.loss_chunks, "--loss-chunks", minimum=1, maximum=4096, integer=True)
         validate.number(self.grad_accum, "--grad-accum", minimum=1, maximum=1024, integer=True)
         validate.number(self.lr, "lr", above=0, maximum=1e3)

@@ -17,7 +17,8 @@ Limits: the events of the first step are taken to be those of a later one (the s
 the same order), so what only the first step does besides creating the optimizer state (lazy
 cuBLAS workspaces, autotuning) is not here; what the step leaves allocated at its end (the
 loss a loop keeps) is freed before the second pass, where a real loop frees it when the next
-loss replaces it; one device, one stream (the allocator model's limits).
+loss replaces it (a kept output, recipe.keep_outputs, is freed where the second pass's first
+forward ends); one device, one stream (the allocator model's limits).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paca_prof.allocator import EMPTY_CACHE, AllocatorConfig, replay
+from paca_prof.kept_outputs import first_forward_end
 from paca_prof.memory import MemoryEvent
 from paca_prof.recipe import ALLOCATORS  # PyTorch's default, and expandable_segments:True
 
@@ -56,22 +58,26 @@ def allocator_config(allocator: str, capacity_bytes: int | None = None) -> Alloc
 
 
 def replay_step(static: list[tuple[int, int, str]], events: list[MemoryEvent],
-                config: AllocatorConfig = AllocatorConfig()) -> ReservedMemory:
+                config: AllocatorConfig = AllocatorConfig(),
+                outputs_kept: bool = False) -> ReservedMemory:
     """Replay a step as a run allocates it (see the module docstring). `static`: (key, bytes,
     category) of the storages alive when the step starts (memory.static_storages), in the
     order the model holds them; `events`: the step's allocations and frees, keys in the same
     space. A free of a storage that is not live (made before the storages listed) is left
     out. The same as replay_run over the step twice."""
-    return replay_run(static, [events, events], config)
+    return replay_run(static, [events, events], config, outputs_kept=outputs_kept)
 
 
 def replay_run(static: list[tuple[int, int, str]], steps: list[list[MemoryEvent]],
                config: AllocatorConfig = AllocatorConfig(),
-               empty_cache_every: int | None = None) -> ReservedMemory:
+               empty_cache_every: int | None = None,
+               outputs_kept: bool = False) -> ReservedMemory:
     """Replay a run of steps, each with its own events (steps of other shapes: batches of
     varying length), in the order a run allocates them: the model's storages, then each step
     in turn, the optimizer state made at the first step's first optimizer event (after its
-    last event, without one); what a step leaves allocated is freed when the next one starts.
+    last event, without one); what a step leaves allocated is freed when the next one starts,
+    or, with `outputs_kept` (a loop that keeps the model's output: recipe.keep_outputs), where
+    the next one's first forward ends (kept_outputs.first_forward_end).
     With `empty_cache_every` N, torch.cuda.empty_cache() runs after every Nth step, as a loop
     that calls it does (it gives back only fully free segments; max_memory_reserved keeps its
     peak). Every step's keys are in the space of `static`; a free of a storage not live is left
@@ -93,9 +99,14 @@ def replay_run(static: list[tuple[int, int, str]], steps: list[list[MemoryEvent]
     sequence = list(model_storages)
     live = {key for key, _ in model_storages}
     state_pending = True
+    carried: list[tuple[tuple, int]] = []  # the step before's output, with outputs_kept
     for step, events in enumerate(steps, 1):
         made: dict[int, int] = {}
-        for e in events:
+        release = first_forward_end(events) if carried else -1
+        for index, e in enumerate(events):
+            if index == release:
+                sequence.extend(carried)
+                carried = []
             if state_pending and e.phase == "optimizer":
                 sequence.extend(optimizer_state)
                 live.update(key for key, _ in optimizer_state)
@@ -113,7 +124,11 @@ def replay_run(static: list[tuple[int, int, str]], steps: list[list[MemoryEvent]
             sequence.extend(optimizer_state)
             live.update(key for key, _ in optimizer_state)
             state_pending = False
-        sequence.extend(((step, key), -nbytes) for key, nbytes in made.items())
+        sequence.extend(carried)  # a step that never left its forward
+        carried = [((step, key), -nbytes) for key, nbytes in made.items()]
+        if not outputs_kept:
+            sequence.extend(carried)
+            carried = []
         if empty_cache_every is not None and step % empty_cache_every == 0:
             sequence.append((EMPTY_CACHE, 0))
     result = replay(sequence, config)

@@ -91,9 +91,11 @@ def test_default_budget_of_an_a100_is_memory_less_cuda_context_less_unmodelled_h
 
 # --- Depth extrapolation --------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["lora", "paca"])
-def test_extrapolated_peak_equals_full_depth_simulation_on_llama2_7b(method):
-    spec = planner.make_spec("llama2-7b", (method,))
+@pytest.mark.parametrize("method, keep_outputs", [("lora", False), ("paca", False),
+                                                  ("full", True)])
+def test_extrapolated_peak_equals_full_depth_simulation_on_llama2_7b(method, keep_outputs):
+    # a kept output (its KV cache grows with the depth) starts every segment
+    spec = planner.make_spec("llama2-7b", (method,), recipe=Recipe(keep_outputs=keep_outputs))
     model = planner._MethodModel(spec, method, planner.DEPTHS)
     extrapolated, full = model.probe(1024, 1), model.probe_full(1024, 1)
     assert extrapolated.extrapolated and not full.extrapolated

@@ -41,6 +41,8 @@ RECIPES = {
     "adafactor": dict(optimizer="adafactor"),
     "grad accumulation and clipping": dict(grad_accum=2, max_grad_norm=1.0),
     "amp": dict(amp=True, dtype="bf16"),
+    "outputs kept": dict(keep_outputs=True),
+    "outputs kept, accumulation": dict(keep_outputs=True, grad_accum=2),
 }
 
 
@@ -193,3 +195,30 @@ def test_every_micro_batch_saves_activations_measured_and_simulated():
                                                "['lm_head', '[loss]']")["activation_bytes"]
                            .sum())
         assert activations.iloc[-1] == saved - logits_owned, source
+
+
+def test_keep_outputs_reaches_run_yaml_and_the_plan(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from paca_prof import cli
+
+    run = ["run", "--model", "tiny", "--seq", "64", "--device", "meta", "--methods", "lora",
+           "--json"]
+    assert cli.main(run + ["--out", str(tmp_path / "dropped")]) == 0
+    dropped = json.loads(capsys.readouterr().out)["methods"]["lora"]
+    assert cli.main(run + ["--keep-outputs", "--out", str(tmp_path / "kept")]) == 0
+    kept = json.loads(capsys.readouterr().out)["methods"]["lora"]
+    recorded = yaml.safe_load((tmp_path / "kept" / "run.yaml").read_text())["recipe"]
+    assert recorded["keep_outputs"] is True
+    # at least one sequence of kept bf16 logits (64 tokens x 1024), held through backward
+    assert kept["peak_bytes"] >= dropped["peak_bytes"] + 64 * 1024 * 2
+
+    plan = ["plan", "--model", "tiny", "--memory", "40MiB", "--headroom", "0", "--methods",
+            "lora", "--granularity", "16", "--json"]
+    answers = []
+    for extra in ([], ["--keep-outputs"]):
+        assert cli.main(plan + extra) == 0
+        answers.append(json.loads(capsys.readouterr().out)["methods"]["lora"]["max_seq"])
+    assert 0 < answers[1] < answers[0]

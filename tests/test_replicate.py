@@ -53,8 +53,9 @@ def test_replicated_step_equals_the_full_depth_simulation(method):
     assert not layers.str.contains(r"layers\.7\.").any()
 
 
-@pytest.mark.parametrize("recipe", [{"grad_ckpt": True}, {"amp": True}, {"grad_accum": 2}])
-def test_replication_is_exact_under_checkpointing_amp_and_accumulation(recipe):
+@pytest.mark.parametrize("recipe", [{"grad_ckpt": True}, {"amp": True}, {"grad_accum": 2},
+                                    {"keep_outputs": True}])
+def test_replication_is_exact_under_checkpointing_amp_accumulation_and_kept_outputs(recipe):
     full, replicated, simulator = both("lora", **recipe)
     assert simulator.full_depth_reason is None
     assert_same(full, replicated)

@@ -72,6 +72,38 @@ def test_what_the_step_leaves_allocated_is_freed_before_the_next():
     assert result.reserved_bytes == 2 * MiB + 12 * MiB
 
 
+def test_a_kept_output_is_freed_where_the_next_forward_ends():
+    # A 12 MiB activation (freed in backward) and a 12 MiB output the loop keeps: the first
+    # step takes two 12 MiB segments. Kept into the next step, the first output is still there
+    # when the second is made: a third segment, 2 + 36 MiB; it is freed before the second
+    # step's backward, so a third step needs no fourth. Freed at the step's end instead (what
+    # a loop that drops its output leaves: nothing), the next step fits in two: 2 + 24 MiB.
+    step = [event(0, 10, 12 * MiB, "forward"), event(1, 11, 12 * MiB, "forward"),
+            event(2, 10, -12 * MiB, "backward")]
+    kept = replay_step([WEIGHT], step, outputs_kept=True)
+    assert kept.allocated_bytes == 1 * KiB + 36 * MiB
+    assert kept.reserved_bytes == 2 * MiB + 36 * MiB
+    assert replay_run([WEIGHT], [step] * 3, outputs_kept=True) == kept
+    dropped = replay_step([WEIGHT], step)
+    assert dropped.allocated_bytes == 1 * KiB + 24 * MiB
+    assert dropped.reserved_bytes == 2 * MiB + 24 * MiB
+
+
+def test_kept_steady_state_starts_with_the_output_and_frees_it_after_forward():
+    from paca_prof.kept_outputs import KEPT, steady_state
+
+    step = [event(0, 10, 4 * KiB, "forward"), event(1, 11, 8 * KiB, "forward"),
+            event(2, 10, -4 * KiB, "backward")]
+    events, static, start_keys, saved = steady_state(
+        step, ["activations", "logits_loss", "activations"], {"weights": 1 * KiB}, {0: "m"})
+    assert static == {"weights": 1 * KiB, "logits_loss": 8 * KiB}
+    assert start_keys == {(KEPT, 11): "logits_loss"}
+    assert [(e.key, e.nbytes, e.phase) for e in events] == [
+        (10, 4 * KiB, "forward"), (11, 8 * KiB, "forward"), ((KEPT, 11), -8 * KiB, "forward"),
+        (10, -4 * KiB, "backward")]
+    assert saved == {0: "m"}
+
+
 def activation_step(nbytes):
     return [event(0, 10, nbytes, "forward"), event(1, 10, -nbytes, "backward")]
 

@@ -36,6 +36,7 @@ import os
 import random
 import statistics
 import time
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,10 @@ def measure_method(spec: RunSpec, method: str, workdir: Path,
         timing = outcome
     run = prepare(spec, method, spec.device)
     ids = make_batch(spec, spec.device)
-    if run.optimizer is not None:
-        run.step(ids)  # the optimizer's state exists from the first step on, as in training
+    if run.optimizer is not None or spec.recipe.keep_outputs:
+        # the optimizer's state exists from the first step on, as in training, and a loop
+        # that keeps its output starts every later step with the one before
+        run.step(ids)
     chrome_path = workdir / f"trace-{method}.json"
     profiled = _profiler_pass(run, ids, spec.device, chrome_path, step_index=run.steps_run)
     paths = run.capture().paths
@@ -342,7 +345,7 @@ def _profiler_pass(run: Prepared, ids: torch.Tensor, device: str, chrome_path: P
                    step_index: int) -> dict:
     """One profiled step: ops, activation bytes, and the categorised memory timeline."""
     with ProfiledStep(run.capture(), run.optimizer, device.startswith("cuda"),
-                      run.recipe.allocator) as profiled:
+                      run.recipe.allocator, kept=run.kept_tensors()) as profiled:
         run.step(ids)
     method = methods.get(run.method)
     return profiled.result(run.method, method, method.wrapper_paths(run.model), step_index,
@@ -353,7 +356,8 @@ class ProfiledStep:
     """The profiler pass's instruments over one step (or any span of steps) of a Capture
     session: torch.profiler with ranges named by module path and phase, the saved-tensor
     ledger, and the bytes alive when the step's first phase starts (weights, trainable
-    parameters, optimizer state, and gradients a loop keeps from the step before).
+    parameters, optimizer state, and gradients a loop keeps from the step before, and with
+    `kept` the model's output it keeps: Prepared.kept_tensors).
 
         with ProfiledStep(capture, optimizer, cuda) as profiled:
             ...                                          # the training step, as it is
@@ -366,9 +370,23 @@ class ProfiledStep:
     forward's (ledger.py).
     """
 
-    def __init__(self, capture: Capture, optimizer, cuda: bool, allocator: str = "caching"):
+    def __init__(self, capture: Capture, optimizer, cuda: bool, allocator: str = "caching",
+                 kept: list[tuple[torch.Tensor, str]] = ()):
         self.capture, self.optimizer, self.cuda = capture, optimizer, cuda
         self.allocator = allocator  # the allocator model's mode, for reserved memory off CUDA
+        # The output a loop keeps from the step before (Prepared.kept_tensors), by storage:
+        # (address, bytes, category), no reference to it, so that its free is seen.
+        self.kept = list({local(t).untyped_storage().data_ptr():
+                          (local(t).untyped_storage().data_ptr(),
+                           local(t).untyped_storage().nbytes(), category)
+                          for t, category in kept}.values())
+        # The profiler reports no free of a block allocated before it started, so each kept
+        # tensor marks its own end on the profiler's clock (when the loop drops it).
+        self.kept_frees: list[tuple[int, int, str]] = []  # (address, bytes, marker)
+        sizes = {address: nbytes for address, nbytes, _ in self.kept}
+        for t, _ in kept:
+            address = local(t).untyped_storage().data_ptr()
+            weakref.finalize(t, self._kept_freed, address, sizes[address])
         self.ledger = SavedTensorLedger(capture)
         self.static: dict[str, int] | None = None
         self.start_keys: dict[int, str] = {}
@@ -421,6 +439,11 @@ class ProfiledStep:
         if phase == "backward":  # the pass is over: every gradient is there
             self._gradient_snapshot()
 
+    def _kept_freed(self, address: int, nbytes: int) -> None:
+        marker = f"[kept output {len(self.kept_frees)}]"
+        with record_function(marker):
+            self.kept_frees.append((address, nbytes, marker))
+
     def _gradient_snapshot(self) -> None:
         marker = f"[gradients {len(self.gradients)}]"  # its time, on the profiler's clock
         with record_function(marker):
@@ -438,12 +461,13 @@ class ProfiledStep:
         self.static = static_bytes(model, self.optimizer, params)
         self.static_storages = static_storages(model, self.optimizer, by_address=True,
                                                parameters=params)
-        for param in model.parameters():
-            if param.grad is not None:  # kept from the step before (zero_grad to zeros)
-                storage = local(param.grad).untyped_storage()
-                self.static["gradients"] += storage.nbytes()
-                self.start_keys[storage.data_ptr()] = "gradients"
-                self.static_storages.append((storage.data_ptr(), storage.nbytes(), "gradients"))
+        kept = [(local(p.grad).untyped_storage().data_ptr(),
+                 local(p.grad).untyped_storage().nbytes(), "gradients")
+                for p in model.parameters() if p.grad is not None]  # zero_grad to zeros
+        for address, nbytes, category in kept + self.kept:  # alive from the step before
+            self.static[category] += nbytes
+            self.start_keys[address] = category
+            self.static_storages.append((address, nbytes, category))
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -459,12 +483,13 @@ class ProfiledStep:
         ops = _op_table(events, method_name, method, self.module_paths, wrappers, self.cuda,
                         step_index, r)
         timeline, memory_events = _memory_timeline(events, self.static, self.forward_owners,
-                                                   self.gradients, self.cuda, self.start_keys)
+                                                   self.gradients, self.cuda, self.start_keys,
+                                                   self.kept_frees)
         if self.cuda:
             device_peaks = cuda_memory_peaks()
         else:  # no CUDA allocator here: its model, over the allocations this step made
             replayed = replay_step(self.static_storages, memory_events,
-                                   allocator_config(self.allocator))
+                                   allocator_config(self.allocator), bool(self.kept))
             device_peaks = {"allocator_peak_bytes": replayed.allocated_bytes,
                             "reserved_bytes": replayed.reserved_bytes}
         return {"ops": ops, "ledger": self.ledger, "peak_breakdown": timeline.breakdown,
@@ -629,13 +654,34 @@ def _op_row(method_name, method, name, op: _Op | None, start_us, dur_us, wrapper
     }
 
 
-def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys=None):
+def _with_kept_frees(memory_events, events, kept_frees, windows):
+    """The events with a free added at each kept storage's marker, unless the profiler saw it
+    freed before anything was allocated at its address again."""
+    markers = {e["name"]: e["ts"] for e in events if e.get("cat") == "user_annotation"
+               and e["name"].startswith("[kept output ")}
+    frees = []
+    for address, nbytes, marker in kept_frees:
+        first = next((e for e in memory_events if e.key == address), None)
+        if marker in markers and (first is None or first.nbytes > 0):
+            frees.append(MemoryEvent(markers[marker] - windows.start, address, -nbytes,
+                                     windows.phase_at(markers[marker])))
+    if not frees:
+        return memory_events
+    order = [(e.t, 0, i) for i, e in enumerate(memory_events)] + [(f.t, 1, 0) for f in frees]
+    merged = memory_events + frees
+    return [merged[k] for k in sorted(range(len(merged)), key=order.__getitem__)]
+
+
+def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys=None,
+                     kept_frees=()):
     """The profiler's allocation events of the step's device from its first phase on,
     categorised (memory.memory_timeline); keys are addresses. Events before the first phase
     (a loop fetching its next batch) are not the step's. `forward_owners` holds, per forward
     range in time order, the saved tensors' addresses and modules at its end: the last
-    allocation at such an address within that forward is the saved tensor. Returns the
-    timeline and the events it was made from."""
+    allocation at such an address within that forward is the saved tensor. `kept_frees`:
+    (address, bytes, marker) of storages from before the step, freed at their marker, where
+    the profiler shows no free of them. Returns the timeline and the events it was made
+    from."""
     device_type = 1 if cuda else 0
     windows = _Windows(events)
     logits_windows = [(e["ts"], e["ts"] + e["dur"]) for e in events
@@ -654,6 +700,7 @@ def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys
     collectives = [(e["ts"] - windows.start, e["ts"] + e["dur"] - windows.start)
                    for e in events if e.get("ph") == "X" and e["name"].startswith("c10d::")]
     memory_events = with_missed_frees(with_collective_frees(memory_events, collectives))
+    memory_events = _with_kept_frees(memory_events, events, kept_frees, windows)
     forwards = [(start, end) for start, end, phase in windows.spans if phase == "forward"]
     saved_events: dict[int, str] = {}
     for (start, end), owners in zip(forwards, forward_owners):

@@ -31,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from paca_prof import methods
+from paca_prof import kept_outputs, methods
 from paca_prof.capture import Capture
 from paca_prof.engines import comm, fsdp_sim, meta_kernels, project
 from paca_prof.engines import replicate as replication
@@ -360,6 +360,10 @@ class Simulator:
         """The step as recorded, and with `fsdp` what FSDP2's rewrite needs (its schedule, the
         gradients by group, the forwards)."""
         run = self.run
+        # A recording is one step as the first of a run makes it: a previous probe's output
+        # (recipe.keep_outputs) goes before it; what a later step carries is added from the
+        # recording itself (kept_outputs.py).
+        run.kept_output = None
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         gradients: list[tuple[int, float]] = []
         forwards: list[tuple[int, int, dict[int, str]]] = []  # (start, end, saved keys) each
@@ -440,6 +444,11 @@ class Simulator:
                 distributed, self.rank, distributed.backend, self.trainable_shard_sizes)
             saved_events = _saved_events(events, sharding["forwards"])
         timeline = memory_timeline(events, static, {}, gradients, saved_events=saved_events)
+        if self.spec.recipe.keep_outputs:  # a later step: the previous output alive at first
+            steady, static, start_keys, saved = kept_outputs.steady_state(
+                events, timeline.columns["category"][len(MEMORY_CATEGORIES):], static,
+                saved_events)
+            timeline = memory_timeline(steady, static, {}, gradients, start_keys, saved)
         ops = pd.DataFrame(rec.ops) if tables else pd.DataFrame()
         latencies, times, all_ops = {}, {}, ops
         if gpu is not None:
@@ -453,7 +462,7 @@ class Simulator:
             times = project.phase_times_ms(all_ops)
         layers = layer_table(self.method.name, rec.kinds, latencies, ops, rec.by_module,
                              rec.containers) if tables else pd.DataFrame()
-        reserved = self._reserved(static_list, events, budget)
+        reserved = self._reserved(static_list, events, budget)  # carries the output itself
         paged = sum(nbytes for _, nbytes in rec.paged)
         summary = summary_row(
             self.method.name, "oom" if reserved.oom else "ok", times_ms=times,
@@ -480,13 +489,13 @@ class Simulator:
     def _reserved(self, static: list, events: list[MemoryEvent], budget) -> ReservedMemory:
         """The step replayed through the caching-allocator model (reserved.py); out of memory
         when it cannot be served within `budget`, then what it would reserve without one."""
-        allocator = self.spec.recipe.allocator
+        allocator, kept = self.spec.recipe.allocator, self.spec.recipe.keep_outputs
         if budget is not None:
             bounded = replay_step(static, events, allocator_config(allocator,
-                                                                   budget.budget_bytes))
+                                                                   budget.budget_bytes), kept)
             if not bounded.oom:
                 return bounded
-        unbounded = replay_step(static, events, allocator_config(allocator))
+        unbounded = replay_step(static, events, allocator_config(allocator), kept)
         return replace(unbounded, oom=budget is not None)
 
 

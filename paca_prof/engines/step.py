@@ -2,7 +2,9 @@
 
 The step is plain training code, as the recipe says: per micro-batch (grad_accum of them) the
 forward and the loss (under autocast with amp) and backward, then gradient clipping, the
-optimizer step and zero_grad(set_to_none). The engines wrap it in a Capture session, which sees
+optimizer step and zero_grad(set_to_none). With recipe.keep_outputs the model's output is held
+until the next forward's loss, as `outputs = model(**batch)` loops hold it; otherwise it goes
+before backward, as in HF Trainer. The engines wrap it in a Capture session, which sees
 its phases and scopes by itself. Clipping runs in an optimizer step pre-hook, so that it falls
 in the optimizer phase that Capture sees (as it is part of the update).
 """
@@ -36,6 +38,7 @@ class Prepared:
     r: int = 0
     steps_run: int = 0
     stale_steps: int = 0
+    kept_output: object = None  # the last forward's output, with recipe.keep_outputs
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """One training step on `ids` (labels = inputs): recipe.grad_accum micro-batches of
@@ -47,7 +50,9 @@ class Prepared:
         total = None
         for _ in range(self.recipe.grad_accum):
             with amp.autocast(ids.device.type, self.autocast_dtype):
-                if self.loss.takes == "logits":
+                if self.recipe.keep_outputs:
+                    loss = self._loss_keeping_output(ids)
+                elif self.loss.takes == "logits":
                     loss = self.loss(self.model(input_ids=ids).logits, ids)
                 else:
                     decoder = getattr(self.model, self.model.base_model_prefix)
@@ -63,6 +68,34 @@ class Prepared:
         if counter and counter(self.model) > before:
             self.stale_steps += 1
         return total
+
+    def _loss_keeping_output(self, ids: torch.Tensor) -> torch.Tensor:
+        """The loss, the forward's output kept in `kept_output`: the previous one is freed
+        only now, after this forward and its loss, as `outputs = model(**batch)` frees it."""
+        if self.loss.takes == "logits":
+            output = self.model(input_ids=ids)
+            loss = self.loss(output.logits, ids)
+        else:
+            output = getattr(self.model, self.model.base_model_prefix)(input_ids=ids)
+            loss = self.loss(output.last_hidden_state, ids)
+        self.kept_output = output
+        return loss
+
+    def kept_tensors(self) -> list[tuple[torch.Tensor, str]]:
+        """The tensors of `kept_output` with their memory category: its tensors (the logits,
+        or the hidden state a loss takes) logits_loss, its KV cache's activations. Empty
+        without one."""
+        if self.kept_output is None:
+            return []
+        kept = []
+        for value in self.kept_output.to_tuple():  # tensors, and a cache's layers
+            if isinstance(value, torch.Tensor):
+                kept.append((value, "logits_loss"))
+            for layer in getattr(value, "layers", ()):
+                kept.extend((t, "activations") for t in (getattr(layer, "keys", None),
+                                                          getattr(layer, "values", None))
+                            if isinstance(t, torch.Tensor))
+        return kept
 
     def stale_counts(self) -> dict[str, int]:
         """The summary's stale_steps and steps_run, for a method that counts stale steps."""
