@@ -381,11 +381,13 @@ class ProfiledStep:
                            local(t).untyped_storage().nbytes(), category)
                           for t, category in kept}.values())
         # The profiler reports no free of a block allocated before it started, so each kept
-        # tensor marks its own end on the profiler's clock (when the loop drops it).
+        # storage marks its end on the profiler's clock, when the last tensor on it goes.
         self.kept_frees: list[tuple[int, int, str]] = []  # (address, bytes, marker)
+        self._kept_tensors_left: dict[int, int] = defaultdict(int)
         sizes = {address: nbytes for address, nbytes, _ in self.kept}
         for t, _ in kept:
             address = local(t).untyped_storage().data_ptr()
+            self._kept_tensors_left[address] += 1
             weakref.finalize(t, self._kept_freed, address, sizes[address])
         self.ledger = SavedTensorLedger(capture)
         self.static: dict[str, int] | None = None
@@ -440,6 +442,9 @@ class ProfiledStep:
             self._gradient_snapshot()
 
     def _kept_freed(self, address: int, nbytes: int) -> None:
+        self._kept_tensors_left[address] -= 1
+        if self._kept_tensors_left[address]:
+            return
         marker = f"[kept output {len(self.kept_frees)}]"
         with record_function(marker):
             self.kept_frees.append((address, nbytes, marker))
@@ -461,10 +466,10 @@ class ProfiledStep:
         self.static = static_bytes(model, self.optimizer, params)
         self.static_storages = static_storages(model, self.optimizer, by_address=True,
                                                parameters=params)
-        kept = [(local(p.grad).untyped_storage().data_ptr(),
-                 local(p.grad).untyped_storage().nbytes(), "gradients")
-                for p in model.parameters() if p.grad is not None]  # zero_grad to zeros
-        for address, nbytes, category in kept + self.kept:  # alive from the step before
+        gradients = [(local(p.grad).untyped_storage().data_ptr(),
+                      local(p.grad).untyped_storage().nbytes(), "gradients")
+                     for p in model.parameters() if p.grad is not None]  # zero_grad to zeros
+        for address, nbytes, category in gradients + self.kept:  # alive from the step before
             self.static[category] += nbytes
             self.start_keys[address] = category
             self.static_storages.append((address, nbytes, category))
