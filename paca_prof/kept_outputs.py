@@ -54,13 +54,12 @@ def steady_state(events: list[MemoryEvent], categories: list[str], static: dict[
     start_keys: dict = {}
     frees = []
     at = first_forward_end(events)
-    t = events[at - 1].t if at else 0.0
+    t, phase = (events[at - 1].t, events[at - 1].phase) if at else (0.0, None)
     for key, index in kept.items():
         category = categories[index]
         static[category] = static.get(category, 0) + events[index].nbytes
         start_keys[(KEPT, key)] = category
-        frees.append(MemoryEvent(t, (KEPT, key), -events[index].nbytes, events[at - 1].phase
-                                 if at else None))
+        frees.append(MemoryEvent(t, (KEPT, key), -events[index].nbytes, phase))
     moved = None if saved_events is None else {
         (index + len(frees) if index >= at else index): owner
         for index, owner in saved_events.items()}

@@ -129,11 +129,15 @@ def with_collective_frees(events: list[MemoryEvent],
     added += unfreed.values()
     if not added:
         return events
-    frees = [MemoryEvent(end, events[i].key, -events[i].nbytes, events[i].phase)
-             for i, end in added]
-    # Each free goes after every event up to its time, the events' own order kept.
-    order = [(e.t, 0, i) for i, e in enumerate(events)] + [(f.t, 1, 0) for f in frees]
-    merged = events + frees
+    return merged_by_time(events, [MemoryEvent(end, events[i].key, -events[i].nbytes,
+                                               events[i].phase) for i, end in added])
+
+
+def merged_by_time(events: list[MemoryEvent], added: list[MemoryEvent]) -> list[MemoryEvent]:
+    """`events` with each of `added` after every event up to its time, both orders kept."""
+    order = [(e.t, 0, i) for i, e in enumerate(events)] + [(e.t, 1, i)
+                                                             for i, e in enumerate(added)]
+    merged = events + added
     return [merged[k] for k in sorted(range(len(merged)), key=order.__getitem__)]
 
 

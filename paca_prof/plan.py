@@ -612,7 +612,6 @@ class Bracket:
 
     grid: int
     limit: int
-    fits: int = 0
     fails: int | None = None
     fitted: set[int] = field(default_factory=set)
 
@@ -621,8 +620,11 @@ class Bracket:
             self.fitted.add(size)
         else:
             self.fails = size if self.fails is None else min(self.fails, size)
-        self.fits = max((x for x in self.fitted if self.fails is None or x < self.fails),
-                        default=0)
+
+    @property
+    def fits(self) -> int:
+        """The largest size known to fit below the smallest known not to (0: none)."""
+        return max((x for x in self.fitted if self.fails is None or x < self.fails), default=0)
 
     @property
     def done(self) -> bool:

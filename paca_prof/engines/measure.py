@@ -52,8 +52,8 @@ from paca_prof.engines.layers import container_paths, layer_table, module_kinds
 from paca_prof.engines.step import Prepared, make_batch, prepare
 from paca_prof.flops import profiled_op_flops
 from paca_prof.ledger import SavedTensorLedger
-from paca_prof.memory import (MemoryEvent, local, memory_timeline, static_bytes,
-                              static_storages, with_collective_frees,
+from paca_prof.memory import (MemoryEvent, local, memory_timeline, merged_by_time,
+                              static_bytes, static_storages, with_collective_frees,
                               with_missed_frees)
 from paca_prof.reserved import allocator_config, replay_step
 from paca_prof.modules import ROOT, is_logits_owner, module_depth
@@ -375,20 +375,19 @@ class ProfiledStep:
         self.capture, self.optimizer, self.cuda = capture, optimizer, cuda
         self.allocator = allocator  # the allocator model's mode, for reserved memory off CUDA
         # The output a loop keeps from the step before (Prepared.kept_tensors), by storage:
-        # (address, bytes, category), no reference to it, so that its free is seen.
-        self.kept = list({local(t).untyped_storage().data_ptr():
-                          (local(t).untyped_storage().data_ptr(),
-                           local(t).untyped_storage().nbytes(), category)
-                          for t, category in kept}.values())
-        # The profiler reports no free of a block allocated before it started, so each kept
+        # (address, bytes, category), no reference to it, so that its free is seen. The
+        # profiler reports no free of a block allocated before it started, so each kept
         # storage marks its end on the profiler's clock, when the last tensor on it goes.
-        self.kept_frees: list[tuple[int, int, str]] = []  # (address, bytes, marker)
+        by_address: dict[int, tuple[int, int, str]] = {}
         self._kept_tensors_left: dict[int, int] = defaultdict(int)
-        sizes = {address: nbytes for address, nbytes, _ in self.kept}
-        for t, _ in kept:
-            address = local(t).untyped_storage().data_ptr()
+        for t, category in kept:
+            storage = local(t).untyped_storage()
+            address = storage.data_ptr()
+            by_address.setdefault(address, (address, storage.nbytes(), category))
             self._kept_tensors_left[address] += 1
-            weakref.finalize(t, self._kept_freed, address, sizes[address])
+            weakref.finalize(t, self._kept_freed, address, storage.nbytes())
+        self.kept = list(by_address.values())
+        self.kept_frees: list[tuple[int, int, str]] = []  # (address, bytes, marker)
         self.ledger = SavedTensorLedger(capture)
         self.static: dict[str, int] | None = None
         self.start_keys: dict[int, str] = {}
@@ -664,17 +663,15 @@ def _with_kept_frees(memory_events, events, kept_frees, windows):
     freed before anything was allocated at its address again."""
     markers = {e["name"]: e["ts"] for e in events if e.get("cat") == "user_annotation"
                and e["name"].startswith("[kept output ")}
-    frees = []
-    for address, nbytes, marker in kept_frees:
-        first = next((e for e in memory_events if e.key == address), None)
-        if marker in markers and (first is None or first.nbytes > 0):
-            frees.append(MemoryEvent(markers[marker] - windows.start, address, -nbytes,
-                                     windows.phase_at(markers[marker])))
-    if not frees:
-        return memory_events
-    order = [(e.t, 0, i) for i, e in enumerate(memory_events)] + [(f.t, 1, 0) for f in frees]
-    merged = memory_events + frees
-    return [merged[k] for k in sorted(range(len(merged)), key=order.__getitem__)]
+    first_at: dict[int, MemoryEvent] = {}
+    for e in memory_events:
+        first_at.setdefault(e.key, e)
+    frees = [MemoryEvent(markers[marker] - windows.start, address, -nbytes,
+                         windows.phase_at(markers[marker]))
+             for address, nbytes, marker in kept_frees
+             if marker in markers
+             and (address not in first_at or first_at[address].nbytes > 0)]
+    return merged_by_time(memory_events, frees) if frees else memory_events
 
 
 def _memory_timeline(events, static, forward_owners, gradients, cuda, start_keys=None,
